@@ -1,0 +1,711 @@
+//! The command line: every istio-iptables flag (long name, short letter, env vars, defaults) in
+//! one table, turned into a clap command, plus this tool's own flags and sub-commands.
+//!
+//! Pure: parsing only. Values stay raw strings here, because Istio gives "not given", `""` and
+//! `"*"` different meanings; `config.rs` resolves them (with env vars) into typed settings.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+
+use clap::{Arg, ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// How a value is given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `--flag VALUE`, `--flag=VALUE`, `-fVALUE`, `-f=VALUE`, `-f VALUE`.
+    Value,
+    /// pflag boolean: `--flag` (true) or `--flag=true|false`.
+    Bool,
+}
+
+/// Where an option comes from, for the help text and the README's compatibility table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An istio-iptables flag, accepted with the same meaning.
+    Istio,
+    /// One of Istio's logging flags (persistent flags of `pilot-agent`).
+    Logging,
+    /// An addition of this tool.
+    Extension,
+}
+
+/// One command-line option and the environment variables that can set it.
+#[derive(Debug)]
+pub struct Opt {
+    /// Long name without dashes; also the clap id and the key used by `config.rs`.
+    pub long: &'static str,
+    pub short: Option<char>,
+    /// Env vars in increasing precedence: Istio reads the primary name first, then the
+    /// secondary name overrides it (`REDIRECT_DNS` then `ISTIO_META_DNS_CAPTURE`).
+    pub env: &'static [&'static str],
+    pub kind: Kind,
+    /// Default after the leading `istio-iptables` word (Istio's own defaults).
+    pub istio_default: &'static str,
+    /// Default without it (the injector's standard sidecar arguments).
+    pub native_default: &'static str,
+    pub origin: Origin,
+    pub help: &'static str,
+    /// Accepted but not implemented yet: fails with a clear message when set.
+    pub unimplemented: bool,
+}
+
+const fn opt(
+    long: &'static str,
+    short: Option<char>,
+    env: &'static [&'static str],
+    kind: Kind,
+    defaults: (&'static str, &'static str),
+    help: &'static str,
+) -> Opt {
+    Opt {
+        long,
+        short,
+        env,
+        kind,
+        istio_default: defaults.0,
+        native_default: defaults.1,
+        origin: Origin::Istio,
+        help,
+        unimplemented: false,
+    }
+}
+
+const fn same(d: &'static str) -> (&'static str, &'static str) {
+    (d, d)
+}
+
+const fn ext(mut o: Opt) -> Opt {
+    o.origin = Origin::Extension;
+    o
+}
+
+const fn logging(mut o: Opt) -> Opt {
+    o.origin = Origin::Logging;
+    o
+}
+
+const fn not_yet(mut o: Opt) -> Opt {
+    o.unimplemented = true;
+    o
+}
+
+use Kind::{Bool, Value};
+
+/// Every option, in the order `--help` lists them.
+pub static OPTIONS: &[Opt] = &[
+    opt(
+        "envoy-port",
+        Some('p'),
+        &[],
+        Value,
+        same("15001"),
+        "Port the proxy listens on for captured outbound TCP (ISTIO_REDIRECT target)",
+    ),
+    opt(
+        "inbound-capture-port",
+        Some('z'),
+        &["INBOUND_CAPTURE_PORT"],
+        Value,
+        same("15006"),
+        "Port the proxy listens on for captured inbound TCP",
+    ),
+    opt(
+        "inbound-tunnel-port",
+        Some('e'),
+        &["INBOUND_TUNNEL_PORT"],
+        Value,
+        same("15008"),
+        "HBONE tunnel port: never captured inbound",
+    ),
+    opt(
+        "proxy-uid",
+        Some('u'),
+        &["PROXY_UID"],
+        Value,
+        ("", "1337"),
+        "Comma-separated UIDs whose traffic is never redirected (empty: the uid of $ENVOY_USER, else 1337)",
+    ),
+    opt(
+        "proxy-gid",
+        Some('g'),
+        &["PROXY_GID"],
+        Value,
+        same(""),
+        "Comma-separated GIDs whose traffic is never redirected (empty: same as --proxy-uid)",
+    ),
+    opt(
+        "istio-inbound-interception-mode",
+        Some('m'),
+        &["ISTIO_INBOUND_INTERCEPTION_MODE"],
+        Value,
+        ("", "REDIRECT"),
+        "Inbound interception mode: REDIRECT, TPROXY, or NONE (nothing to do); empty means REDIRECT",
+    ),
+    opt(
+        "istio-inbound-ports",
+        Some('b'),
+        &["ISTIO_INBOUND_PORTS"],
+        Value,
+        ("", "*"),
+        "Comma-separated inbound ports to capture; '*' captures all; empty captures none",
+    ),
+    opt(
+        "istio-local-exclude-ports",
+        Some('d'),
+        &["ISTIO_LOCAL_EXCLUDE_PORTS"],
+        Value,
+        ("", "15090,15021,15020"),
+        "Comma-separated inbound ports never captured (used when --istio-inbound-ports is '*')",
+    ),
+    opt(
+        "istio-exclude-interfaces",
+        Some('c'),
+        &["ISTIO_EXCLUDE_INTERFACES"],
+        Value,
+        same(""),
+        "Comma-separated interfaces whose traffic is never captured",
+    ),
+    opt(
+        "istio-service-cidr",
+        Some('i'),
+        &["ISTIO_SERVICE_CIDR"],
+        Value,
+        ("", "*"),
+        "Comma-separated outbound CIDRs to capture (IPv4 and IPv6); '*' captures all; empty none",
+    ),
+    opt(
+        "istio-service-exclude-cidr",
+        Some('x'),
+        &["ISTIO_SERVICE_EXCLUDE_CIDR"],
+        Value,
+        same(""),
+        "Comma-separated outbound CIDRs never captured",
+    ),
+    opt(
+        "istio-outbound-ports",
+        Some('q'),
+        &["ISTIO_OUTBOUND_PORTS"],
+        Value,
+        same(""),
+        "Comma-separated outbound TCP ports always captured, whatever the destination",
+    ),
+    opt(
+        "istio-local-outbound-ports-exclude",
+        Some('o'),
+        &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"],
+        Value,
+        same(""),
+        "Comma-separated outbound ports (TCP and UDP) never captured",
+    ),
+    opt(
+        "kube-virt-interfaces",
+        Some('k'),
+        &["KUBE_VIRT_INTERFACES"],
+        Value,
+        same(""),
+        "Comma-separated virtual interfaces whose inbound traffic is treated as outbound",
+    ),
+    opt(
+        "istio-inbound-tproxy-mark",
+        Some('t'),
+        &["ISTIO_INBOUND_TPROXY_MARK"],
+        Value,
+        same("1337"),
+        "Decimal firewall mark for TPROXY inbound traffic",
+    ),
+    opt(
+        "istio-inbound-tproxy-route-table",
+        Some('r'),
+        &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"],
+        Value,
+        same("133"),
+        "Policy routing table for TPROXY inbound traffic",
+    ),
+    opt(
+        "dry-run",
+        Some('n'),
+        &["DRY_RUN"],
+        Bool,
+        same("false"),
+        "Print the ruleset on stdout and change nothing (needs no privilege)",
+    ),
+    opt(
+        "iptables-probe-port",
+        None,
+        &["IPTABLES_PROBE_PORT"],
+        Value,
+        same("15002"),
+        "Port the validation probe dials",
+    ),
+    opt(
+        "probe-timeout",
+        None,
+        &["PROBE_TIMEOUT"],
+        Value,
+        same("5s"),
+        "How long validation waits for the probe to be redirected (Go duration)",
+    ),
+    opt(
+        "skip-rule-apply",
+        None,
+        &["SKIP_RULE_APPLY"],
+        Bool,
+        same("false"),
+        "Do not program any rule or route",
+    ),
+    opt(
+        "run-validation",
+        None,
+        &["RUN_VALIDATION"],
+        Bool,
+        same("false"),
+        "Check that the rules redirect traffic (exit 126 when they do not)",
+    ),
+    opt(
+        "redirect-dns",
+        None,
+        &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"],
+        Bool,
+        same("false"),
+        "Capture DNS to the agent on port 15053",
+    ),
+    opt(
+        "drop-invalid",
+        None,
+        &["DROP_INVALID", "INVALID_DROP"],
+        Bool,
+        same("false"),
+        "Drop packets conntrack considers INVALID",
+    ),
+    opt(
+        "dual-stack",
+        None,
+        &["DUAL_STACK", "ISTIO_DUAL_STACK"],
+        Bool,
+        same("false"),
+        "Accepted for compatibility: IPv6 is enabled whenever the pod has a global IPv6 address",
+    ),
+    opt(
+        "capture-all-dns",
+        None,
+        &["CAPTURE_ALL_DNS"],
+        Bool,
+        same("false"),
+        "Capture all port-53 traffic, not only to the resolv.conf servers",
+    ),
+    opt(
+        "network-namespace",
+        None,
+        &["NETWORK_NAMESPACE"],
+        Value,
+        same(""),
+        "Network namespace path (Istio's meaning: used only to name the xtables lock)",
+    ),
+    not_yet(opt(
+        "cni-mode",
+        None,
+        &["CNI_MODE"],
+        Bool,
+        same("false"),
+        "Istio CNI plugin mode (not implemented: fails with exit 2)",
+    )),
+    opt(
+        "reconcile",
+        None,
+        &["RECONCILE"],
+        Bool,
+        same("false"),
+        "Replace drifted Istio rules instead of failing",
+    ),
+    opt(
+        "cleanup-only",
+        None,
+        &["CLEANUP_ONLY"],
+        Bool,
+        same("false"),
+        "Remove the rules this configuration creates, then exit",
+    ),
+    opt(
+        "force-apply",
+        None,
+        &["FORCE_APPLY"],
+        Bool,
+        same("false"),
+        "Apply even when the rules are already in place",
+    ),
+    not_yet(opt(
+        "native-nftables",
+        None,
+        &["NATIVE_NFTABLES"],
+        Bool,
+        same("false"),
+        "Use the native nftables backend (not implemented: fails with exit 2)",
+    )),
+    opt(
+        "force-iptables-binary",
+        None,
+        &["FORCE_IPTABLES_BINARY"],
+        Value,
+        same(""),
+        "Backend to use instead of detecting one: legacy or nft",
+    ),
+    ext(opt(
+        "ipv6",
+        None,
+        &["ISTIO_INIT_IPV6"],
+        Value,
+        same("auto"),
+        "IPv6 rules: auto (when the namespace has a global IPv6 address), true, or false",
+    )),
+    ext(opt(
+        "resolv-conf",
+        None,
+        &["ISTIO_INIT_RESOLV_CONF"],
+        Value,
+        same("/etc/resolv.conf"),
+        "Where to read the DNS servers captured by --redirect-dns",
+    )),
+    logging(opt(
+        "log_output_level",
+        None,
+        &[],
+        Value,
+        same("default:info"),
+        "Log level: LEVEL or SCOPE:LEVEL,... (debug, info, warn, error, fatal, none)",
+    )),
+    logging(opt(
+        "log_as_json",
+        None,
+        &[],
+        Bool,
+        same("false"),
+        "Write log lines as JSON objects",
+    )),
+    logging(opt(
+        "log_target",
+        None,
+        &[],
+        Value,
+        same("stderr"),
+        "Accepted for compatibility; logs always go to stderr",
+    )),
+    logging(opt(
+        "log_caller",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+    logging(opt(
+        "log_stacktrace_level",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+    logging(opt(
+        "log_rotate",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+    logging(opt(
+        "log_rotate_max_age",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+    logging(opt(
+        "log_rotate_max_backups",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+    logging(opt(
+        "log_rotate_max_size",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+    logging(opt(
+        "vklog",
+        None,
+        &[],
+        Value,
+        same(""),
+        "Accepted for compatibility; ignored",
+    )),
+];
+
+/// Options that only exist as environment variables (Istio reads them directly).
+#[derive(Debug)]
+pub struct EnvOpt {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+pub static ENV_ONLY: &[EnvOpt] = &[
+    EnvOpt {
+        name: "ISTIO_OUTBOUND_OWNER_GROUPS",
+        default: "*",
+        help: "Groups (names or GIDs) whose outbound traffic is captured; '*' means all",
+    },
+    EnvOpt {
+        name: "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        default: "",
+        help: "Groups never captured (only when ISTIO_OUTBOUND_OWNER_GROUPS is '*')",
+    },
+    EnvOpt {
+        name: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        default: "127.0.0.1/32",
+        help: "IPv4 loopback destination that is never captured (mask /8 to /32)",
+    },
+    EnvOpt {
+        name: "ENVOY_USER",
+        default: "istio-proxy",
+        help: "User whose uid is the proxy uid when --proxy-uid is empty",
+    },
+];
+
+pub fn find(long: &str) -> Option<&'static Opt> {
+    OPTIONS.iter().find(|o| o.long == long)
+}
+
+/// Which defaults apply: Istio's (after a leading `istio-iptables`) or the standard sidecar's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Defaults {
+    Istio,
+    Native,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Program (or with `--dry-run`, print) the ruleset: the init container's job.
+    Run,
+}
+
+/// A parsed command line: which defaults, what to do, and the option values given on it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub defaults: Defaults,
+    pub action: Action,
+    /// Values given on the command line, by long name (last occurrence wins, as in pflag).
+    pub flags: BTreeMap<&'static str, String>,
+}
+
+/// The clap skeleton: sub-commands only. The option table is added by [`command`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "istio-init",
+    version,
+    about = "Programs the iptables rules of an Istio sidecar pod: a drop-in replacement for \
+             `pilot-agent istio-iptables` that applies one atomic iptables-restore per IP family.",
+    after_help = "Env-only settings: ISTIO_OUTBOUND_OWNER_GROUPS [default: *], \
+                  ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE, ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR \
+                  [default: 127.0.0.1/32], ENVOY_USER [default: istio-proxy].\n\
+                  Precedence: command line > secondary env var > primary env var > default.\n\
+                  Exit codes: 0 success, 1 runtime failure, 2 invalid input or usage, \
+                  126 validation failed."
+)]
+struct Skeleton {
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Istio's sub-command name, as the sidecar injector passes it: selects Istio's defaults.
+    #[command(name = "istio-iptables")]
+    IstioIptables(NoArgs),
+}
+
+#[derive(Debug, Args)]
+struct NoArgs {}
+
+fn to_arg(o: &'static Opt) -> Arg {
+    let mut help = o.help.to_owned();
+    match o.env {
+        [] => {}
+        names => help.push_str(&format!(" [env: {}]", names.join(", then "))),
+    }
+    if o.istio_default == o.native_default {
+        if !o.istio_default.is_empty() {
+            help.push_str(&format!(" [default: {}]", o.istio_default));
+        }
+    } else {
+        help.push_str(&format!(
+            " [default: {:?}; after istio-iptables: {:?}]",
+            o.native_default, o.istio_default
+        ));
+    }
+    let mut arg = Arg::new(o.long).long(o.long).help(help).global(true);
+    if let Some(s) = o.short {
+        arg = arg.short(s);
+    }
+    match o.kind {
+        Kind::Value => arg
+            .value_name("VALUE")
+            .num_args(1)
+            .allow_hyphen_values(true)
+            .action(ArgAction::Set),
+        Kind::Bool => arg
+            .value_name("BOOL")
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .action(ArgAction::Set),
+    }
+}
+
+/// The full clap command: the skeleton plus every option of [`OPTIONS`].
+pub fn command() -> clap::Command {
+    Skeleton::command()
+        .args(OPTIONS.iter().map(to_arg))
+        .args_override_self(true)
+}
+
+/// Parses a command line (argv[0] included).
+pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    let skeleton = Skeleton::from_arg_matches(&matches)?;
+    let (defaults, sub_matches) = match (&skeleton.command, matches.subcommand()) {
+        (Some(Sub::IstioIptables(_)), Some((_, m))) => (Defaults::Istio, Some(m)),
+        _ => (Defaults::Native, None),
+    };
+    let mut flags = BTreeMap::new();
+    for o in OPTIONS {
+        // Global options are propagated into the sub-command's matches; read the deepest.
+        let value = sub_matches
+            .and_then(|m| given(m, o.long))
+            .or_else(|| given(&matches, o.long));
+        if let Some(v) = value {
+            flags.insert(o.long, v);
+        }
+    }
+    Ok(Invocation {
+        defaults,
+        action: Action::Run,
+        flags,
+    })
+}
+
+fn given(m: &ArgMatches, id: &str) -> Option<String> {
+    match m.value_source(id) {
+        Some(clap::parser::ValueSource::CommandLine) => m.get_one::<String>(id).cloned(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> BTreeMap<&'static str, String> {
+        let mut argv = vec!["istio-init"];
+        argv.extend_from_slice(args);
+        parse(argv).unwrap().flags
+    }
+
+    #[test]
+    fn every_pflag_spelling() {
+        for args in [
+            &["-p", "15001"][..],
+            &["-p15001"],
+            &["-p=15001"],
+            &["--envoy-port", "15001"],
+            &["--envoy-port=15001"],
+            &["istio-iptables", "-p", "15001"],
+            &["-p", "1", "-p", "15001"],
+        ] {
+            assert_eq!(flags(args)["envoy-port"], "15001", "{args:?}");
+        }
+    }
+
+    #[test]
+    fn booleans_bare_or_with_equals() {
+        assert_eq!(flags(&["--redirect-dns"])["redirect-dns"], "true");
+        assert_eq!(flags(&["--redirect-dns=false"])["redirect-dns"], "false");
+        assert_eq!(flags(&["-n"])["dry-run"], "true");
+        assert!(!flags(&[]).contains_key("redirect-dns"));
+    }
+
+    #[test]
+    fn empty_and_hyphen_values() {
+        let f = flags(&["-x", "", "-i", "*", "-b", ""]);
+        assert_eq!(f["istio-service-exclude-cidr"], "");
+        assert_eq!(f["istio-service-cidr"], "*");
+        assert_eq!(f["istio-inbound-ports"], "");
+    }
+
+    #[test]
+    fn leading_istio_iptables_selects_istio_defaults() {
+        let inv = parse(["istio-init", "istio-iptables", "-p", "1"]).unwrap();
+        assert_eq!(inv.defaults, Defaults::Istio);
+        let inv = parse(["istio-init", "-p", "1"]).unwrap();
+        assert_eq!(inv.defaults, Defaults::Native);
+        // Flags before the sub-command word count too.
+        let inv = parse(["istio-init", "-p", "7", "istio-iptables"]).unwrap();
+        assert_eq!(inv.defaults, Defaults::Istio);
+        assert_eq!(inv.flags["envoy-port"], "7");
+    }
+
+    #[test]
+    fn stray_words_and_unknown_flags_are_usage_errors() {
+        for argv in [
+            &["istio-init", "my", "custom", "args"][..],
+            &["istio-init", "--no-such-flag"],
+            &["istio-init", "istio-iptables", "extra"],
+            &["istio-init", "-p"],
+        ] {
+            let err = parse(argv).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn logging_flags_accepted() {
+        let f = flags(&[
+            "--log_output_level=default:info",
+            "--log_as_json",
+            "--log_target=stdout",
+            "--log_caller=default",
+        ]);
+        assert_eq!(f["log_output_level"], "default:info");
+        assert_eq!(f["log_as_json"], "true");
+    }
+
+    #[test]
+    fn table_is_consistent() {
+        let mut longs = std::collections::BTreeSet::new();
+        let mut shorts = std::collections::BTreeSet::new();
+        for o in OPTIONS {
+            assert!(longs.insert(o.long), "duplicate {}", o.long);
+            if let Some(s) = o.short {
+                assert!(shorts.insert(s), "duplicate -{s}");
+            }
+            for e in o.env {
+                assert!(
+                    e.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                );
+            }
+        }
+        command().debug_assert();
+    }
+}

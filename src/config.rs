@@ -1,0 +1,1012 @@
+//! Resolves a parsed command line, the environment and (later) pod annotations into one typed,
+//! validated [`Config`], remembering where every setting came from.
+//!
+//! Pure: the environment and the passwd lookup are passed in as functions; nothing here reads
+//! the process environment, a file or the clock.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::cli::{self, Defaults, Kind, Opt};
+use crate::net::{
+    Cidr, Family, Group, Id, Iface, Mark, Port, PortItem, RouteTable, parse_go_bool,
+    parse_go_duration, split_list,
+};
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    Flag {
+        long: &'static str,
+        short: Option<char>,
+    },
+    Env(String),
+    Annotation(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("the default"),
+            Source::Flag {
+                long,
+                short: Some(s),
+            } => write!(f, "--{long} (-{s})"),
+            Source::Flag { long, short: None } => write!(f, "--{long}"),
+            Source::Env(name) => write!(f, "env {name}"),
+            Source::Annotation(key) => write!(f, "annotation {key}"),
+        }
+    }
+}
+
+/// An invalid input value: what it was, the value, where it came from, and why it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub what: String,
+    pub value: String,
+    pub source: Source,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {} {} in {}: {}",
+            self.what,
+            quote(&self.value),
+            self.source,
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Quotes a value for an error message: escapes control characters and quotes, and shortens
+/// huge values so that one line stays one line.
+pub fn quote(value: &str) -> String {
+    const MAX: usize = 120;
+    if value.len() <= MAX {
+        return format!("{value:?}");
+    }
+    let mut cut = MAX;
+    while !value.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..cut], value.len())
+}
+
+/// Inbound interception mode (`-m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interception {
+    Redirect,
+    Tproxy,
+    /// `NONE`: the pod wants no capture; there is nothing to do.
+    None,
+}
+
+/// Inbound ports to capture (`-b`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundPorts {
+    /// `*`: every port except `--istio-local-exclude-ports`.
+    All,
+    /// Only these ports; an empty list captures nothing inbound.
+    Only(Vec<PortItem>),
+}
+
+impl InboundPorts {
+    pub fn is_empty(&self) -> bool {
+        matches!(self, InboundPorts::Only(v) if v.is_empty())
+    }
+}
+
+/// Outbound destinations to capture (`-i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundCidrs {
+    All,
+    Only(Vec<Cidr>),
+}
+
+impl OutboundCidrs {
+    /// The include list for one family (empty for `All`).
+    pub fn of(&self, family: Family) -> Vec<Cidr> {
+        match self {
+            OutboundCidrs::All => Vec::new(),
+            OutboundCidrs::Only(v) => v.iter().copied().filter(|c| c.family() == family).collect(),
+        }
+    }
+}
+
+/// Which groups' outbound traffic is captured (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Include is `*`: every group but these.
+    AllExcept(Vec<Group>),
+    /// Only these groups (an empty list: no group at all).
+    Only(Vec<Group>),
+}
+
+/// iptables backend choice forced by `FORCE_IPTABLES_BINARY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Legacy => "legacy",
+            Backend::Nft => "nft",
+        })
+    }
+}
+
+/// Whether to program IPv6 rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Mode {
+    /// When the target namespace has any global IPv6 address.
+    Auto,
+    On,
+    Off,
+}
+
+/// Log settings from Istio's logging flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSettings {
+    pub level: log::LevelFilter,
+    pub json: bool,
+}
+
+/// One effective setting for the config dump and `explain`: its key, the value as text, and
+/// where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    pub key: &'static str,
+    pub value: String,
+    pub source: Source,
+}
+
+/// The fully resolved and validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub proxy_port: Port,
+    pub inbound_capture_port: Port,
+    pub inbound_tunnel_port: Port,
+    pub proxy_uids: Vec<Id>,
+    pub proxy_gids: Vec<Id>,
+    pub interception: Interception,
+    pub inbound_ports: InboundPorts,
+    pub inbound_exclude_ports: Vec<PortItem>,
+    pub exclude_interfaces: Vec<Iface>,
+    pub outbound_include: OutboundCidrs,
+    pub outbound_exclude: Vec<Cidr>,
+    pub outbound_ports_include: Vec<PortItem>,
+    pub outbound_ports_exclude: Vec<PortItem>,
+    pub virt_interfaces: Vec<Iface>,
+    pub tproxy_mark: Mark,
+    pub tproxy_route_table: RouteTable,
+    pub dry_run: bool,
+    pub probe_port: Port,
+    pub probe_timeout: Duration,
+    pub skip_rule_apply: bool,
+    pub run_validation: bool,
+    pub redirect_dns: bool,
+    pub drop_invalid: bool,
+    pub dual_stack: bool,
+    pub capture_all_dns: bool,
+    pub network_namespace: Option<String>,
+    pub reconcile: bool,
+    pub cleanup_only: bool,
+    pub force_apply: bool,
+    pub force_backend: Option<Backend>,
+    pub owner_groups: OwnerGroups,
+    pub loopback_cidr: Cidr,
+    pub ipv6: Ipv6Mode,
+    pub resolv_conf: String,
+    pub log: LogSettings,
+    /// Every setting with its value and source, in a fixed order.
+    pub provenance: Vec<Provenance>,
+}
+
+/// The outside world as far as config resolution needs it.
+pub struct Inputs<'a> {
+    pub defaults: Defaults,
+    /// Values given on the command line, by long option name.
+    pub flags: &'a std::collections::BTreeMap<&'static str, String>,
+    /// Environment lookup (`None` = unset; a set-but-empty variable is `Some("")`).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Looks a user name up in the passwd database (for `ENVOY_USER`).
+    pub user_uid: &'a dyn Fn(&str) -> Option<u32>,
+}
+
+impl fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inputs")
+            .field("defaults", &self.defaults)
+            .field("flags", &self.flags)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Istio's limit on the owner-group include list.
+pub const MAX_OWNER_GROUPS: usize = 64;
+
+/// The most items one list may hold. Far above any real pod (a rule per item is generated),
+/// low enough that a hostile value cannot make the ruleset unbounded.
+pub const MAX_LIST_ITEMS: usize = 5000;
+
+struct Resolver<'a> {
+    inputs: &'a Inputs<'a>,
+    provenance: Vec<Provenance>,
+}
+
+/// A raw value and where it came from.
+struct Raw {
+    value: String,
+    source: Source,
+}
+
+impl Raw {
+    fn err(&self, what: &str, reason: impl Into<String>) -> ConfigError {
+        self.err_item(what, &self.value, reason)
+    }
+
+    fn err_item(&self, what: &str, item: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            what: what.to_owned(),
+            value: item.to_owned(),
+            source: self.source.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Parses every list item; an error names the bad item.
+    fn list<T: std::str::FromStr<Err = String>>(&self, what: &str) -> Result<Vec<T>, ConfigError> {
+        let items: Vec<&str> = split_list(&self.value).collect();
+        if items.len() > MAX_LIST_ITEMS {
+            return Err(self.err(
+                &format!("{what} list"),
+                format!(
+                    "{} items; at most {MAX_LIST_ITEMS} are allowed",
+                    items.len()
+                ),
+            ));
+        }
+        items
+            .into_iter()
+            .map(|item| item.parse().map_err(|e| self.err_item(what, item, e)))
+            .collect()
+    }
+
+    fn one<T: std::str::FromStr<Err = String>>(&self, what: &str) -> Result<T, ConfigError> {
+        self.value.trim().parse().map_err(|e| self.err(what, e))
+    }
+
+    fn bool(&self) -> Result<bool, ConfigError> {
+        parse_go_bool(self.value.trim()).map_err(|e| self.err("boolean", e))
+    }
+}
+
+impl Resolver<'_> {
+    fn env(&self, name: &str) -> Option<String> {
+        (self.inputs.env)(name)
+    }
+
+    /// The raw value of an option: command line, then the env vars from the last (highest
+    /// precedence) to the first, then the mode's default.
+    fn raw(&self, long: &'static str) -> Raw {
+        let Some(o) = cli::find(long) else {
+            unreachable!("option {long} is not in the table")
+        };
+        if let Some(v) = self.inputs.flags.get(long) {
+            return Raw {
+                value: v.clone(),
+                source: Source::Flag {
+                    long,
+                    short: o.short,
+                },
+            };
+        }
+        for name in o.env.iter().rev() {
+            if let Some(v) = self.env(name) {
+                // Istio ignores an empty boolean env var (it does not parse); keep that.
+                if o.kind == Kind::Bool && v.trim().is_empty() {
+                    continue;
+                }
+                return Raw {
+                    value: v,
+                    source: Source::Env((*name).to_owned()),
+                };
+            }
+        }
+        Raw {
+            value: default_of(o, self.inputs.defaults).to_owned(),
+            source: Source::Default,
+        }
+    }
+
+    fn env_only(&self, name: &'static str) -> Raw {
+        match self.env(name) {
+            Some(v) => Raw {
+                value: v,
+                source: Source::Env(name.to_owned()),
+            },
+            None => Raw {
+                value: cli::ENV_ONLY
+                    .iter()
+                    .find(|e| e.name == name)
+                    .map(|e| e.default)
+                    .unwrap_or_default()
+                    .to_owned(),
+                source: Source::Default,
+            },
+        }
+    }
+
+    fn record(&mut self, key: &'static str, value: impl fmt::Display, source: &Source) {
+        self.provenance.push(Provenance {
+            key,
+            value: value.to_string(),
+            source: source.clone(),
+        });
+    }
+
+    fn port(&mut self, long: &'static str, key: &'static str) -> Result<Port, ConfigError> {
+        let raw = self.raw(long);
+        let p: Port = raw.one("port")?;
+        self.record(key, p, &raw.source);
+        Ok(p)
+    }
+
+    fn flag(&mut self, long: &'static str, key: &'static str) -> Result<bool, ConfigError> {
+        let raw = self.raw(long);
+        let b = raw.bool()?;
+        self.record(key, b, &raw.source);
+        Ok(b)
+    }
+
+    fn ports(
+        &mut self,
+        long: &'static str,
+        key: &'static str,
+    ) -> Result<Vec<PortItem>, ConfigError> {
+        let raw = self.raw(long);
+        let v = raw.list("port")?;
+        self.record(key, join(&v), &raw.source);
+        Ok(v)
+    }
+
+    fn ifaces(&mut self, long: &'static str, key: &'static str) -> Result<Vec<Iface>, ConfigError> {
+        let raw = self.raw(long);
+        let v = raw.list("interface name")?;
+        self.record(key, join(&v), &raw.source);
+        Ok(v)
+    }
+}
+
+fn default_of(o: &Opt, d: Defaults) -> &'static str {
+    match d {
+        Defaults::Istio => o.istio_default,
+        Defaults::Native => o.native_default,
+    }
+}
+
+/// Joins displayable values with commas (the form Istio's config dump uses).
+pub fn join<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Config {
+    /// Resolves and validates every setting. The first invalid value is returned as an error
+    /// naming its source; nothing has been touched at that point.
+    pub fn resolve(inputs: &Inputs<'_>) -> Result<Config, ConfigError> {
+        let mut r = Resolver {
+            inputs,
+            provenance: Vec::new(),
+        };
+
+        for o in cli::OPTIONS.iter().filter(|o| o.unimplemented) {
+            let raw = r.raw(o.long);
+            if raw.source != Source::Default && raw.bool().unwrap_or(true) {
+                return Err(raw.err(
+                    "option",
+                    format!(
+                        "--{} is not implemented by istio-init yet; remove it",
+                        o.long
+                    ),
+                ));
+            }
+        }
+
+        let proxy_port = r.port("envoy-port", "PROXY_PORT")?;
+        let inbound_capture_port = r.port("inbound-capture-port", "PROXY_INBOUND_CAPTURE_PORT")?;
+        let inbound_tunnel_port = r.port("inbound-tunnel-port", "PROXY_TUNNEL_PORT")?;
+
+        // Proxy UIDs: empty means "the uid of $ENVOY_USER, else 1337" (Istio's rule).
+        let uid_raw = r.raw("proxy-uid");
+        let mut proxy_uids: Vec<Id> = uid_raw.list("uid")?;
+        let mut uid_source = uid_raw.source.clone();
+        if proxy_uids.is_empty() {
+            let user = r.env_only("ENVOY_USER");
+            let uid = (inputs.user_uid)(&user.value).unwrap_or(1337);
+            let id: Id = uid
+                .to_string()
+                .parse()
+                .map_err(|e| user.err("user", format!("uid {uid}: {e}")))?;
+            proxy_uids.push(id);
+            uid_source = Source::Default;
+        }
+        r.record("PROXY_UID", join(&proxy_uids), &uid_source);
+
+        // Proxy GIDs: empty means the same list as the UIDs.
+        let gid_raw = r.raw("proxy-gid");
+        let mut proxy_gids: Vec<Id> = gid_raw.list("gid")?;
+        let mut gid_source = gid_raw.source.clone();
+        if proxy_gids.is_empty() {
+            proxy_gids = proxy_uids.clone();
+            gid_source = uid_source;
+        }
+        r.record("PROXY_GID", join(&proxy_gids), &gid_source);
+
+        let mode_raw = r.raw("istio-inbound-interception-mode");
+        let interception = match mode_raw.value.trim() {
+            "" | "REDIRECT" => Interception::Redirect,
+            "TPROXY" => Interception::Tproxy,
+            "NONE" => Interception::None,
+            _ => {
+                return Err(mode_raw.err(
+                    "interception mode",
+                    "expected REDIRECT, TPROXY or NONE (upper case)",
+                ));
+            }
+        };
+        r.record(
+            "INBOUND_INTERCEPTION_MODE",
+            match interception {
+                Interception::Redirect => "REDIRECT",
+                Interception::Tproxy => "TPROXY",
+                Interception::None => "NONE",
+            },
+            &mode_raw.source,
+        );
+
+        let raw = r.raw("istio-inbound-tproxy-mark");
+        let tproxy_mark: Mark = raw.one("mark")?;
+        r.record("INBOUND_TPROXY_MARK", tproxy_mark, &raw.source);
+        let raw = r.raw("istio-inbound-tproxy-route-table");
+        let tproxy_route_table: RouteTable = raw.one("route table")?;
+        r.record(
+            "INBOUND_TPROXY_ROUTE_TABLE",
+            tproxy_route_table,
+            &raw.source,
+        );
+
+        let raw = r.raw("istio-inbound-ports");
+        let inbound_ports = if raw.value.trim() == "*" {
+            InboundPorts::All
+        } else {
+            InboundPorts::Only(raw.list("port")?)
+        };
+        r.record(
+            "INBOUND_PORTS_INCLUDE",
+            match &inbound_ports {
+                InboundPorts::All => "*".to_owned(),
+                InboundPorts::Only(v) => join(v),
+            },
+            &raw.source,
+        );
+        let inbound_exclude_ports =
+            r.ports("istio-local-exclude-ports", "INBOUND_PORTS_EXCLUDE")?;
+
+        let owner_groups = resolve_owner_groups(&mut r)?;
+
+        let raw = r.raw("istio-service-cidr");
+        let outbound_include = if raw.value.trim() == "*" {
+            OutboundCidrs::All
+        } else {
+            OutboundCidrs::Only(raw.list("CIDR")?)
+        };
+        r.record(
+            "OUTBOUND_IP_RANGES_INCLUDE",
+            match &outbound_include {
+                OutboundCidrs::All => "*".to_owned(),
+                OutboundCidrs::Only(v) => join(v),
+            },
+            &raw.source,
+        );
+        let raw = r.raw("istio-service-exclude-cidr");
+        if raw.value.trim() == "*" {
+            return Err(raw.err(
+                "CIDR",
+                "'*' cannot be excluded; to capture nothing outbound, set --istio-service-cidr (-i) to \"\"",
+            ));
+        }
+        let outbound_exclude: Vec<Cidr> = raw.list("CIDR")?;
+        r.record(
+            "OUTBOUND_IP_RANGES_EXCLUDE",
+            join(&outbound_exclude),
+            &raw.source,
+        );
+
+        let outbound_ports_include = r.ports("istio-outbound-ports", "OUTBOUND_PORTS_INCLUDE")?;
+        let outbound_ports_exclude = r.ports(
+            "istio-local-outbound-ports-exclude",
+            "OUTBOUND_PORTS_EXCLUDE",
+        )?;
+        let virt_interfaces = r.ifaces("kube-virt-interfaces", "KUBE_VIRT_INTERFACES")?;
+        let exclude_interfaces = r.ifaces("istio-exclude-interfaces", "EXCLUDE_INTERFACES")?;
+
+        let raw = r.raw("ipv6");
+        let ipv6 = match raw.value.trim() {
+            "auto" | "" => Ipv6Mode::Auto,
+            v => match parse_go_bool(v) {
+                Ok(true) => Ipv6Mode::On,
+                Ok(false) => Ipv6Mode::Off,
+                Err(_) => return Err(raw.err("IPv6 mode", "expected auto, true or false")),
+            },
+        };
+        r.record(
+            "ENABLE_INBOUND_IPV6",
+            match ipv6 {
+                Ipv6Mode::Auto => "auto",
+                Ipv6Mode::On => "true",
+                Ipv6Mode::Off => "false",
+            },
+            &raw.source,
+        );
+        let dual_stack = r.flag("dual-stack", "DUAL_STACK")?;
+        let redirect_dns = r.flag("redirect-dns", "DNS_CAPTURE")?;
+        let drop_invalid = r.flag("drop-invalid", "DROP_INVALID")?;
+        let capture_all_dns = r.flag("capture-all-dns", "CAPTURE_ALL_DNS")?;
+
+        let raw = r.raw("resolv-conf");
+        let resolv_conf = raw.value.clone();
+        if resolv_conf.trim().is_empty() {
+            return Err(raw.err("path", "empty"));
+        }
+        r.record("RESOLV_CONF", &resolv_conf, &raw.source);
+
+        let raw = r.raw("network-namespace");
+        let network_namespace = Some(raw.value.clone()).filter(|v| !v.is_empty());
+        r.record("NETWORK_NAMESPACE", &raw.value, &raw.source);
+
+        let reconcile = r.flag("reconcile", "RECONCILE")?;
+        let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
+        let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
+
+        let raw = r.raw("force-iptables-binary");
+        let force_backend = match raw.value.trim() {
+            "" => None,
+            "legacy" => Some(Backend::Legacy),
+            "nft" => Some(Backend::Nft),
+            _ => return Err(raw.err("iptables backend", "expected legacy or nft")),
+        };
+        r.record("FORCE_IPTABLES_BINARY", &raw.value, &raw.source);
+
+        let raw = r.env_only("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR");
+        let loopback_cidr = resolve_loopback(&raw)?;
+        r.record("HOST_IPV4_LOOPBACK_CIDR", loopback_cidr, &raw.source);
+
+        let dry_run = r.flag("dry-run", "DRY_RUN")?;
+        let skip_rule_apply = r.flag("skip-rule-apply", "SKIP_RULE_APPLY")?;
+        let run_validation = r.flag("run-validation", "RUN_VALIDATION")?;
+        let probe_port = r.port("iptables-probe-port", "IPTABLES_PROBE_PORT")?;
+        let raw = r.raw("probe-timeout");
+        let probe_timeout =
+            parse_go_duration(raw.value.trim()).map_err(|e| raw.err("duration", e))?;
+        if probe_timeout.is_zero() {
+            return Err(raw.err("duration", "must be longer than 0"));
+        }
+        r.record("PROBE_TIMEOUT", format!("{probe_timeout:?}"), &raw.source);
+
+        let log = resolve_log(&r)?;
+
+        Ok(Config {
+            proxy_port,
+            inbound_capture_port,
+            inbound_tunnel_port,
+            proxy_uids,
+            proxy_gids,
+            interception,
+            inbound_ports,
+            inbound_exclude_ports,
+            exclude_interfaces,
+            outbound_include,
+            outbound_exclude,
+            outbound_ports_include,
+            outbound_ports_exclude,
+            virt_interfaces,
+            tproxy_mark,
+            tproxy_route_table,
+            dry_run,
+            probe_port,
+            probe_timeout,
+            skip_rule_apply,
+            run_validation,
+            redirect_dns,
+            drop_invalid,
+            dual_stack,
+            capture_all_dns,
+            network_namespace,
+            reconcile,
+            cleanup_only,
+            force_apply,
+            force_backend,
+            owner_groups,
+            loopback_cidr,
+            ipv6,
+            resolv_conf,
+            log,
+            provenance: r.provenance,
+        })
+    }
+
+    /// Whether resolv.conf must be read: DNS capture for the listed servers only.
+    pub fn needs_dns_servers(&self) -> bool {
+        self.redirect_dns && !self.capture_all_dns
+    }
+
+    /// The effective configuration as `KEY=value` lines (Istio's `Istio config:` dump).
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        for p in &self.provenance {
+            out.push_str(p.key);
+            out.push('=');
+            out.push_str(&p.value);
+            if p.source != Source::Default {
+                out.push_str(&format!("  # from {}", p.source));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn resolve_owner_groups(r: &mut Resolver<'_>) -> Result<OwnerGroups, ConfigError> {
+    let include = r.env_only("ISTIO_OUTBOUND_OWNER_GROUPS");
+    let exclude = r.env_only("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE");
+    let groups = if include.value.trim() == "*" {
+        let ex: Vec<Group> = exclude.list("group")?;
+        r.record("OUTBOUND_OWNER_GROUPS_INCLUDE", "*", &include.source);
+        r.record("OUTBOUND_OWNER_GROUPS_EXCLUDE", join(&ex), &exclude.source);
+        OwnerGroups::AllExcept(ex)
+    } else {
+        let inc: Vec<Group> = include.list("group")?;
+        if inc.len() > MAX_OWNER_GROUPS {
+            return Err(include.err(
+                "owner group list",
+                format!(
+                    "{} groups; at most {MAX_OWNER_GROUPS} can be captured (use '*' with \
+                     ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE instead)",
+                    inc.len()
+                ),
+            ));
+        }
+        // The exclude list is ignored unless include is '*', as in Istio; still validate it.
+        let _: Vec<Group> = exclude.list("group")?;
+        r.record("OUTBOUND_OWNER_GROUPS_INCLUDE", join(&inc), &include.source);
+        r.record(
+            "OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            &exclude.value,
+            &exclude.source,
+        );
+        OwnerGroups::Only(inc)
+    };
+    Ok(groups)
+}
+
+fn resolve_loopback(raw: &Raw) -> Result<Cidr, ConfigError> {
+    const WHAT: &str = "IPv4 loopback CIDR";
+    let cidr: Cidr = raw.value.trim().parse().map_err(|e| raw.err(WHAT, e))?;
+    if cidr.family() != Family::V4 || !cidr.is_loopback() {
+        return Err(raw.err(WHAT, "must be an IPv4 loopback prefix inside 127.0.0.0/8"));
+    }
+    if cidr.prefix_len() < 8 {
+        return Err(raw.err(WHAT, "mask must be between /8 and /32"));
+    }
+    Ok(cidr)
+}
+
+fn resolve_log(r: &Resolver<'_>) -> Result<LogSettings, ConfigError> {
+    let raw = r.raw("log_output_level");
+    let mut level = log::LevelFilter::Info;
+    for item in split_list(&raw.value) {
+        let (scope, lvl) = match item.split_once(':') {
+            Some((s, l)) => (s, l),
+            None => ("default", item),
+        };
+        let parsed = match lvl {
+            "debug" => log::LevelFilter::Debug,
+            "info" => log::LevelFilter::Info,
+            "warn" => log::LevelFilter::Warn,
+            "error" | "fatal" => log::LevelFilter::Error,
+            "none" => log::LevelFilter::Off,
+            _ => {
+                return Err(raw.err_item(
+                    "log level",
+                    item,
+                    "expected debug, info, warn, error, fatal or none",
+                ));
+            }
+        };
+        if scope == "default" {
+            level = parsed;
+        }
+    }
+    let json = r.raw("log_as_json").bool()?;
+    Ok(LogSettings { level, json })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    pub(crate) fn resolve(
+        defaults: Defaults,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Config, ConfigError> {
+        let mut argv = vec!["istio-init"];
+        if defaults == Defaults::Istio {
+            argv.push("istio-iptables");
+        }
+        argv.extend_from_slice(args);
+        let inv = cli::parse(argv).unwrap();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |k: &str| env.get(k).cloned();
+        Config::resolve(&Inputs {
+            defaults: inv.defaults,
+            flags: &inv.flags,
+            env: &lookup,
+            user_uid: &|_| None,
+        })
+    }
+
+    #[test]
+    fn native_defaults_are_the_standard_sidecar() {
+        let c = resolve(Defaults::Native, &[], &[]).unwrap();
+        assert_eq!(c.inbound_ports, InboundPorts::All);
+        assert_eq!(c.outbound_include, OutboundCidrs::All);
+        assert_eq!(join(&c.inbound_exclude_ports), "15090,15021,15020");
+        assert_eq!(join(&c.proxy_uids), "1337");
+        assert_eq!(join(&c.proxy_gids), "1337");
+        assert_eq!(c.interception, Interception::Redirect);
+    }
+
+    #[test]
+    fn istio_defaults_capture_nothing_by_default() {
+        let c = resolve(Defaults::Istio, &[], &[]).unwrap();
+        assert_eq!(c.inbound_ports, InboundPorts::Only(vec![]));
+        assert_eq!(c.outbound_include, OutboundCidrs::Only(vec![]));
+        assert!(c.inbound_exclude_ports.is_empty());
+    }
+
+    #[test]
+    fn envoy_user_lookup_sets_uid() {
+        let inv = cli::parse(["istio-init", "istio-iptables"]).unwrap();
+        let env = |k: &str| (k == "ENVOY_USER").then(|| "proxy".to_owned());
+        let c = Config::resolve(&Inputs {
+            defaults: inv.defaults,
+            flags: &inv.flags,
+            env: &env,
+            user_uid: &|u| (u == "proxy").then_some(4242),
+        })
+        .unwrap();
+        assert_eq!(join(&c.proxy_uids), "4242");
+        assert_eq!(join(&c.proxy_gids), "4242");
+    }
+
+    #[test]
+    fn precedence_cli_then_secondary_env_then_primary_env_then_default() {
+        let d = Defaults::Native;
+        assert!(!resolve(d, &[], &[]).unwrap().redirect_dns);
+        assert!(
+            resolve(d, &[], &[("REDIRECT_DNS", "true")])
+                .unwrap()
+                .redirect_dns
+        );
+        let both = [
+            ("REDIRECT_DNS", "true"),
+            ("ISTIO_META_DNS_CAPTURE", "false"),
+        ];
+        assert!(!resolve(d, &[], &both).unwrap().redirect_dns);
+        assert!(resolve(d, &["--redirect-dns"], &both).unwrap().redirect_dns);
+        let c = resolve(
+            d,
+            &[],
+            &[("DROP_INVALID", "false"), ("INVALID_DROP", "true")],
+        )
+        .unwrap();
+        assert!(c.drop_invalid);
+        let c = resolve(d, &["--dual-stack=false"], &[("ISTIO_DUAL_STACK", "true")]).unwrap();
+        assert!(!c.dual_stack);
+        let c = resolve(d, &[], &[("INBOUND_CAPTURE_PORT", "16006")]).unwrap();
+        assert_eq!(c.inbound_capture_port.get(), 16006);
+        let c = resolve(d, &["-z", "17006"], &[("INBOUND_CAPTURE_PORT", "16006")]).unwrap();
+        assert_eq!(c.inbound_capture_port.get(), 17006);
+        // ENVOY_PORT is documented by Istio but never read.
+        let c = resolve(d, &[], &[("ENVOY_PORT", "1")]).unwrap();
+        assert_eq!(c.proxy_port.get(), 15001);
+    }
+
+    #[test]
+    fn provenance_names_the_source() {
+        let c = resolve(
+            Defaults::Native,
+            &["-p", "15001"],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
+        let src = |k: &str| {
+            c.provenance
+                .iter()
+                .find(|p| p.key == k)
+                .unwrap()
+                .source
+                .clone()
+        };
+        assert_eq!(
+            src("PROXY_PORT"),
+            Source::Flag {
+                long: "envoy-port",
+                short: Some('p')
+            }
+        );
+        assert_eq!(
+            src("DNS_CAPTURE"),
+            Source::Env("ISTIO_META_DNS_CAPTURE".into())
+        );
+        assert_eq!(src("PROXY_TUNNEL_PORT"), Source::Default);
+        assert!(
+            c.dump()
+                .contains("DNS_CAPTURE=true  # from env ISTIO_META_DNS_CAPTURE\n")
+        );
+    }
+
+    #[test]
+    fn error_messages_name_flag_value_and_reason() {
+        let d = Defaults::Native;
+        for (args, env, want) in [
+            (
+                &["-d", "80x"][..],
+                &[][..],
+                r#"invalid port "80x" in --istio-local-exclude-ports (-d): not a number"#,
+            ),
+            (
+                &[],
+                &[("ISTIO_LOCAL_EXCLUDE_PORTS", "0")],
+                r#"invalid port "0" in env ISTIO_LOCAL_EXCLUDE_PORTS: port 0 is not a valid port (1-65535)"#,
+            ),
+            (
+                &["-i", "10.0.0.0/33"],
+                &[],
+                r#"invalid CIDR "10.0.0.0/33" in --istio-service-cidr (-i): prefix length /33 is longer than /32 for an IPv4 address"#,
+            ),
+            (
+                &["-x", "*"],
+                &[],
+                r#"invalid CIDR "*" in --istio-service-exclude-cidr (-x): '*' cannot be excluded; to capture nothing outbound, set --istio-service-cidr (-i) to """#,
+            ),
+            (
+                &["-m", "tproxy"],
+                &[],
+                r#"invalid interception mode "tproxy" in --istio-inbound-interception-mode (-m): expected REDIRECT, TPROXY or NONE (upper case)"#,
+            ),
+            (
+                &["-c", "eth0 -j ACCEPT"],
+                &[],
+                r#"invalid interface name "eth0 -j ACCEPT" in --istio-exclude-interfaces (-c): contains ' '; allowed are letters, digits, '_', '.', '-' and a trailing '+'"#,
+            ),
+            (
+                &[],
+                &[("REDIRECT_DNS", "yes")],
+                r#"invalid boolean "yes" in env REDIRECT_DNS: not a boolean (expected true or false)"#,
+            ),
+            (
+                &["-u", "1337,-1"],
+                &[],
+                r#"invalid uid "-1" in --proxy-uid (-u): negative ids are not valid"#,
+            ),
+            (
+                &[],
+                &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/8")],
+                r#"invalid IPv4 loopback CIDR "10.0.0.1/8" in env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: must be an IPv4 loopback prefix inside 127.0.0.0/8"#,
+            ),
+            (
+                &[],
+                &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "")],
+                r#"invalid IPv4 loopback CIDR "" in env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: missing prefix length (expected ADDRESS/LENGTH, e.g. 10.0.0.0/8)"#,
+            ),
+            (
+                &["--force-iptables-binary=iptables"],
+                &[],
+                r#"invalid iptables backend "iptables" in --force-iptables-binary: expected legacy or nft"#,
+            ),
+            (
+                &["--native-nftables"],
+                &[],
+                r#"invalid option "true" in --native-nftables: --native-nftables is not implemented by istio-init yet; remove it"#,
+            ),
+            (
+                &["--probe-timeout=5"],
+                &[],
+                r#"invalid duration "5" in --probe-timeout: not a duration (expected e.g. 5s, 500ms, 1m30s): missing unit"#,
+            ),
+            (
+                &["-t", "0x10"],
+                &[],
+                r#"invalid mark "0x10" in --istio-inbound-tproxy-mark (-t): not a decimal number"#,
+            ),
+            (
+                &["--log_output_level=default:verbose"],
+                &[],
+                r#"invalid log level "default:verbose" in --log_output_level: expected debug, info, warn, error, fatal or none"#,
+            ),
+        ] {
+            let err = resolve(d, args, env).unwrap_err();
+            assert_eq!(err.to_string(), want, "{args:?} {env:?}");
+        }
+    }
+
+    #[test]
+    fn owner_groups() {
+        let d = Defaults::Native;
+        let c = resolve(d, &[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
+        assert_eq!(
+            c.owner_groups,
+            OwnerGroups::Only(vec!["java".parse().unwrap(), "202".parse().unwrap()])
+        );
+        let c = resolve(d, &[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "")]).unwrap();
+        assert_eq!(c.owner_groups, OwnerGroups::Only(vec![]));
+        let many = (1..=65)
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = resolve(d, &[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &many)]).unwrap_err();
+        assert!(err.reason.starts_with("65 groups; at most 64"), "{err}");
+    }
+
+    #[test]
+    fn huge_lists_are_rejected_with_a_short_message() {
+        let many = (1..=10_000)
+            .map(|n| (n % 60000 + 1).to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = resolve(Defaults::Native, &["-o", &many], &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("10000 items; at most 5000"), "{msg}");
+        assert!(msg.len() < 400, "{msg}");
+    }
+
+    #[test]
+    fn empty_bool_env_is_ignored() {
+        let c = resolve(Defaults::Native, &[], &[("REDIRECT_DNS", "")]).unwrap();
+        assert!(!c.redirect_dns);
+    }
+
+    #[test]
+    fn log_level_mapping() {
+        let c = resolve(Defaults::Native, &["--log_output_level=default:debug"], &[]).unwrap();
+        assert_eq!(c.log.level, log::LevelFilter::Debug);
+        let c = resolve(
+            Defaults::Native,
+            &["--log_output_level=none", "--log_as_json"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.log.level, log::LevelFilter::Off);
+        assert!(c.log.json);
+    }
+}
