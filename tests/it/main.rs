@@ -2,4 +2,5 @@
 //! Istio's goldens in the kernel, and privileged namespace tests.
 
 mod cli;
+mod image;
 mod util;
