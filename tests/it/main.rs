@@ -2,4 +2,6 @@
 //! Istio's goldens in the kernel, and privileged namespace tests.
 
 mod cli;
+mod conformance;
+mod golden;
 mod util;
