@@ -7,4 +7,6 @@
 mod cli;
 mod conformance;
 mod golden;
+mod layout;
+mod readme;
 mod util;
