@@ -534,23 +534,11 @@ enum Sub {
 #[derive(Debug, Args)]
 struct NoArgs {}
 
-fn to_arg(o: &'static Opt) -> Arg {
-    let mut help = o.help.to_owned();
-    match o.env {
-        [] => {}
-        names => help.push_str(&format!(" [env: {}]", names.join(", then "))),
+fn to_arg(o: &'static Opt, with_help: bool) -> Arg {
+    let mut arg = Arg::new(o.long).long(o.long).global(true);
+    if with_help {
+        arg = arg.help(help_text(o));
     }
-    if o.istio_default == o.native_default {
-        if !o.istio_default.is_empty() {
-            help.push_str(&format!(" [default: {}]", o.istio_default));
-        }
-    } else {
-        help.push_str(&format!(
-            " [default: {:?}; after istio-iptables: {:?}]",
-            o.native_default, o.istio_default
-        ));
-    }
-    let mut arg = Arg::new(o.long).long(o.long).help(help).global(true);
     if let Some(s) = o.short {
         arg = arg.short(s);
     }
@@ -569,10 +557,34 @@ fn to_arg(o: &'static Opt) -> Arg {
     }
 }
 
-/// The full clap command: the skeleton plus every option of [`OPTIONS`].
+/// The help line of an option: its text, env vars and defaults.
+fn help_text(o: &Opt) -> String {
+    let mut help = o.help.to_owned();
+    match o.env {
+        [] => {}
+        names => help.push_str(&format!(" [env: {}]", names.join(", then "))),
+    }
+    if o.istio_default == o.native_default {
+        if !o.istio_default.is_empty() {
+            help.push_str(&format!(" [default: {}]", o.istio_default));
+        }
+    } else {
+        help.push_str(&format!(
+            " [default: {:?}; after istio-iptables: {:?}]",
+            o.native_default, o.istio_default
+        ));
+    }
+    help
+}
+
+/// The full clap command: the skeleton plus every option of [`OPTIONS`], with help texts.
 pub fn command() -> clap::Command {
+    command_with(true)
+}
+
+fn command_with(help: bool) -> clap::Command {
     Skeleton::command()
-        .args(OPTIONS.iter().map(to_arg))
+        .args(OPTIONS.iter().map(|o| to_arg(o, help)))
         .args_override_self(true)
 }
 
@@ -582,7 +594,13 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = command().try_get_matches_from(args)?;
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // Help texts are only built when help is asked for: parsing runs on every pod start.
+    let wants_help = args
+        .iter()
+        .skip(1)
+        .any(|a| a == "-h" || a == "--help" || a == "help");
+    let matches = command_with(wants_help).try_get_matches_from(args)?;
     let skeleton = Skeleton::from_arg_matches(&matches)?;
     let (defaults, sub_matches) = match (&skeleton.command, matches.subcommand()) {
         (Some(Sub::IstioIptables(_)), Some((_, m))) => (Defaults::Istio, Some(m)),

@@ -1,6 +1,13 @@
 //! The single integration-test binary: CLI behaviour, golden rulesets, conformance with
 //! Istio's goldens in the kernel, and privileged namespace tests.
 
+// Test code may panic on unexpected input: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
+mod conformance;
+mod golden;
 mod image;
+mod layout;
+mod readme;
 mod util;
