@@ -92,7 +92,12 @@ out=$(cd "$out" && pwd)
 ctx=$out/context
 rootfs=$ctx/rootfs-$oci_arch
 work=$(mktemp -d "$out/.work.XXXXXX")
-cleanup() { rm -rf "$work"; }
+done_ok=false
+cleanup() {
+    rm -rf "$work"
+    # Never leave a half-assembled rootfs in the context for a later docker build to pick up.
+    $done_ok || rm -rf "$rootfs"
+}
 trap cleanup EXIT
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +288,7 @@ say "Debian packages: $(paste -sd, "$manifest")"
 
 if $context_only; then
     say "context ready: docker build -f image/Containerfile --build-arg TARGETARCH=$oci_arch $ctx"
+    done_ok=true
     echo "$ctx"
     exit 0
 fi
@@ -314,4 +320,5 @@ raw=$(tar -xOf "$archive" "$layer" | gzip -dc | wc -c)
     echo "layer_gzip_bytes=$gz"
     echo "rootfs_bytes=$rootfs_bytes"
 } | tee "$out/sizes-$arch.txt" >&2
+done_ok=true
 echo "$archive"
