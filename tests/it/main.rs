@@ -8,6 +8,7 @@ mod cli;
 mod conformance;
 mod golden;
 mod image;
+mod kubernetes;
 mod layout;
 mod readme;
 mod util;
