@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full test suite — the README's test command, and what CI runs (.ci/run calls it).
-# Installs iptables, iproute2, buildah, podman and runc when they are missing and it can (root + apt-get), then:
+# Installs iptables and iproute2 (and buildah, podman and runc for the image tests) when they are
+# missing and it can (root + apt-get), then:
 # formatting, lints, every test (privileged namespace tests included), and the static build.
 # Under CI=true a privileged test that cannot run fails instead of skipping.
 set -euo pipefail
