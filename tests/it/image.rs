@@ -411,6 +411,112 @@ fn image_runs_as_non_root_when_the_runtime_sets_ambient_capabilities() {
     );
 }
 
+/// The custom injection template of docs/kubernetes.md, run as written: its `args` (taken from
+/// the doc) with the pod's annotations file mounted where the template mounts `istio-podinfo`.
+/// An annotation changes the rules exactly as the injector's flag would; `interceptionMode:
+/// NONE` is a successful no-op.
+#[test]
+fn image_runs_the_annotations_template_of_the_recipes() {
+    let test = "image_runs_the_annotations_template_of_the_recipes";
+    let Some(img) = image(test) else { return };
+    let (found, _) = crate::kubernetes::load_docs();
+    let c = found
+        .containers
+        .iter()
+        .find(|c| {
+            c.args
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|x| x == "--annotations"))
+        })
+        .expect("docs/kubernetes.md has a template passing --annotations");
+    let args: Vec<&str> = c
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let mount = c.y["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .expect("mountPath");
+
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("podinfo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("podinfo dir");
+    let cases = [
+        (
+            "excluded",
+            // Downward API format: sorted keys, Go-quoted values, no trailing newline.
+            "istio.io/rev=\"default\"\ntraffic.sidecar.istio.io/excludeOutboundPorts=\"5432\"",
+        ),
+        ("none", "sidecar.istio.io/interceptionMode=\"NONE\""),
+    ];
+    for (name, text) in cases {
+        std::fs::write(dir.join(name), text).expect("annotations file");
+        let ns = Netns::new(&format!("imgann{name}"));
+        let mut run = Run::new(Caps::NetAdminRaw, Some(&ns), &args);
+        run.opts.push(format!(
+            "--volume={}:{mount}/annotations:ro",
+            dir.join(name).display()
+        ));
+        let o = img.run(&run);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        if name == "none" {
+            assert_eq!(istio_lines(&ns), Vec::<String>::new(), "NONE applied rules");
+            continue;
+        }
+        // The same as the injector's rendering of that annotation: `-o 5432`.
+        let nat = saved(&ns, "iptables-nft-save");
+        let cut = args.iter().position(|a| *a == "--annotations").unwrap();
+        let want = reference_rules(&[&args[..cut], &["-o", "5432"]].concat(), "nft");
+        assert_eq!(nat, want, "{name}");
+        assert!(nat.contains("--dport 5432 -j RETURN"), "{nat}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The image as `istio-validation` (Istio CNI on), run as the template runs it: UID 1337, no
+/// capability, a read-only root, the injector's validation arguments verbatim. It passes where
+/// the rules are in place and exits 126 with its explanation where they are not.
+#[test]
+fn image_validates_as_the_istio_validation_container() {
+    let test = "image_validates_as_the_istio_validation_container";
+    let Some(img) = image(test) else { return };
+    let Some(all) = injected_args() else { return };
+    let init: Vec<&str> = all[0].iter().map(String::as_str).collect();
+    let validation: Vec<&str> = all[1].iter().map(String::as_str).collect();
+    assert!(validation.ends_with(&["--run-validation", "--skip-rule-apply"]));
+
+    let ns = Netns::new("imgvalid");
+    let o = img.run(&Run::new(Caps::NetAdminRaw, Some(&ns), &init));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "programming the rules: {}",
+        stderr(&o)
+    );
+    let rules = saved(&ns, "iptables-nft-save");
+
+    let validate = |ns: &Netns, args: &[&str]| {
+        let mut run = Run::new(Caps::None, Some(ns), args);
+        run.opts.push("--user=1337:1337".into());
+        run.opts.push("--read-only-tmpfs=false".into());
+        img.run(&run)
+    };
+    let o = validate(&ns, &validation);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        saved(&ns, "iptables-nft-save"),
+        rules,
+        "validation changed the rules"
+    );
+
+    let bare = Netns::new("imgvalidbare");
+    let o = validate(&bare, &[&validation[..], &["--probe-timeout=1s"]].concat());
+    assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+    assert!(stderr(&o).contains("IPv4"), "{}", stderr(&o));
+}
+
 /// Every argument list Istio's injector renders reaches the entrypoint unchanged (a leading
 /// `istio-iptables`, empty strings, `*`): the image's dry run equals the host binary's, with
 /// no capabilities at all, and the user's own `my custom args` override is a usage error (2).

@@ -33,17 +33,17 @@ fn yaml_blocks(md: &str) -> Vec<(usize, String)> {
 
 /// One container-like mapping (`name` + `args` or `image`) found in a recipe.
 #[derive(Debug)]
-struct Container {
-    at: String,
-    name: String,
-    args: Option<Vec<String>>,
-    image: Option<String>,
-    y: Yaml,
+pub struct Container {
+    pub at: String,
+    pub name: String,
+    pub args: Option<Vec<String>>,
+    pub image: Option<String>,
+    pub y: Yaml,
 }
 
 #[derive(Debug, Default)]
-struct Found {
-    containers: Vec<Container>,
+pub struct Found {
+    pub containers: Vec<Container>,
     /// Every `global.proxy_init.image` value.
     init_images: Vec<(String, String)>,
     /// `(where, spec.components.cni.enabled)` of every IstioOperator.
@@ -127,7 +127,7 @@ fn walk(y: &Yaml, at: &str, found: &mut Found) {
     }
 }
 
-fn load_docs() -> (Found, usize) {
+pub fn load_docs() -> (Found, usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut found = Found::default();
     let mut blocks = 0;
