@@ -1147,6 +1147,211 @@ pub(crate) mod tests {
         }
     }
 
+    /// Resolves with annotations (as `annotations::translate` would produce them).
+    fn resolve_pod(
+        args: &[&str],
+        env: &[(&str, &str)],
+        opts: &[(&'static str, &str, &str)],
+        pod_env: &[(&str, &str)],
+    ) -> Result<Config, ConfigError> {
+        let mut argv = vec!["istio-init"];
+        argv.extend_from_slice(args);
+        let inv = cli::parse(argv).unwrap();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |k: &str| env.get(k).cloned();
+        let mut pod = PodOverrides::default();
+        for (long, value, key) in opts {
+            pod.opts.insert(
+                long,
+                Override {
+                    value: (*value).into(),
+                    key: (*key).into(),
+                },
+            );
+        }
+        for (name, value) in pod_env {
+            pod.env.insert(
+                (*name).into(),
+                Override {
+                    value: (*value).into(),
+                    key: "proxy.istio.io/config".into(),
+                },
+            );
+        }
+        Config::resolve(&Inputs {
+            defaults: inv.defaults,
+            flags: &inv.flags,
+            env: &lookup,
+            user_uid: &|_| None,
+            pod: &pod,
+        })
+    }
+
+    const EX: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+    const SP: &str = "status.sidecar.istio.io/port";
+
+    #[test]
+    fn inbound_excludes_follow_the_injector() {
+        let d = |args: &[&str], opts: &[(&'static str, &str, &str)]| {
+            join(
+                &resolve_pod(args, &[], opts, &[])
+                    .unwrap()
+                    .inbound_exclude_ports,
+            )
+        };
+        let ex = "istio-local-exclude-ports";
+        let sp = "status-port";
+        // Mesh defaults only.
+        assert_eq!(d(&[], &[]), "15090,15021,15020");
+        assert_eq!(d(&["--status-port", "123"], &[]), "15090,15021,123");
+        assert_eq!(d(&["--status-port", "0"], &[]), "15090,15021");
+        // The pod's excluded ports, with the mesh's status port.
+        assert_eq!(d(&[], &[(ex, "4,5,6", EX)]), "15090,15021,4,5,6,15020");
+        assert_eq!(
+            d(&["--status-port=123"], &[(ex, "4,5,6", EX)]),
+            "15090,15021,4,5,6,123"
+        );
+        assert_eq!(d(&[], &[(ex, "4,15020", EX)]), "15090,15021,4,15020");
+        assert_eq!(d(&[], &[(ex, "", EX)]), "15090,15021,15020");
+        // The pod's status port, with the mesh's excluded ports recovered from -d.
+        assert_eq!(d(&[], &[(sp, "123", SP)]), "15090,15021,123");
+        assert_eq!(d(&[], &[(sp, "0", SP)]), "15090,15021");
+        assert_eq!(
+            d(
+                &["-d", "15090,15021,4,5,6", "--status-port", "0"],
+                &[(sp, "123", SP)]
+            ),
+            "15090,15021,4,5,6,123"
+        );
+        assert_eq!(
+            d(&["-d", "15090,15021,4,5,6,15020"], &[(sp, "7", SP)]),
+            "15090,15021,4,5,6,7"
+        );
+        // Both.
+        assert_eq!(d(&[], &[(sp, "9", SP), (ex, "1", EX)]), "15090,15021,1,9");
+        // The annotation is named as the source.
+        let c = resolve_pod(&[], &[], &[(sp, "9", SP)], &[]).unwrap();
+        let src = |k: &str| {
+            c.provenance
+                .iter()
+                .find(|p| p.key == k)
+                .unwrap()
+                .source
+                .clone()
+        };
+        assert_eq!(src("INBOUND_PORTS_EXCLUDE"), Source::Annotation(SP.into()));
+        assert_eq!(src("STATUS_PORT"), Source::Annotation(SP.into()));
+    }
+
+    #[test]
+    fn annotations_win_over_flags_and_env() {
+        let c = resolve_pod(
+            &["-b", "1,2", "-i", "10.0.0.0/8"],
+            &[
+                ("ISTIO_META_DNS_CAPTURE", "false"),
+                ("ISTIO_INBOUND_PORTS", "9"),
+            ],
+            &[(
+                "istio-inbound-ports",
+                "80",
+                "traffic.sidecar.istio.io/includeInboundPorts",
+            )],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.inbound_ports,
+            InboundPorts::Only(vec!["80".parse().unwrap()])
+        );
+        assert!(c.redirect_dns, "proxyMetadata wins over the process env");
+        assert_eq!(
+            c.outbound_include,
+            OutboundCidrs::Only(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        // proxyMetadata acts as env: a flag still wins over it.
+        let c = resolve_pod(
+            &["--redirect-dns=false"],
+            &[],
+            &[],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
+        assert!(!c.redirect_dns);
+        // Env-only settings come from proxyMetadata too.
+        let c = resolve_pod(
+            &[],
+            &[],
+            &[],
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.owner_groups,
+            OwnerGroups::AllExcept(vec!["888".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn annotation_errors_name_the_annotation() {
+        for (opts, pod_env, want) in [
+            (
+                &[("istio-local-exclude-ports", "80x", EX)][..],
+                &[][..],
+                r#"invalid port "80x" in annotation traffic.sidecar.istio.io/excludeInboundPorts: not a number"#,
+            ),
+            (
+                &[("status-port", "http", SP)],
+                &[],
+                r#"invalid status port "http" in annotation status.sidecar.istio.io/port: not a number"#,
+            ),
+            (
+                &[(
+                    "istio-service-cidr",
+                    "10.0.0.0/33",
+                    "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                )],
+                &[],
+                r#"invalid CIDR "10.0.0.0/33" in annotation traffic.sidecar.istio.io/includeOutboundIPRanges: prefix length /33 is longer than /32 for an IPv4 address"#,
+            ),
+            (
+                &[(
+                    "istio-inbound-interception-mode",
+                    "tproxy",
+                    "sidecar.istio.io/interceptionMode",
+                )],
+                &[],
+                r#"invalid interception mode "tproxy" in annotation sidecar.istio.io/interceptionMode: expected REDIRECT, TPROXY or NONE (upper case)"#,
+            ),
+            (
+                &[],
+                &[("ISTIO_META_DNS_CAPTURE", "yes")],
+                r#"invalid boolean "yes" in annotation proxy.istio.io/config (proxyMetadata.ISTIO_META_DNS_CAPTURE): not a boolean (expected true or false)"#,
+            ),
+        ] {
+            let err = resolve_pod(&[], &[], opts, pod_env).unwrap_err();
+            assert_eq!(err.to_string(), want);
+        }
+        // A bad mesh -d is blamed on -d, not on the status-port annotation.
+        let err = resolve_pod(&["-d", "x"], &[], &[("status-port", "1", SP)], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid port "x" in --istio-local-exclude-ports (-d): not a number"#
+        );
+    }
+
+    #[test]
+    fn exclude_inbound_port_helper() {
+        let p = |n: u16| Some(Port::fixed(n));
+        assert_eq!(exclude_inbound_port(p(15020), ""), "15020");
+        assert_eq!(exclude_inbound_port(p(15020), " 4, ,5 "), "4,5,15020");
+        assert_eq!(exclude_inbound_port(p(5), "4, 5"), "4,5,5");
+        assert_eq!(exclude_inbound_port(p(5), "4,5, "), "4,5, ");
+        assert_eq!(exclude_inbound_port(None, "4"), "4");
+    }
+
     #[test]
     fn owner_groups() {
         let d = Defaults::Native;
