@@ -117,7 +117,9 @@ fn mesh_invocation(
     let openshift_range = get("namespace(test-ns).annotations.openshift.io/sa.scc.uid-range");
     if let Some(range) = openshift_range {
         let (start, size) = range.split_once('/').expect("uid range");
-        let top = start.parse::<u64>().unwrap() + size.parse::<u64>().unwrap() - 1;
+        let top = start.parse::<u64>().expect("range start")
+            + size.parse::<u64>().expect("range size")
+            - 1;
         set("-u", top.to_string());
     } else if let Some(uid) = case
         .get("user_istio_proxy_runAsUser")
