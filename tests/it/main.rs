@@ -3,4 +3,5 @@
 
 mod annotations;
 mod cli;
+mod trace;
 mod util;
