@@ -339,10 +339,7 @@ pub fn validate(cfg: &Config, families: &[Family]) -> Result<(), ValidationFaile
         );
         match check_family(cfg, *f, me) {
             Ok(detail) => log::info!("validation passed: {detail}"),
-            Err(why) => {
-                log::error!("{f} validation failed: {why}");
-                failures.push(format!("  {f}: {why}"));
-            }
+            Err(why) => failures.push(format!("  {f}: {why}")),
         }
     }
     if failures.is_empty() {

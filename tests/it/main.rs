@@ -5,3 +5,4 @@ mod annotations;
 mod cli;
 mod trace;
 mod util;
+mod validation;
