@@ -51,6 +51,9 @@ fn af(a: &SocketAddr) -> AddressFamily {
 fn bound(addr: SocketAddr, ty: SockType) -> OwnedFd {
     let fd = socket(af(&addr), ty, SockFlag::SOCK_CLOEXEC, None).expect("socket");
     setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    // Transparent, as Envoy's inbound listener is in TPROXY mode: TPROXY only hands
+    // connections to transparent sockets.
+    setsockopt(&fd, sockopt::IpTransparent, &true).expect("IP_TRANSPARENT");
     if addr.is_ipv6() {
         setsockopt(&fd, sockopt::Ipv6V6Only, &true).expect("IPV6_V6ONLY");
     }
@@ -449,4 +452,109 @@ fn trace_cli_report_and_errors() {
 
     let o = output(istio_init().args(["trace", "out", "10.0.0.1:80", "-d", "80x"]));
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn tproxy_trace_verdicts_match_the_kernel() {
+    if !privileged("tproxy_trace_verdicts_match_the_kernel") {
+        return;
+    }
+    let pod = Netns::new("tppod");
+    let peer = Netns::new("tppeer");
+    veth(
+        &pod,
+        &["198.18.0.1/24", "2001:db8::1/64"],
+        &peer,
+        &["198.18.0.2/24", "2001:db8::2/64"],
+    );
+    let eth = link_name(&pod);
+    let inv = cli::parse(["istio-init", "-m", "TPROXY", "--ipv6=true"]).expect("args");
+    let cfg = istio_init::resolve(&inv, &Env { var: &|_| None }).expect("config");
+    let facts = Facts {
+        ipv6: true,
+        dns_servers: Vec::new(),
+    };
+    let rulesets: Vec<Ruleset> = build_all(&cfg, &facts);
+    for rs in &rulesets {
+        let prog = match rs.family {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        };
+        let o = pod.run_with_input(&[prog, "--noflush"], &rs.to_string());
+        assert!(o.status.success(), "{prog}: {}", stderr(&o));
+    }
+    // The policy routing istio-init sets up for TPROXY (behaviour doc §6.7).
+    for v in ["-4", "-6"] {
+        pod.ok(&["ip", v, "rule", "add", "fwmark", "1337", "lookup", "133"]);
+        let all = if v == "-4" { "0.0.0.0/0" } else { "::/0" };
+        pod.ok(&[
+            "ip", v, "route", "add", "local", all, "dev", "lo", "table", "133",
+        ]);
+    }
+    let mut all = listeners("pod", pod.path(), &[15001, 15006, 8080, 15021, 15008], &[]);
+    all.extend(listeners("peer", peer.path(), &[80], &[]));
+
+    let mut matrix = Vec::new();
+    for (me, peer_ip) in [("198.18.0.1", "198.18.0.2"), ("2001:db8::1", "2001:db8::2")] {
+        let at = |ip: &str, port: u16| SocketAddr::new(ip.parse().expect("ip"), port).to_string();
+        for port in [8080, 15021, 15008] {
+            matrix.push(args("in", "tcp", &at(me, port), 0, 0, &eth, peer_ip));
+        }
+        for (port, uid) in [(8080, 1000), (8080, 1337), (15008, 1337)] {
+            matrix.push(args("out", "tcp", &at(me, port), uid, uid, "lo", me));
+        }
+        matrix.push(args("out", "tcp", &at(peer_ip, 80), 1000, 1000, &eth, me));
+    }
+    let mut seen = BTreeMap::new();
+    for a in &matrix {
+        let c = Connection::from_args(a).expect("connection");
+        let t = trace::trace(&cfg, &rulesets, &c, &|_| None);
+        *seen.entry(format!("{:?}", t.verdict)).or_insert(0) += 1;
+        let _stream = connect(&c, pod.path(), peer.path());
+        let got = landing(&all);
+        assert_eq!(
+            got.len(),
+            1,
+            "{c}: expected one landing, got {got:?}\ntrace:\n{t}"
+        );
+        let l = &got[0];
+        match t.verdict {
+            Verdict::Tproxy { port } => {
+                // TPROXY keeps the destination: the listener sees it as its local address.
+                assert_eq!(
+                    (l.ns, l.port, l.local),
+                    ("pod", port, c.dst),
+                    "{c}: {l:?}\ntrace:\n{t}"
+                );
+            }
+            Verdict::Redirect { port } => {
+                assert_eq!(
+                    (l.ns, l.port, l.original),
+                    ("pod", port, Some(c.dst)),
+                    "{c}: {l:?}\ntrace:\n{t}"
+                );
+            }
+            Verdict::Bypass => {
+                let ns = if c.iface == "lo" || c.direction == trace::Direction::In {
+                    "pod"
+                } else {
+                    "peer"
+                };
+                assert_eq!(
+                    (l.ns, l.port, l.local),
+                    (ns, c.dst.port(), c.dst),
+                    "{c}: {l:?}\ntrace:\n{t}"
+                );
+            }
+            Verdict::Dropped => panic!("unexpected drop:\n{t}"),
+        }
+    }
+    for v in [
+        "Tproxy { port: 15006 }",
+        "Redirect { port: 15006 }",
+        "Redirect { port: 15001 }",
+        "Bypass",
+    ] {
+        assert!(seen.contains_key(v), "{v} not covered: {seen:?}");
+    }
 }
