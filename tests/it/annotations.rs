@@ -473,3 +473,35 @@ fn explain_names_annotation_sources() {
         "{out}"
     );
 }
+
+#[test]
+fn normal_run_logs_the_summary_with_annotations_applied() {
+    let o = with_annotations(
+        "traffic.sidecar.istio.io/includeInboundPorts=\"8080\"\ntraffic.sidecar.istio.io/excludeOutboundPorts=\"5432\"",
+        &["--dry-run", "--ipv6=false"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("INBOUND_PORTS_INCLUDE=8080  # from annotation traffic.sidecar.istio.io/includeInboundPorts\n"), "{e}");
+    assert!(
+        e.contains("what the rules do:\nRules for IPv4 only.\n"),
+        "{e}"
+    );
+    assert!(
+        e.contains("- only ports 8080 are redirected to port 15006;"),
+        "{e}"
+    );
+    assert!(
+        e.contains("  - destination ports 5432 (TCP and UDP, any destination)\n"),
+        "{e}"
+    );
+    let out = stdout(&o);
+    assert!(
+        out.contains("-A ISTIO_INBOUND -p tcp --dport 8080 -j ISTIO_IN_REDIRECT\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-A ISTIO_OUTPUT -p udp --dport 5432 -j RETURN\n"),
+        "{out}"
+    );
+}
