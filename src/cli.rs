@@ -534,8 +534,11 @@ pub struct TraceArgs {
     /// `in` (arriving at the pod) or `out` (sent by a process in the pod)
     #[arg(value_name = "in|out")]
     pub direction: String,
-    /// Destination ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)
-    #[arg(value_name = "DESTINATION")]
+    /// The destination address and port.
+    #[arg(
+        value_name = "DESTINATION",
+        help = "Destination ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"
+    )]
     pub destination: String,
     /// Protocol: tcp or udp
     #[arg(long, value_name = "PROTO", default_value = "tcp")]
@@ -641,7 +644,7 @@ pub fn command() -> clap::Command {
         .args_override_self(true)
 }
 
-/// Parses a command line (argv[0] included).
+/// Parses a command line (`argv[0]` included).
 pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
 where
     I: IntoIterator<Item = T>,
