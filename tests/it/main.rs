@@ -4,9 +4,12 @@
 // Test code may panic on unexpected input: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod annotations;
 mod cli;
 mod conformance;
 mod golden;
 mod layout;
 mod readme;
+mod trace;
 mod util;
+mod validation;
