@@ -28,6 +28,12 @@ pub fn parse_passwd_uid(text: &str, user: &str) -> Option<u32> {
     })
 }
 
+/// Looks a group up in `/etc/group` (for owner-group rules in `trace`).
+pub fn group_gid(group: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    parse_passwd_uid(&text, group)
+}
+
 /// The IPv6 decision and the reason, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ipv6Decision {

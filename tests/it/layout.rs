@@ -12,6 +12,9 @@ const PURE: &[&str] = &[
     "ruleset.rs",
     "restore.rs",
     "exit.rs",
+    "annotations.rs",
+    "explain.rs",
+    "trace.rs",
 ];
 
 /// Paths whose use means an effect.

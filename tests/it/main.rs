@@ -4,6 +4,7 @@
 // Test code may panic on unexpected input: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod annotations;
 mod cli;
 mod conformance;
 mod golden;
@@ -11,4 +12,6 @@ mod image;
 mod kubernetes;
 mod layout;
 mod readme;
+mod trace;
 mod util;
+mod validation;
