@@ -164,6 +164,8 @@ fn build_and_load() -> Result<Image, String> {
     if !o.status.success() {
         return Err(format!("podman image inspect {name}: {}", stderr(&o)));
     }
+    // Earlier builds' images are now untagged: drop them so the private store does not grow.
+    let _ = output(image.podman().args(["image", "prune", "--force"]));
     Ok(Image {
         id: stdout(&o).trim().to_owned(),
         ..image
