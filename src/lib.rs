@@ -2,16 +2,22 @@
 //!
 //! The pure core turns a command line (plus env vars) into a [`config::Config`], the
 //! [`ruleset::Ruleset`] of each IP family and its `iptables-restore` text. [`run`] is the only
-//! place that sequences effects: read facts → build → print (dry run) or apply.
+//! place that sequences effects: read facts → build → print (dry run), or check capabilities →
+//! enter the namespace → drop capabilities → routes → apply.
 
+pub mod apply;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod exit;
 pub mod host;
 pub mod logging;
 pub mod net;
+pub mod netns;
 pub mod restore;
+pub mod route;
 pub mod ruleset;
+pub mod state;
 
 use std::io::Write;
 
@@ -97,24 +103,19 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     }
     log::info!("Istio config:\n{}", cfg.dump().trim_end());
 
-    if cfg.interception == Interception::None {
+    if cfg.skip_rule_apply {
+        log::info!("--skip-rule-apply: no rule or route is touched");
+        return Ok(());
+    }
+    if cfg.interception == Interception::None && !cfg.cleanup_only {
         log::info!("interception mode NONE: no traffic is captured, nothing to do");
         return Ok(());
     }
 
-    let facts = gather_facts(&cfg)?;
-    let rulesets = build_all(&cfg, &facts);
-    for rs in &rulesets {
-        log::info!(
-            "{} ruleset: {} rules in {} new chains",
-            rs.family,
-            rs.rule_count(),
-            rs.chain_count()
-        );
-        log::debug!("{} restore input:\n{rs}", rs.family);
-    }
-
     if cfg.dry_run {
+        let facts = gather_facts(&cfg)?;
+        let rulesets = build_all(&cfg, &facts);
+        log_rulesets(&rulesets);
         log::info!("dry run: printing the ruleset, no rule changes will be made");
         let text = restore::dry_run_text(&rulesets);
         if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
@@ -134,5 +135,75 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    anyhow::bail!("applying rules is not implemented yet; use --dry-run")
+    let result = program(&cfg, env);
+    log_resource_use();
+    result
+}
+
+fn log_rulesets(rulesets: &[Ruleset]) {
+    for rs in rulesets {
+        log::info!(
+            "{} ruleset: {} rules in {} new chains",
+            rs.family,
+            rs.rule_count(),
+            rs.chain_count()
+        );
+        log::debug!("{} restore input:\n{rs}", rs.family);
+    }
+}
+
+/// The real run: every input checked, capabilities checked, then — on a worker thread that
+/// enters the target namespace and keeps only NET_ADMIN and NET_RAW — routes and rules.
+fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
+    host::check_group_names(cfg)?;
+    caps::preflight()?;
+    let ns = cfg.netns.as_deref().map(netns::Netns::open).transpose()?;
+    let nf = apply::System::new(env.var, cfg.xtables_wait);
+    netns::run_in(ns.as_ref(), || {
+        caps::restrict()?;
+        let facts = gather_facts(cfg)?;
+        if cfg.cleanup_only {
+            // Both families, whatever IPv6 detection says now: the rules may predate it.
+            let rulesets = if cfg.interception == Interception::None {
+                Vec::new()
+            } else {
+                let both = Facts {
+                    ipv6: true,
+                    ..facts.clone()
+                };
+                build_all(cfg, &both)
+            };
+            log::info!("--cleanup-only: removing the Istio rules (TPROXY routes are left alone)");
+            return apply::cleanup(&nf, &rulesets);
+        }
+        let rulesets = build_all(cfg, &facts);
+        log_rulesets(&rulesets);
+        route::configure(&route::RoutePlan::new(cfg, &facts))
+            .context("configuring TPROXY routing")?;
+        let opts = apply::Options {
+            reconcile: cfg.reconcile,
+            force_apply: cfg.force_apply,
+            force_backend: cfg.force_backend,
+        };
+        apply::apply(&nf, &opts, &rulesets)?;
+        Ok(())
+    })
+}
+
+/// Logs this process's own peak RSS and CPU time at debug level (children excluded): the
+/// numbers the benchmark reports.
+fn log_resource_use() {
+    use nix::sys::resource::{UsageWho, getrusage};
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    if let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) {
+        let ms = |t: nix::sys::time::TimeVal| t.tv_sec() * 1000 + t.tv_usec() / 1000;
+        log::debug!(
+            "resource use: max RSS {} KiB, user {} ms, sys {} ms",
+            u.max_rss(),
+            ms(u.user_time()),
+            ms(u.system_time())
+        );
+    }
 }
