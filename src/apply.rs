@@ -721,7 +721,7 @@ pub fn describe(family: Family, backend: Backend, text: &str, f: &RestoreFailure
     } else {
         None
     };
-    if let Some(h) = hint {
+    if let Some(h) = hint.filter(|h| !msg.contains(h.as_str())) {
         msg.push_str(&format!("; hint: {h}"));
     }
     msg
