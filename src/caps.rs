@@ -55,11 +55,17 @@ pub fn restrict() -> anyhow::Result<()> {
     let permitted =
         caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
     let keep: CapsHashSet = needed.intersection(&permitted).copied().collect();
-    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
-        for c in caps::read(None, CapSet::Bounding).unwrap_or_default() {
-            if !needed.contains(&c) {
-                caps::drop(None, CapSet::Bounding, c)
-                    .with_context(|| format!("dropping {c} from the bounding set"))?;
+    let effective =
+        caps::read(None, CapSet::Effective).context("reading the effective capabilities")?;
+    if effective.contains(&Capability::CAP_SETPCAP) {
+        // Dropping a capability the set does not hold succeeds, so there is no need to read
+        // the set first (one prctl per capability instead of two).
+        for c in caps::all().into_iter().filter(|c| !needed.contains(c)) {
+            if let Err(e) = caps::drop(None, CapSet::Bounding, c) {
+                // Kernels older than 5.8/5.9 do not know the newest capabilities.
+                if c.index() < Capability::CAP_PERFMON.index() {
+                    return Err(e).with_context(|| format!("dropping {c} from the bounding set"));
+                }
             }
         }
     } else {

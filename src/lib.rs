@@ -198,12 +198,12 @@ fn log_resource_use() {
         return;
     }
     if let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) {
-        let ms = |t: nix::sys::time::TimeVal| t.tv_sec() * 1000 + t.tv_usec() / 1000;
+        let us = |t: nix::sys::time::TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
         log::debug!(
-            "resource use: max RSS {} KiB, user {} ms, sys {} ms",
+            "resource use: max RSS {} KiB, user {} us, sys {} us",
             u.max_rss(),
-            ms(u.user_time()),
-            ms(u.system_time())
+            us(u.user_time()),
+            us(u.system_time())
         );
     }
 }
