@@ -378,7 +378,7 @@ fn inspect(
     if present.is_empty() {
         return Ok((live, state::Canon::new()));
     }
-    let scratch = state::scratch_text(rs, Some(&present));
+    let scratch = state::scratch_text(rs, Some(&present), &scratch_names());
     nf.restore(family, backend, &scratch).map_err(|f| {
         anyhow!(
             "loading the expected rules into scratch chains to compare them: {}",
@@ -386,7 +386,7 @@ fn inspect(
         )
     })?;
     let live = state::parse_save(&nf.save(family, backend)?);
-    let canon = state::canon_from_scratch(&live, rs);
+    let canon = state::canon_from_scratch(&live, rs, &scratch_names());
     Ok((live, canon))
 }
 
@@ -396,7 +396,7 @@ fn delete_scratch(
     backend: Backend,
     live: &Saved,
 ) -> anyhow::Result<()> {
-    let text = state::scratch_delete_text(live);
+    let text = state::scratch_delete_text(live, &scratch_names());
     if text.is_empty() {
         return Ok(());
     }
@@ -419,7 +419,7 @@ fn existing(
     let (live, canon) = inspect(nf, rs, backend)?;
     let verdict = state::compare(rs, &canon, &live);
     let converge = |what: &str| -> anyhow::Result<Outcome> {
-        let text = state::converge_text(rs, &canon, &live);
+        let text = state::converge_text(rs, &canon, &live, &scratch_names());
         log::info!("{family}: {what}: replacing the Istio rules in place ({backend})");
         log::debug!("{family} converge input:\n{text}");
         nf.restore(family, backend, &text)
@@ -554,11 +554,11 @@ fn cleanup_backend(
             .filter(|n| live.table(n).is_some_and(|t| t.has_ours()))
             .collect();
         if !present.is_empty() {
-            let scratch = state::scratch_text(rs, Some(&present));
+            let scratch = state::scratch_text(rs, Some(&present), &scratch_names());
             nf.restore(family, backend, &scratch)
                 .map_err(|f| anyhow!(describe(family, backend, &scratch, &f)))?;
             live = state::parse_save(&nf.save(family, backend)?);
-            canon = state::canon_from_scratch(&live, rs);
+            canon = state::canon_from_scratch(&live, rs, &scratch_names());
         }
     }
     let text = state::cleanup_text(&live, &canon);
@@ -566,6 +566,11 @@ fn cleanup_backend(
     nf.restore(family, backend, &text)
         .map_err(|f| anyhow!(describe(family, backend, &text, &f)))?;
     Ok(true)
+}
+
+/// This process's scratch chain names.
+fn scratch_names() -> state::Scratch {
+    state::Scratch::for_process(std::process::id())
 }
 
 fn first_line(s: &str) -> &str {
@@ -989,7 +994,20 @@ mod tests {
     struct Fake {
         calls: RefCell<Vec<String>>,
         fail: FailWhen,
-        save: String,
+        /// What `*-save` prints: nft, then legacy.
+        saves: [String; 2],
+        legacy: Vec<String>,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake {
+                calls: RefCell::default(),
+                fail: Box::new(|_, _| None),
+                saves: [String::new(), String::new()],
+                legacy: Vec::new(),
+            }
+        }
     }
 
     impl Netfilter for Fake {
@@ -1011,10 +1029,10 @@ mod tests {
             self.calls
                 .borrow_mut()
                 .push(format!("save {family} {backend}"));
-            Ok(self.save.clone())
+            Ok(self.saves[usize::from(backend == Backend::Legacy)].clone())
         }
         fn legacy_tables(&self, _: Family) -> Vec<String> {
-            Vec::new()
+            self.legacy.clone()
         }
     }
 
@@ -1039,7 +1057,7 @@ mod tests {
         let fake = Fake {
             calls: RefCell::default(),
             fail: Box::new(|_, _| None),
-            save: String::new(),
+            ..Fake::new()
         };
         let rs = rulesets(&[]);
         let reports = apply(&fake, &Options::default(), &rs).unwrap();
@@ -1061,7 +1079,7 @@ mod tests {
                     line: Some(3),
                 })
             }),
-            save: String::new(),
+            ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY"]);
         let err = apply(&fake, &Options::default(), &rs).unwrap_err();
@@ -1105,7 +1123,7 @@ mod tests {
                     }
                 })
             }),
-            save: String::new(),
+            ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY", "--ipv6=false"]);
         let err = apply(&fake, &Options::default(), &rs[..1]).unwrap_err();
@@ -1119,5 +1137,98 @@ mod tests {
                 state::undo_text(&rs[0], &[Table::Mangle])
             )
         );
+    }
+
+    const ISTIO_NAT: &str =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    const EMPTY_NAT: &str = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    const FOREIGN_FILTER: &str =
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
+
+    fn choice(fake: &Fake, opts: Options) -> anyhow::Result<(Backend, Vec<String>)> {
+        let c = choose(fake, &opts, Family::V4)?;
+        Ok((c.backend, fake.calls.borrow().clone()))
+    }
+
+    #[test]
+    fn backend_choice_without_footprints() {
+        // Fresh namespace: nft, and not a single process.
+        let (b, calls) = choice(&Fake::new(), Options::default()).unwrap();
+        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+
+        // An empty legacy table (Istio's probe footprint) does not count.
+        let fake = Fake {
+            legacy: vec!["nat".into()],
+            saves: [String::new(), EMPTY_NAT.into()],
+            ..Fake::new()
+        };
+        let (b, calls) = choice(&fake, Options::default()).unwrap();
+        assert_eq!(
+            (b, calls),
+            (Backend::Nft, vec!["save IPv4 legacy".to_owned()])
+        );
+
+        // Foreign legacy rules: legacy, after checking nft holds no Istio chains.
+        let fake = Fake {
+            legacy: vec!["filter".into()],
+            saves: [String::new(), FOREIGN_FILTER.into()],
+            ..Fake::new()
+        };
+        let (b, calls) = choice(&fake, Options::default()).unwrap();
+        assert_eq!(b, Backend::Legacy);
+        assert_eq!(calls, ["save IPv4 legacy", "save IPv4 nft"]);
+
+        // Foreign legacy rules but Istio chains in nft: an error (two copies), or with
+        // --reconcile the legacy choice plus a cleanup of nft.
+        let fake = Fake {
+            legacy: vec!["filter".into()],
+            saves: [ISTIO_NAT.into(), FOREIGN_FILTER.into()],
+            ..Fake::new()
+        };
+        let e = choice(&fake, Options::default()).unwrap_err();
+        assert!(
+            format!("{e}").contains("already exist in the nft iptables backend"),
+            "{e}"
+        );
+        let c = choose(
+            &fake,
+            &Options {
+                reconcile: true,
+                ..Options::default()
+            },
+            Family::V4,
+        )
+        .unwrap();
+        assert!(c.clean_other && c.backend == Backend::Legacy);
+
+        // Istio chains in legacy win.
+        let fake = Fake {
+            legacy: vec!["nat".into()],
+            saves: [String::new(), ISTIO_NAT.into()],
+            ..Fake::new()
+        };
+        assert_eq!(
+            choice(&fake, Options::default()).unwrap().0,
+            Backend::Legacy
+        );
+    }
+
+    #[test]
+    fn forced_backends_refuse_a_second_copy() {
+        let fake = Fake {
+            legacy: vec!["nat".into()],
+            saves: [String::new(), ISTIO_NAT.into()],
+            ..Fake::new()
+        };
+        let opts = Options {
+            force_backend: Some(Backend::Nft),
+            ..Options::default()
+        };
+        let e = choice(&fake, opts).unwrap_err();
+        assert!(format!("{e}").contains("legacy iptables backend"), "{e}");
+
+        // Forcing nft on a namespace without legacy tables costs no process.
+        let (b, calls) = choice(&Fake::new(), opts).unwrap();
+        assert_eq!((b, calls.len()), (Backend::Nft, 0));
     }
 }

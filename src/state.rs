@@ -11,9 +11,11 @@
 //! spelling differs between versions and backends. Rather than re-implement that normalisation
 //! (and chase it across iptables releases), istio-init lets iptables canonicalise the expected
 //! rules itself: the expected ruleset is loaded into *scratch chains* named
-//! [`SCRATCH_PREFIX`]`<chain>` in the same table (built-in chains included, as unreferenced user
-//! chains, so they never see a packet), one `*-save` then prints live and scratch chains in the
-//! same canonical form, and the scratch chains are deleted again. The comparison is then a plain
+//! `ii-<pid>.<chain>` ([`Scratch`]) in the same table (built-in chains included, as
+//! unreferenced user chains, so they never see a packet), one `*-save` then prints live and
+//! scratch chains in the same canonical form, and the scratch chains are deleted again. The
+//! process id in the name keeps two concurrent runs from touching each other's scratch
+//! chains. The comparison is then a plain
 //! string comparison. This only happens on the re-run path (a fresh namespace never gets here),
 //! and in `--cleanup-only`.
 
@@ -22,9 +24,43 @@ use std::fmt::Write;
 
 use crate::ruleset::{Rule, Ruleset, Table, TableRules, Target, chain};
 
-/// Prefix of the scratch chains used for canonicalisation. Not `ISTIO_`, so a leftover scratch
+/// Prefix of every scratch chain used for canonicalisation. Not `ISTIO_`, so a leftover scratch
 /// chain is never mistaken for a live Istio chain; cleanup removes leftovers too.
-pub const SCRATCH_PREFIX: &str = "iinit.";
+pub const SCRATCH_PREFIX: &str = "ii-";
+
+/// The scratch chain names of one process: `ii-<pid in base 36>.<chain>`, at most 26
+/// characters for the longest chain name (iptables allows 28).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scratch {
+    prefix: String,
+}
+
+impl Scratch {
+    pub fn for_process(pid: u32) -> Scratch {
+        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut n = pid;
+        let mut id = Vec::new();
+        loop {
+            id.push(DIGITS[(n % 36) as usize]);
+            n /= 36;
+            if n == 0 {
+                break;
+            }
+        }
+        id.reverse();
+        Scratch {
+            prefix: format!("{SCRATCH_PREFIX}{}.", String::from_utf8_lossy(&id)),
+        }
+    }
+
+    fn name(&self, chain: &str) -> String {
+        format!("{}{chain}", self.prefix)
+    }
+
+    fn owns(&self, chain: &str) -> bool {
+        chain.starts_with(&self.prefix)
+    }
+}
 
 /// Whether a chain is one of Istio's (istio-init owns every `ISTIO_*` chain, as istio-iptables
 /// does).
@@ -32,9 +68,11 @@ pub fn is_istio_chain(name: &str) -> bool {
     name.starts_with("ISTIO_")
 }
 
-/// Whether a chain is one of istio-init's scratch chains.
+/// Whether a chain is a scratch chain of any istio-init run.
 pub fn is_scratch_chain(name: &str) -> bool {
-    name.starts_with(SCRATCH_PREFIX)
+    name.strip_prefix(SCRATCH_PREFIX)
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(id, _)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// One chain as saved: its name, whether it is a built-in chain (it has a policy), and its
@@ -238,10 +276,6 @@ fn spec_with(rule: &Rule, rename: &dyn Fn(&str) -> String) -> String {
     s
 }
 
-fn scratch_name(chain: &str) -> String {
-    format!("{SCRATCH_PREFIX}{chain}")
-}
-
 /// The chains of a table that get rules or are jump targets, built-in chains included, in
 /// first-use order.
 fn chains_used(t: &TableRules) -> Vec<&'static str> {
@@ -260,10 +294,11 @@ fn chains_used(t: &TableRules) -> Vec<&'static str> {
 }
 
 /// Loads the expected ruleset into scratch chains (create-or-flush, so a leftover from an
-/// interrupted run is reused): every chain `C` it uses becomes `iinit.C`, jumps renamed
+/// interrupted run is reused): every chain `C` it uses becomes `ii-t.C`, jumps renamed
 /// accordingly, inserts applied to the (empty) scratch chain. Only tables in `only` are
 /// included when it is given (to avoid instantiating tables that do not exist yet).
-pub fn scratch_text(rs: &Ruleset, only: Option<&[&str]>) -> String {
+pub fn scratch_text(rs: &Ruleset, only: Option<&[&str]>, scratch: &Scratch) -> String {
+    let scratch_name = |c: &str| scratch.name(c);
     let mut out = String::new();
     for t in &rs.tables {
         if only.is_some_and(|o| !o.contains(&t.table.name())) {
@@ -301,7 +336,7 @@ pub type Canon = BTreeMap<String, CanonTable>;
 
 /// Extracts the canonical expected rules from a save that includes the scratch chains loaded
 /// by [`scratch_text`] for `rs`.
-pub fn canon_from_scratch(saved: &Saved, rs: &Ruleset) -> Canon {
+pub fn canon_from_scratch(saved: &Saved, rs: &Ruleset, scratch: &Scratch) -> Canon {
     let mut canon = Canon::new();
     for t in &rs.tables {
         let Some(st) = saved.table(t.table.name()) else {
@@ -310,8 +345,8 @@ pub fn canon_from_scratch(saved: &Saved, rs: &Ruleset) -> Canon {
         let mut ct = CanonTable::default();
         for c in chains_used(t) {
             let rules: Vec<String> = st
-                .chain(&scratch_name(c))
-                .map(|sc| sc.rules.iter().map(|r| unscratch(r)).collect())
+                .chain(&scratch.name(c))
+                .map(|sc| sc.rules.iter().map(|r| unscratch(r, scratch)).collect())
                 .unwrap_or_default();
             if chain::is_builtin(c) {
                 ct.builtin.insert(c.to_owned(), rules);
@@ -325,13 +360,13 @@ pub fn canon_from_scratch(saved: &Saved, rs: &Ruleset) -> Canon {
 }
 
 /// Renames scratch jump targets in a saved rule back to the real chain names.
-fn unscratch(rule: &str) -> String {
+fn unscratch(rule: &str, scratch: &Scratch) -> String {
     let words: Vec<&str> = rule.split(' ').collect();
     let mut out: Vec<&str> = Vec::with_capacity(words.len());
     let mut after_jump = false;
     for w in words {
         if after_jump {
-            out.push(w.strip_prefix(SCRATCH_PREFIX).unwrap_or(w));
+            out.push(w.strip_prefix(scratch.prefix.as_str()).unwrap_or(w));
         } else {
             out.push(w);
         }
@@ -539,21 +574,21 @@ pub fn undo_text(rs: &Ruleset, tables: &[Table]) -> String {
     out
 }
 
-/// Deletes every scratch chain found in `live`.
-pub fn scratch_delete_text(live: &Saved) -> String {
+/// Deletes this process's scratch chains found in `live`.
+pub fn scratch_delete_text(live: &Saved, scratch: &Scratch) -> String {
     let mut out = String::new();
     for t in &live.tables {
-        let scratch: Vec<&str> = t
+        let mine: Vec<&str> = t
             .chains
             .iter()
-            .filter(|c| is_scratch_chain(&c.name))
+            .filter(|c| scratch.owns(&c.name))
             .map(|c| c.name.as_str())
             .collect();
-        if scratch.is_empty() {
+        if mine.is_empty() {
             continue;
         }
         let _ = writeln!(out, "*{}", t.name);
-        flush_and_delete(&mut out, &scratch);
+        flush_and_delete(&mut out, &mine);
         out.push_str("COMMIT\n");
     }
     out
@@ -600,10 +635,10 @@ fn delete_ours_builtin(out: &mut String, live: &SavedTable, expected: Option<&Ca
 /// valid), our old rules in built-in chains are deleted and the expected ones added in the
 /// same transaction, chains of another configuration are flushed and deleted, scratch chains
 /// removed.
-pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved) -> String {
+pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratch) -> String {
     let mut names: Vec<&str> = rs.tables.iter().map(|t| t.table.name()).collect();
     for lt in &live.tables {
-        if lt.has_ours() && !names.contains(&lt.name.as_str()) {
+        if lt.has_istio_rules() && !names.contains(&lt.name.as_str()) {
             names.push(&lt.name);
         }
     }
@@ -632,9 +667,7 @@ pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved) -> String {
             let stale: Vec<&str> = lt
                 .chains
                 .iter()
-                .filter(|c| {
-                    (is_istio_chain(&c.name) && !keep(&c.name)) || is_scratch_chain(&c.name)
-                })
+                .filter(|c| (is_istio_chain(&c.name) && !keep(&c.name)) || scratch.owns(&c.name))
                 .map(|c| c.name.as_str())
                 .collect();
             flush_and_delete(&mut out, &stale);
@@ -739,6 +772,12 @@ mod tests {
     use crate::net::Family;
     use crate::ruleset::{Facts, build};
 
+    fn sc() -> Scratch {
+        Scratch {
+            prefix: "ii-t.".into(),
+        }
+    }
+
     const LIVE: &str = "\
 # Generated by iptables-save v1.8.9 (nf_tables) on Sun Nov 22 01:14:00 2026
 *nat
@@ -749,17 +788,17 @@ mod tests {
 :FOREIGN - [0:0]
 :ISTIO_OUTPUT - [0:0]
 :ISTIO_REDIRECT - [0:0]
-:iinit.OUTPUT - [0:0]
-:iinit.ISTIO_OUTPUT - [0:0]
-:iinit.ISTIO_REDIRECT - [0:0]
+:ii-t.OUTPUT - [0:0]
+:ii-t.ISTIO_OUTPUT - [0:0]
+:ii-t.ISTIO_REDIRECT - [0:0]
 -A OUTPUT -d 198.18.9.9/32 -j RETURN
 -A OUTPUT -j ISTIO_OUTPUT
 -A FOREIGN -j ISTIO_OUTPUT
 -A ISTIO_OUTPUT -j ISTIO_REDIRECT
 -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
--A iinit.OUTPUT -j iinit.ISTIO_OUTPUT
--A iinit.ISTIO_OUTPUT -j iinit.ISTIO_REDIRECT
--A iinit.ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ii-t.OUTPUT -j ii-t.ISTIO_OUTPUT
+-A ii-t.ISTIO_OUTPUT -j ii-t.ISTIO_REDIRECT
+-A ii-t.ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 COMMIT
 ";
 
@@ -817,15 +856,15 @@ COMMIT
     #[test]
     fn scratch_round_trip_gives_identical() {
         let rs = tiny();
-        let text = scratch_text(&rs, None);
+        let text = scratch_text(&rs, None, &sc());
         assert_eq!(
             text,
-            "*nat\n:iinit.OUTPUT - [0:0]\n:iinit.ISTIO_OUTPUT - [0:0]\n:iinit.ISTIO_REDIRECT - [0:0]\n\
-             -A iinit.OUTPUT -j iinit.ISTIO_OUTPUT\n-A iinit.ISTIO_OUTPUT -j iinit.ISTIO_REDIRECT\n\
-             -A iinit.ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+            "*nat\n:ii-t.OUTPUT - [0:0]\n:ii-t.ISTIO_OUTPUT - [0:0]\n:ii-t.ISTIO_REDIRECT - [0:0]\n\
+             -A ii-t.OUTPUT -j ii-t.ISTIO_OUTPUT\n-A ii-t.ISTIO_OUTPUT -j ii-t.ISTIO_REDIRECT\n\
+             -A ii-t.ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
         );
         let live = parse_save(LIVE);
-        let canon = canon_from_scratch(&live, &rs);
+        let canon = canon_from_scratch(&live, &rs, &sc());
         assert_eq!(canon["nat"].builtin["OUTPUT"], ["-j ISTIO_OUTPUT"]);
         assert_eq!(compare(&rs, &canon, &live), Verdict::Identical);
     }
@@ -834,7 +873,7 @@ COMMIT
     fn drift_is_described() {
         let rs = tiny();
         let live = parse_save(LIVE);
-        let canon = canon_from_scratch(&live, &rs);
+        let canon = canon_from_scratch(&live, &rs, &sc());
         let drifted = parse_save(&LIVE.replace(
             "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
             "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15009",
@@ -896,13 +935,13 @@ COMMIT
             ":FOREIGN - [0:0]\n",
             ":FOREIGN - [0:0]\n:ISTIO_DROP - [0:0]\n",
         ));
-        let canon = canon_from_scratch(&live, &rs);
-        let text = converge_text(&rs, &canon, &live);
+        let canon = canon_from_scratch(&live, &rs, &sc());
+        let text = converge_text(&rs, &canon, &live, &sc());
         assert_eq!(
             text,
             "*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n-D OUTPUT -j ISTIO_OUTPUT\n\
-             -F ISTIO_DROP\n-F iinit.OUTPUT\n-F iinit.ISTIO_OUTPUT\n-F iinit.ISTIO_REDIRECT\n\
-             -X ISTIO_DROP\n-X iinit.OUTPUT\n-X iinit.ISTIO_OUTPUT\n-X iinit.ISTIO_REDIRECT\n\
+             -F ISTIO_DROP\n-F ii-t.OUTPUT\n-F ii-t.ISTIO_OUTPUT\n-F ii-t.ISTIO_REDIRECT\n\
+             -X ISTIO_DROP\n-X ii-t.OUTPUT\n-X ii-t.ISTIO_OUTPUT\n-X ii-t.ISTIO_REDIRECT\n\
              -A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
              -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
         );
@@ -915,9 +954,9 @@ COMMIT
         assert_eq!(
             text,
             "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-D FOREIGN -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n\
-             -F ISTIO_REDIRECT\n-F iinit.OUTPUT\n-F iinit.ISTIO_OUTPUT\n-F iinit.ISTIO_REDIRECT\n\
-             -X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\n-X iinit.OUTPUT\n-X iinit.ISTIO_OUTPUT\n\
-             -X iinit.ISTIO_REDIRECT\nCOMMIT\n"
+             -F ISTIO_REDIRECT\n-F ii-t.OUTPUT\n-F ii-t.ISTIO_OUTPUT\n-F ii-t.ISTIO_REDIRECT\n\
+             -X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\n-X ii-t.OUTPUT\n-X ii-t.ISTIO_OUTPUT\n\
+             -X ii-t.ISTIO_REDIRECT\nCOMMIT\n"
         );
         assert_eq!(
             cleanup_text(
@@ -926,6 +965,18 @@ COMMIT
             ),
             ""
         );
+    }
+
+    #[test]
+    fn scratch_names_fit_and_are_recognised() {
+        let s = Scratch::for_process(4_194_304);
+        assert_eq!(s.name("ISTIO_IN_REDIRECT"), "ii-2hwcg.ISTIO_IN_REDIRECT");
+        assert!(s.name("ISTIO_IN_REDIRECT").len() <= 28);
+        assert!(is_scratch_chain(&s.name("OUTPUT")));
+        assert!(is_scratch_chain("ii-t.OUTPUT"));
+        assert!(!is_scratch_chain("ii-OUTPUT"));
+        assert!(!is_scratch_chain("ISTIO_OUTPUT"));
+        assert!(s.owns(&s.name("OUTPUT")) && !s.owns("ii-t.OUTPUT"));
     }
 
     #[test]
@@ -983,9 +1034,9 @@ COMMIT
             "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -o eth9 -j RETURN\n",
         );
         let live = parse_save(&with_leftover);
-        let canon = canon_from_scratch(&live, &rs);
+        let canon = canon_from_scratch(&live, &rs, &sc());
         assert!(matches!(compare(&rs, &canon, &live), Verdict::Different(_)));
-        let text = converge_text(&rs, &canon, &live);
+        let text = converge_text(&rs, &canon, &live, &sc());
         assert!(text.contains("-D OUTPUT -o eth9 -j RETURN\n"), "{text}");
         assert!(!text.contains("198.18.9.9"), "{text}");
         let text = cleanup_text(&live, &Canon::new());

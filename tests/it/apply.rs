@@ -380,7 +380,13 @@ fn cleanup_only_removes_our_rules_from_both_backends_and_families_and_keeps_fore
         let r = ns.run_with_input(&[prog, "--noflush"], &family_text(&args, family));
         assert!(r.status.success(), "{}", stderr(&r));
     }
+    // A scratch chain an interrupted run left behind.
+    ns.ok(&["iptables-nft", "-t", "nat", "-N", "ii-zz.OUTPUT"]);
     let present = ns.istio_anywhere();
+    assert!(
+        present.iter().any(|l| l.contains(":ii-zz.OUTPUT")),
+        "{present:#?}"
+    );
     for p in saves {
         assert!(
             present.iter().any(|l| l.starts_with(p)),

@@ -395,7 +395,7 @@ impl Netns {
             "ip6tables-legacy-save",
         ] {
             for l in self.rules(p) {
-                if l.contains("ISTIO") || l.contains("iinit.") {
+                if l.contains("ISTIO") || l.contains(" ii-") || l.contains(":ii-") {
                     v.push(format!("{p}: {l}"));
                 }
             }
