@@ -277,16 +277,32 @@ fn apply_family(
     let choice = choose(nf, opts, family)?;
     let backend = choice.backend;
     log::info!("{family}: using the {backend} backend: {}", choice.reason);
+    if rs.tables.is_empty() {
+        return Ok(FamilyReport {
+            family,
+            backend,
+            outcome: Outcome::AlreadyInPlace,
+        });
+    }
+    let text = rs.to_string();
+    let mut backend = backend;
+    let mut first = nf.restore(family, backend, &text);
+    if let Err(f) = &first {
+        if backend == Backend::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
+            log::warn!(
+                "{family}: nf_tables is not usable here ({}); falling back to the legacy backend",
+                iptables_message(&f.stderr)
+            );
+            backend = Backend::Legacy;
+            first = nf.restore(family, backend, &text);
+        }
+    }
     let report = |outcome| FamilyReport {
         family,
         backend,
         outcome,
     };
-    if rs.tables.is_empty() {
-        return Ok(report(Outcome::AlreadyInPlace));
-    }
-    let text = rs.to_string();
-    let outcome = match nf.restore(family, backend, &text) {
+    let outcome = match first {
         Ok(()) => {
             done.push(Committed {
                 rs: rs.clone(),
@@ -318,6 +334,17 @@ fn apply_family(
         cleanup_backend(nf, family, o, Some(rs))?;
     }
     Ok(report(outcome))
+}
+
+/// Whether an nft restore failed because this kernel has no usable nf_tables (it fails before
+/// reading any input line), in which case the legacy backend is tried, as istio-iptables'
+/// probe would have chosen it.
+fn nft_unavailable(f: &RestoreFailure) -> bool {
+    let m = f.stderr.to_ascii_lowercase();
+    f.line.is_none()
+        && (m.contains("generation id")
+            || m.contains("protocol not supported")
+            || m.contains("address family not supported"))
 }
 
 /// After a failed restore, undoes the tables it committed before failing.

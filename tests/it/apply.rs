@@ -909,3 +909,40 @@ fn an_owner_group_missing_from_etc_group_is_an_input_error_before_anything_is_to
         ns.rules("iptables-nft-save")
     );
 }
+
+#[test]
+fn a_kernel_without_nf_tables_falls_back_to_legacy() {
+    if !privileged("a_kernel_without_nf_tables_falls_back_to_legacy") {
+        return;
+    }
+    let ns = Netns::new("nonft");
+    let shim = ShimDir::new("nonft");
+    // What iptables-nft-restore prints when the kernel has no nf_tables.
+    shim.script(
+        "iptables-nft-restore",
+        "cat >/dev/null\necho 'iptables-nft-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Protocol not supported' >&2\nexit 1",
+    );
+    let path = shim.path_env();
+    let o = ns.istio_init(&["--ipv6=false"], &[("PATH", &path)]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("IPv4: nf_tables is not usable here (Could not fetch rule set generation id: Protocol not supported); falling back to the legacy backend"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        ns.rules("iptables-legacy-save")
+            .iter()
+            .any(|l| l.contains("ISTIO_OUTPUT"))
+    );
+    assert!(ns.rules("iptables-nft-save").is_empty());
+
+    // Forced nft does not fall back.
+    let ns = Netns::new("nonftforced");
+    let o = ns.istio_init(
+        &["--ipv6=false"],
+        &[("PATH", &path), ("FORCE_IPTABLES_BINARY", "nft")],
+    );
+    assert_code(&o, 1);
+    assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
+}
