@@ -30,6 +30,23 @@
 //! transactions flush and refill our chains in place, so no packet ever sees the namespace
 //! without the proxy's rules. `--force-apply` rewrites identical rules in place the same way.
 //!
+//! # Flags
+//!
+//! * `--reconcile`: converge drifted or different Istio rules (above) instead of failing, and
+//!   move rules found in the other backend to the chosen one.
+//! * `--force-apply`: istio-iptables applies again even when nothing changed, which fails on
+//!   `-N` of the existing chains; here it rewrites identical rules in place (same mechanism as
+//!   reconcile), and a *different* state still needs `--reconcile`.
+//! * `--cleanup-only` ([`cleanup`]): removes our chains, every jump to them, the rules this
+//!   configuration puts in built-in chains and Istio-shaped leftovers, in both families and both
+//!   backends (legacy only where legacy tables exist); foreign rules stay. Unlike istio-iptables
+//!   it does not add the TPROXY routes, and it does not remove them either: they only act on
+//!   packets carrying the TPROXY mark, which nothing sets once the rules are gone, and another
+//!   component may own an identical rule.
+//! * istio-iptables logs a full `iptables-save` after applying; that would be a second process
+//!   per family on every pod start, so istio-init logs a one-line summary instead (the rules
+//!   are at debug level).
+//!
 //! # Backends
 //!
 //! `FORCE_IPTABLES_BINARY` wins. Otherwise legacy is used only when the namespace already
