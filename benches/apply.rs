@@ -12,7 +12,7 @@
 //! from there, alternating which goes first. Reported per command: median and p90 wall time
 //! from spawn to exit (rules in place), median CPU time (user + sys of the process and its
 //! children, from `getrusage(RUSAGE_CHILDREN)` deltas), and for istio-init its own peak RSS
-//! (`getrusage(RUSAGE_SELF)`, logged by istio-init at debug level) and the number of
+//! (`VmHWM`, logged by istio-init at debug level) and CPU time, and the number of
 //! iptables processes it started (through a logging shim on `PATH`). istio-init runs with its
 //! default (info) logging into a pipe, as in a pod.
 
@@ -175,7 +175,7 @@ fn main() {
         );
         if let Some(kib) = err
             .lines()
-            .find_map(|l| l.split("max RSS ").nth(1))
+            .find_map(|l| l.split("peak RSS ").nth(1))
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
         {

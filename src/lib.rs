@@ -191,17 +191,26 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
 }
 
 /// Logs this process's own peak RSS and CPU time at debug level (children excluded): the
-/// numbers the benchmark reports.
+/// numbers the benchmark reports. The peak is `VmHWM` of this address space; `ru_maxrss` is not
+/// used because across `exec` it keeps the high-water mark of the replaced address space, which
+/// after a `vfork`-style spawn is the parent's.
 fn log_resource_use() {
     use nix::sys::resource::{UsageWho, getrusage};
     if !log::log_enabled!(log::Level::Debug) {
         return;
     }
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
     if let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) {
         let us = |t: nix::sys::time::TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
         log::debug!(
-            "resource use: max RSS {} KiB, user {} us, sys {} us",
-            u.max_rss(),
+            "resource use: peak RSS {peak} KiB, user {} us, sys {} us",
             us(u.user_time()),
             us(u.system_time())
         );
