@@ -350,6 +350,23 @@ pub static OPTIONS: &[Opt] = &[
         "Backend to use instead of detecting one: legacy or nft",
     ),
     ext(opt(
+        "netns",
+        None,
+        &["ISTIO_INIT_NETNS"],
+        Value,
+        same(""),
+        "Network namespace to program instead of the current one: a path (/proc/PID/ns/net, \
+         /var/run/netns/NAME) or a PID; entered with setns, which needs CAP_SYS_ADMIN",
+    )),
+    ext(opt(
+        "xtables-wait",
+        None,
+        &["ISTIO_INIT_XTABLES_WAIT"],
+        Value,
+        same("30"),
+        "Seconds a legacy-backend iptables-restore waits for the xtables lock",
+    )),
+    ext(opt(
         "ipv6",
         None,
         &["ISTIO_INIT_IPV6"],

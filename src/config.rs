@@ -203,6 +203,10 @@ pub struct Config {
     pub dual_stack: bool,
     pub capture_all_dns: bool,
     pub network_namespace: Option<String>,
+    /// `--netns`: the namespace file to enter (a PID already turned into `/proc/PID/ns/net`).
+    pub netns: Option<String>,
+    /// `--xtables-wait`: seconds legacy writes wait for the xtables lock.
+    pub xtables_wait: u32,
     pub reconcile: bool,
     pub cleanup_only: bool,
     pub force_apply: bool,
@@ -628,6 +632,26 @@ impl Config {
         let network_namespace = Some(raw.value.clone()).filter(|v| !v.is_empty());
         r.record("NETWORK_NAMESPACE", &raw.value, &raw.source);
 
+        let raw = r.raw("netns");
+        let netns = match raw.value.trim() {
+            "" => None,
+            v if v.bytes().all(|b| b.is_ascii_digit()) => Some(format!("/proc/{v}/ns/net")),
+            v if v.starts_with('/') => Some(v.to_owned()),
+            _ => {
+                return Err(raw.err(
+                    "network namespace",
+                    "expected an absolute path (/proc/PID/ns/net, /var/run/netns/NAME) or a PID",
+                ));
+            }
+        };
+        r.record("NETNS", netns.as_deref().unwrap_or(""), &raw.source);
+        let raw = r.raw("xtables-wait");
+        let xtables_wait: u32 = match raw.value.trim().parse() {
+            Ok(n) if n <= 3600 => n,
+            _ => return Err(raw.err("wait", "expected whole seconds from 0 to 3600")),
+        };
+        r.record("XTABLES_WAIT", xtables_wait, &raw.source);
+
         let reconcile = r.flag("reconcile", "RECONCILE")?;
         let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
         let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
@@ -686,6 +710,8 @@ impl Config {
             dual_stack,
             capture_all_dns,
             network_namespace,
+            netns,
+            xtables_wait,
             reconcile,
             cleanup_only,
             force_apply,

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod annotations;
+mod apply;
 mod cli;
 mod conformance;
 mod golden;
