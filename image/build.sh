@@ -139,8 +139,13 @@ if ! have_all; then
             -o "Dir::State::Lists=$a/lists" -o "Dir::Cache=$a/cache" -o "Dir::State::status=$a/status")
         apt-get "${apt_opts[@]}" update >&2
     fi
-    (cd "$debs" && apt-get "${apt_opts[@]}" download "${packages[@]/%/:$arch}" >&2) ||
-        die "apt-get download failed (on this architecture, run apt-get update first)"
+    download() { (cd "$debs" && apt-get "${apt_opts[@]}" download "${packages[@]/%/:$arch}" >&2); }
+    if ! download; then
+        # Stale or missing package lists (a fresh machine): refresh them once, as root.
+        [ "$(id -u)" = 0 ] || die "apt-get download failed; run apt-get update first"
+        say "apt-get download failed; running apt-get update and retrying"
+        apt-get "${apt_opts[@]}" update >&2 && download || die "apt-get download failed"
+    fi
 fi
 staging=$work/staging
 mkdir -p "$staging"
