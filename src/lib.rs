@@ -140,6 +140,19 @@ pub fn gather_facts(cfg: &Config) -> anyhow::Result<Facts> {
     Ok(facts)
 }
 
+/// [`gather_facts`] in the namespace the rules are for: with `--netns`, the facts (IPv6
+/// addresses) are read inside that namespace, so a dry run, `explain` or `trace` from a debug
+/// pod describes the target pod, not the debug container.
+pub fn target_facts(cfg: &Config) -> anyhow::Result<Facts> {
+    match cfg.netns.as_deref() {
+        None => gather_facts(cfg),
+        Some(path) => {
+            let ns = netns::Netns::open(path)?;
+            netns::run_in(Some(&ns), || gather_facts(cfg))
+        }
+    }
+}
+
 /// Builds the ruleset of every enabled family.
 pub fn build_all(cfg: &Config, facts: &Facts) -> Vec<Ruleset> {
     facts
@@ -194,7 +207,7 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     }
 
     if cfg.dry_run {
-        let facts = gather_facts(&cfg)?;
+        let facts = target_facts(&cfg)?;
         log_summary(&cfg, &facts);
         let rulesets = build_all(&cfg, &facts);
         log_rulesets(&rulesets);
@@ -298,7 +311,7 @@ fn explain_cmd(cfg: &Config, pod: &PodSettings) -> anyhow::Result<()> {
     if let Some(why) = &pod.nothing_to_do {
         return print(&format!("Nothing to do: {why}.\n"));
     }
-    let facts = gather_facts(cfg)?;
+    let facts = target_facts(cfg)?;
     print(&explain::explain(cfg, &facts))
 }
 
@@ -314,7 +327,7 @@ fn trace_cmd(cfg: &Config, pod: &PodSettings, args: &cli::TraceArgs) -> anyhow::
     let rulesets = if cfg.interception == Interception::None {
         Vec::new()
     } else {
-        build_all(cfg, &gather_facts(cfg)?)
+        build_all(cfg, &target_facts(cfg)?)
     };
     let t = trace::trace(cfg, &rulesets, &conn, &host::group_gid);
     print(&t.to_string())
