@@ -435,6 +435,24 @@ impl Resolver<'_> {
         Ok(v)
     }
 
+    /// An option that is either exactly `*` (`None`: everything) or a list, as Istio spells
+    /// `-b` and `-i`. `"*,80"` is a list, and its `*` item is invalid.
+    fn star_or_list<T: std::str::FromStr<Err = String> + fmt::Display>(
+        &mut self,
+        long: &'static str,
+        key: &'static str,
+        what: &str,
+    ) -> Result<Option<Vec<T>>, ConfigError> {
+        let raw = self.raw(long);
+        if raw.value.trim() == "*" {
+            self.record(key, "*", &raw.source);
+            return Ok(None);
+        }
+        let v: Vec<T> = raw.list(what)?;
+        self.record(key, join(&v), &raw.source);
+        Ok(Some(v))
+    }
+
     fn ifaces(&mut self, long: &'static str, key: &'static str) -> Result<Vec<Iface>, ConfigError> {
         let raw = self.raw(long);
         let v = raw.list("interface name")?;
@@ -544,38 +562,20 @@ impl Config {
             &raw.source,
         );
 
-        let raw = r.raw("istio-inbound-ports");
-        let inbound_ports = if raw.value.trim() == "*" {
-            InboundPorts::All
-        } else {
-            InboundPorts::Only(raw.list("port")?)
-        };
-        r.record(
-            "INBOUND_PORTS_INCLUDE",
-            match &inbound_ports {
-                InboundPorts::All => "*".to_owned(),
-                InboundPorts::Only(v) => join(v),
-            },
-            &raw.source,
-        );
+        let inbound_ports =
+            match r.star_or_list("istio-inbound-ports", "INBOUND_PORTS_INCLUDE", "port")? {
+                None => InboundPorts::All,
+                Some(v) => InboundPorts::Only(v),
+            };
         let inbound_exclude_ports = resolve_inbound_excludes(&mut r)?;
 
         let owner_groups = resolve_owner_groups(&mut r)?;
 
-        let raw = r.raw("istio-service-cidr");
-        let outbound_include = if raw.value.trim() == "*" {
-            OutboundCidrs::All
-        } else {
-            OutboundCidrs::Only(raw.list("CIDR")?)
-        };
-        r.record(
-            "OUTBOUND_IP_RANGES_INCLUDE",
-            match &outbound_include {
-                OutboundCidrs::All => "*".to_owned(),
-                OutboundCidrs::Only(v) => join(v),
-            },
-            &raw.source,
-        );
+        let outbound_include =
+            match r.star_or_list("istio-service-cidr", "OUTBOUND_IP_RANGES_INCLUDE", "CIDR")? {
+                None => OutboundCidrs::All,
+                Some(v) => OutboundCidrs::Only(v),
+            };
         let raw = r.raw("istio-service-exclude-cidr");
         if raw.value.trim() == "*" {
             return Err(raw.err(
