@@ -16,9 +16,32 @@
 //!
 //! `iptables-restore` commits table by table. When it fails at line N, the tables whose
 //! `COMMIT` precedes N were committed; they are undone at once (delete our rules from built-in
-//! chains, then flush and delete the chains we created). When a later family fails, the
-//! earlier families are undone the same way, so a failed run leaves the namespace as it found
-//! it.
+//! chains, then flush and delete the chains we created). The families' first restores run
+//! concurrently; when one family fails, every family this run applied is undone the same way,
+//! so a failed run leaves the namespace as it found it.
+//!
+//! # Interruptions, concurrent runs, hanging programs
+//!
+//! * **A second run** on the same namespace waits for the first: an advisory lock per network
+//!   namespace (`guard.rs`, with why a lock rather than a re-check loop), held from before the
+//!   first change until the namespace is consistent, and inherited by the restores.
+//! * **SIGTERM, SIGINT, SIGHUP** are deferred over the same span (`guard.rs`): a run they
+//!   interrupt leaves the namespace untouched (the signal arrived before the section) or
+//!   complete (it arrived inside, and takes effect at the end), never in between.
+//! * **SIGKILL** cannot be deferred, so the windows it could split are made as small as they
+//!   can be (`run.rs`): every restore is started before any receives its input, each then
+//!   gets its whole input in one write, and restores outlive istio-init, so an interrupted
+//!   run's restores still commit in full. The TPROXY routes are added (`before_rules` of
+//!   [`apply`]) after the restores started and just before their inputs are written. What
+//!   remains: a SIGKILL during the route setup's few netlink round trips leaves some routes
+//!   and no rule, and one between the IPv4 and the IPv6 input writes (two system calls apart)
+//!   leaves IPv4 complete and IPv6 absent. A SIGKILL of the whole container also kills the
+//!   restores, which can leave some tables of a family committed. Every one of these is
+//!   completed by the next run (missing tables are added, routes are idempotent), as the
+//!   fault tests check.
+//! * **A hanging program** is killed (with anything it started) after `--restore-timeout`
+//!   (plus `--xtables-wait` for the legacy backend), and the run fails and rolls back like any
+//!   other failure, naming the program, the limit and the option.
 //!
 //! # Re-runs
 //!

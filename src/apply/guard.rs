@@ -3,7 +3,7 @@
 //! wait until the namespace is consistent again.
 //!
 //! Effects: creates, locks and unlinks a file in `/run` or `/tmp`; changes the calling
-//! thread's signal mask; reads `/proc/self/status`.
+//! thread's signal mask; reads `/proc/thread-self/status`.
 //!
 //! # The namespace lock
 //!
@@ -22,7 +22,8 @@
 //! starts: if istio-init is SIGKILLed while a restore is committing, the orphaned restore
 //! still holds the lock, and the next run waits for that transaction to finish instead of
 //! reading it half-done. The wait is bounded (`--restore-timeout` plus `--xtables-wait`, the
-//! longest one program may run) and its failure names the lock file.
+//! longest one program may run), a termination signal ends it at once (nothing has been
+//! changed yet), and a timeout names the lock file.
 //!
 //! The lock serialises istio-init runs that share `/run` (or `/tmp`): runs in one container,
 //! or on one host. Runs in different containers with private `/run` and `/tmp` against the
@@ -33,23 +34,27 @@
 //!
 //! # The critical section
 //!
-//! SIGTERM, SIGINT and SIGHUP are blocked (`pthread_sigmask`) from just before the first
-//! change (TPROXY routes, rules, cleanup) until the rules are complete or rolled back. The
-//! mask is set on the calling thread before the worker thread that enters the namespace is
-//! spawned, so every thread of the process — the worker and the threads that watch the
-//! iptables programs — blocks them, and a signal stays pending instead of killing the process
-//! between two tables or two families. When the section ends the pending signal takes effect
-//! with its default action (the process dies by it, as it asked), after a log line saying so.
-//! Programs are spawned with an empty signal mask (the Rust standard library resets it), so
-//! they can still be stopped. The section lasts at most as long as the programs it waits for,
-//! each bounded by `--restore-timeout`. SIGKILL cannot be blocked: see `run.rs` and the
-//! module doc of `apply` for how its windows are kept narrow and repaired by the next run.
+//! SIGTERM, SIGINT and SIGHUP are blocked (`pthread_sigmask`) from before the namespace lock
+//! is taken — so no signal can fall between creating the lock file and holding it — until
+//! the rules are complete or rolled back (the section ends before `--run-validation`, which
+//! changes nothing). The mask is set on the calling thread before the worker thread that
+//! enters the namespace is spawned, so every thread of the process — the worker and the
+//! threads that watch the iptables programs — blocks them, and a signal stays pending
+//! instead of killing the process between two tables or two families. When the section ends
+//! the lock is released first, then the pending signal takes effect with its default action
+//! (the process dies by it, as was asked), after a log line saying so; an error the run
+//! ended with is logged before that, since `main` will not get to print it. Programs are
+//! spawned with an empty signal mask (the Rust standard library resets it), so they can
+//! still be stopped. The section lasts at most as long as the programs it waits for, each
+//! bounded by `--restore-timeout`. SIGKILL cannot be blocked: see `run.rs` and the module doc
+//! of `apply` for how its windows are kept narrow and repaired by the next run.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -226,6 +231,7 @@ pub const DEFERRED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGH
 pub struct CriticalSection {
     old: SigSet,
     lock: Mutex<Option<NetnsLock>>,
+    checked: AtomicBool,
 }
 
 impl CriticalSection {
@@ -241,6 +247,7 @@ impl CriticalSection {
         Ok(CriticalSection {
             old,
             lock: Mutex::new(None),
+            checked: AtomicBool::new(false),
         })
     }
 
@@ -273,6 +280,12 @@ impl CriticalSection {
             Err(poisoned) => poisoned.into_inner().take(),
         };
         drop(lock);
+        // Checked once (by the first thread to leave): a pending signal kills the process
+        // right after, so a later check can only find nothing new worth a line.
+        if self.checked.swap(true, Ordering::SeqCst) {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
+            return;
+        }
         let pending = pending_deferred();
         if !pending.is_empty() {
             log::warn!(
@@ -297,14 +310,11 @@ impl Drop for CriticalSection {
 }
 
 /// Deferred signals pending for the process or this thread, by name (from the `ShdPnd` and
-/// `SigPnd` masks of `/proc`; best effort, only used for the log line).
+/// `SigPnd` masks in `/proc/thread-self/status`; nix has no `sigpending`).
 fn pending_deferred() -> Vec<&'static str> {
     let mut mask = 0u64;
-    for (file, key) in [
-        ("/proc/self/status", "ShdPnd:"),
-        ("/proc/thread-self/status", "SigPnd:"),
-    ] {
-        if let Ok(text) = std::fs::read_to_string(file) {
+    if let Ok(text) = std::fs::read_to_string("/proc/thread-self/status") {
+        for key in ["ShdPnd:", "SigPnd:"] {
             mask |= text
                 .lines()
                 .find_map(|l| l.strip_prefix(key))

@@ -57,6 +57,8 @@ pub struct Job {
     pub program: String,
     /// Its stdin (`None`: `/dev/null`).
     pub input: Option<Vec<u8>>,
+    /// Whether its stdout is kept (else `/dev/null`).
+    pub stdout: bool,
     /// How long it may run.
     pub limit: Duration,
     /// The limit and what set it, for the error (e.g. `2s (--restore-timeout)`).
@@ -125,7 +127,8 @@ fn scratch_file(name: &CStr) -> std::io::Result<File> {
 }
 
 fn read_all(mut f: File) -> String {
-    let mut buf = Vec::new();
+    let len = f.metadata().map_or(0, |m| m.len());
+    let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     let _ = f
         .seek(SeekFrom::Start(0))
         .and_then(|_| f.read_to_end(&mut buf));
@@ -194,7 +197,7 @@ struct Started {
     pgid: Pid,
     /// Its input, still to be written.
     feed: Option<(File, Vec<u8>)>,
-    stdout: File,
+    stdout: Option<File>,
     stderr: File,
     deadline: Instant,
     limit_source: String,
@@ -212,12 +215,17 @@ struct Prepared {
     whole_file: bool,
     stdin: Stdio,
     feed: Option<(File, Vec<u8>)>,
-    stdout: File,
+    stdout: Option<File>,
     stderr: File,
 }
 
 fn prepare(mut job: Job) -> Result<Prepared, String> {
     let file = |what: &CStr| scratch_file(what).map_err(|e| format!("cannot run it: {e}"));
+    let stdout = if job.stdout {
+        Some(file(c"istio-init-stdout")?)
+    } else {
+        None
+    };
     let input = prepare_input(job.input.take())?;
     let whole_file = matches!(input, Input::File(_));
     let (stdin, feed) = match input {
@@ -230,7 +238,7 @@ fn prepare(mut job: Job) -> Result<Prepared, String> {
         whole_file,
         stdin,
         feed,
-        stdout: file(c"istio-init-stdout")?,
+        stdout,
         stderr: file(c"istio-init-stderr")?,
     })
 }
@@ -253,7 +261,10 @@ fn start(p: Prepared) -> Result<Started, String> {
     let child = job
         .cmd
         .stdin(stdin)
-        .stdout(clone(&stdout)?)
+        .stdout(match &stdout {
+            Some(f) => clone(f)?,
+            None => Stdio::null(),
+        })
         .stderr(clone(&stderr)?)
         .process_group(0)
         .spawn()
@@ -368,7 +379,7 @@ pub fn run_all(
             };
             Ok(Ended {
                 status,
-                stdout: read_all(s.stdout),
+                stdout: s.stdout.map(read_all).unwrap_or_default(),
                 stderr: read_all(s.stderr),
                 killed: s.killed.then_some(s.limit_source),
             })
@@ -389,6 +400,7 @@ mod tests {
             cmd,
             program: argv[0].to_owned(),
             input,
+            stdout: true,
             limit,
             limit_source: format!("{limit:?} (test)"),
         }

@@ -202,6 +202,7 @@ impl System {
             cmd,
             program,
             input: Some(input.as_bytes().to_vec()),
+            stdout: false,
             limit,
             limit_source,
         })
@@ -286,6 +287,7 @@ impl Netfilter for System {
             cmd,
             program: program.clone(),
             input: None,
+            stdout: true,
             limit,
             limit_source,
         };

@@ -1191,3 +1191,47 @@ fn the_lock_works_with_a_read_only_root_where_only_run_or_tmp_is_writable() {
         );
     }
 }
+
+#[test]
+fn restores_start_with_no_signal_blocked_in_their_own_process_group() {
+    if !privileged("restores_start_with_no_signal_blocked") {
+        return;
+    }
+    // istio-init blocks SIGTERM while it changes the namespace; its restores must not
+    // inherit that, and must not share its process group (a signal to the group would cut a
+    // transaction short).
+    let real = which("iptables-nft-restore").expect("iptables-nft-restore");
+    let ns = pod("sigmask");
+    let shim = ShimDir::new("sigmask");
+    let status = shim.path.join("status");
+    let stat = shim.path.join("stat");
+    shim.script(
+        "iptables-nft-restore",
+        &format!(
+            "cat /proc/$$/status > {}\ncat /proc/$$/stat > {}\nexec {} \"$@\"",
+            status.display(),
+            stat.display(),
+            real.display()
+        ),
+    );
+    let path = shim.path_env();
+    let mut child = istio_init_cmd(&ns, &["--ipv6=false".to_owned()], &[("PATH", &path)])
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let o = child.wait().unwrap();
+    assert!(o.success());
+    let status = std::fs::read_to_string(&status).expect("the shim ran");
+    assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+    let stat = std::fs::read_to_string(&stat).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split(' ')
+        .collect();
+    let own = stat.split(' ').next().unwrap();
+    // After ") ": state, ppid, pgrp.
+    assert_eq!(fields[2], own, "not its own process group: {stat}");
+    assert_ne!(fields[2], pid, "in istio-init's process group: {stat}");
+}
