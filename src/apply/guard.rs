@@ -43,10 +43,12 @@
 //! instead of killing the process between two tables or two families. When the section ends
 //! the lock is released first, then the pending signal takes effect with its default action
 //! (the process dies by it, as was asked), after a log line saying so; an error the run
-//! ended with is logged before that, since `main` will not get to print it. Programs are
-//! spawned with an empty signal mask (the Rust standard library resets it), so they can
-//! still be stopped. The section lasts at most as long as the programs it waits for, each
-//! bounded by `--restore-timeout`. SIGKILL cannot be blocked: see `run.rs` and the module doc
+//! ended with is logged before that, since `main` will not get to print it. The iptables
+//! programs started inside the section inherit the mask (a blocked mask survives `exec`):
+//! a SIGTERM aimed at a restore, or at every process of the container, does not cut its
+//! transaction short either; only SIGKILL stops one, and that is what the timeout uses. The
+//! section lasts at most as long as the programs it waits for, each bounded by
+//! `--restore-timeout`. SIGKILL cannot be blocked: see `run.rs` and the module doc
 //! of `apply` for how its windows are kept narrow and repaired by the next run.
 
 use std::fs::{File, OpenOptions};

@@ -1193,45 +1193,72 @@ fn the_lock_works_with_a_read_only_root_where_only_run_or_tmp_is_writable() {
 }
 
 #[test]
-fn restores_start_with_no_signal_blocked_in_their_own_process_group() {
-    if !privileged("restores_start_with_no_signal_blocked") {
+fn restores_run_in_their_own_process_group_with_only_the_deferred_signals_blocked() {
+    if !privileged("restores_run_in_their_own_process_group") {
         return;
     }
-    // istio-init blocks SIGTERM while it changes the namespace; its restores must not
-    // inherit that, and must not share its process group (a signal to the group would cut a
-    // transaction short).
-    let real = which("iptables-nft-restore").expect("iptables-nft-restore");
+    // istio-init blocks SIGTERM, SIGINT and SIGHUP while it changes the namespace, and its
+    // restores inherit exactly that (no signal meant for the container cuts a transaction
+    // short; SIGKILL still stops them). They do not share its process group either. The
+    // shim becomes a sleep that is inspected while it runs (a shell cannot report its own
+    // mask: it blocks everything around each fork).
     let ns = pod("sigmask");
     let shim = ShimDir::new("sigmask");
-    let status = shim.path.join("status");
-    let stat = shim.path.join("stat");
-    shim.script(
-        "iptables-nft-restore",
-        &format!(
-            "cat /proc/$$/status > {}\ncat /proc/$$/stat > {}\nexec {} \"$@\"",
-            status.display(),
-            stat.display(),
-            real.display()
-        ),
-    );
+    shim.script("iptables-nft-restore", "exec sleep 1000");
     let path = shim.path_env();
-    let mut child = istio_init_cmd(&ns, &["--ipv6=false".to_owned()], &[("PATH", &path)])
+    let mut args = vec![
+        "--ipv6=false".to_owned(),
+        "--restore-timeout=20s".to_owned(),
+    ];
+    args.push("--log_output_level=default:info".into());
+    let child = istio_init_cmd(&ns, &args, &[("PATH", &path)])
         .spawn()
         .unwrap();
-    let pid = child.id().to_string();
-    let o = child.wait().unwrap();
-    assert!(o.success());
-    let status = std::fs::read_to_string(&status).expect("the shim ran");
-    assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
-    let stat = std::fs::read_to_string(&stat).unwrap();
+    let istio_pid = child.id().to_string();
+    let start = Instant::now();
+    let sleeper = loop {
+        if let Some(p) = processes_in(&ns)
+            .into_iter()
+            .find(|p| p.ends_with(" sleep"))
+        {
+            break p.split(' ').next().unwrap().to_owned();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the shim never ran"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{sleeper}/status")).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).unwrap();
+    kill(Pid::from_raw(sleeper.parse().unwrap()), Signal::SIGKILL).unwrap();
+    let o = child.wait_with_output().unwrap();
+
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .expect("SigBlk");
+    let deferred = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
+        .iter()
+        .fold(0u64, |m, s| m | 1 << (*s as i32 - 1));
+    assert_eq!(blocked, deferred, "{status}");
+    // After ") ": state, ppid, pgrp.
     let fields: Vec<&str> = stat
         .rsplit_once(") ")
         .map(|(_, rest)| rest)
         .unwrap_or_default()
         .split(' ')
         .collect();
-    let own = stat.split(' ').next().unwrap();
-    // After ") ": state, ppid, pgrp.
-    assert_eq!(fields[2], own, "not its own process group: {stat}");
-    assert_ne!(fields[2], pid, "in istio-init's process group: {stat}");
+    assert_eq!(fields[2], sleeper, "not its own process group: {stat}");
+    assert_ne!(fields[2], istio_pid);
+
+    // Killed from outside, the restore failed: a clear error, nothing left.
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        error_line(&o).contains("failed: exited with signal: 9 (SIGKILL)"),
+        "{}",
+        error_line(&o)
+    );
+    assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
 }
