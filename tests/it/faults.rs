@@ -5,7 +5,8 @@
 //! host's network namespace is never touched.
 //!
 //! The kill test prints its numbers (iterations, where the kills landed, what state they
-//! left); run it with `--nocapture` to see them. `FAULTS_SEED=N` replays a sequence of delays.
+//! left); run it with `--nocapture` to see them. `FAULTS_SEED=N` replays a sequence of delays
+//! (as far as scheduling allows), `FAULTS_ITERATIONS=N` changes the number of iterations.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -418,7 +419,11 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
     if !privileged("killed_at_random_moments") {
         return;
     }
-    const ITERATIONS: usize = 300;
+    // FAULTS_ITERATIONS=N runs more, to measure how often each outcome happens.
+    let iterations: usize = std::env::var("FAULTS_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300);
     const WORKERS: usize = 3;
     let cgroups = cgroup2_root();
     if cgroups.is_none() {
@@ -460,7 +465,7 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= ITERATIONS {
+                    if i >= iterations {
                         return;
                     }
                     let kind = [Stop::Term, Stop::Kill, Stop::Container][i % 3];
@@ -479,7 +484,7 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
 
     let t = tally.into_inner().unwrap();
     eprintln!(
-        "kill test: {ITERATIONS} iterations in {:.1?} ({WORKERS} at a time), seed {seed}, \
+        "kill test: {iterations} iterations in {:.1?} ({WORKERS} at a time), seed {seed}, \
          delays 0..{max_delay:.1?} (a normal run took {normal:.1?})",
         started.elapsed()
     );
