@@ -16,9 +16,32 @@
 //!
 //! `iptables-restore` commits table by table. When it fails at line N, the tables whose
 //! `COMMIT` precedes N were committed; they are undone at once (delete our rules from built-in
-//! chains, then flush and delete the chains we created). When a later family fails, the
-//! earlier families are undone the same way, so a failed run leaves the namespace as it found
-//! it.
+//! chains, then flush and delete the chains we created). The families' first restores run
+//! concurrently; when one family fails, every family this run applied is undone the same way,
+//! so a failed run leaves the namespace as it found it.
+//!
+//! # Interruptions, concurrent runs, hanging programs
+//!
+//! * **A second run** on the same namespace waits for the first: an advisory lock per network
+//!   namespace (`guard.rs`, with why a lock rather than a re-check loop), held from before the
+//!   first change until the namespace is consistent, and inherited by the restores.
+//! * **SIGTERM, SIGINT, SIGHUP** are deferred over the same span (`guard.rs`): a run they
+//!   interrupt leaves the namespace untouched (the signal arrived before the section) or
+//!   complete (it arrived inside, and takes effect at the end), never in between.
+//! * **SIGKILL** cannot be deferred, so the windows it could split are made as small as they
+//!   can be (`run.rs`): every restore is started before any receives its input, each then
+//!   gets its whole input in one write, and restores outlive istio-init, so an interrupted
+//!   run's restores still commit in full. The TPROXY routes are added (`before_rules` of
+//!   [`apply`]) after the restores started and just before their inputs are written. What
+//!   remains: a SIGKILL during the route setup's few netlink round trips leaves some routes
+//!   and no rule, and one between the IPv4 and the IPv6 input writes (two system calls apart)
+//!   leaves IPv4 complete and IPv6 absent. A SIGKILL of the whole container also kills the
+//!   restores, which can leave some tables of a family committed. Every one of these is
+//!   completed by the next run (missing tables are added, routes are idempotent), as the
+//!   fault tests check.
+//! * **A hanging program** is killed (with anything it started) after `--restore-timeout`
+//!   (plus `--xtables-wait` for the legacy backend), and the run fails and rolls back like any
+//!   other failure, naming the program, the limit and the option.
 //!
 //! # Re-runs
 //!
@@ -64,9 +87,12 @@ use crate::net::Family;
 use crate::ruleset::{Ruleset, Table};
 use crate::state::{self, Layout, Saved, Verdict};
 
+mod guard;
 mod messages;
+mod run;
 mod system;
 
+pub use guard::{CriticalSection, DEFERRED, LOCK_DIRS, NetnsLock, lock_name};
 pub use messages::{describe, iptables_message};
 pub use system::{DEFAULT_PATH, System};
 
@@ -85,6 +111,22 @@ pub struct RestoreFailure {
 pub trait Netfilter {
     /// Runs `*-restore --noflush` of `family` in `backend` with `input` on stdin.
     fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure>;
+    /// Runs several restores (one per family) and returns their results in order, calling
+    /// `before_inputs` once just before the restores receive their input; when it fails, no
+    /// restore changes anything and its error is returned. The real programs all start
+    /// before any receives its input, then run concurrently; this default calls the hook
+    /// and runs them one after the other.
+    fn restore_all(
+        &self,
+        jobs: &[(Family, Backend, &str)],
+        before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
+        before_inputs()?;
+        Ok(jobs
+            .iter()
+            .map(|&(family, backend, input)| self.restore(family, backend, input))
+            .collect())
+    }
     /// Runs `*-save` and returns its output.
     fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String>;
     /// The legacy tables instantiated in the namespace (`/proc/.../ip{,6}_tables_names`).
@@ -215,38 +257,94 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
     })
 }
 
-/// Applies every family's ruleset (IPv4 first). On failure, every table this run created is
+/// Applies every family's ruleset. The first restore of every family is started at once
+/// (see [`Netfilter::restore_all`]); what follows a failure (a re-run, a fallback) is handled
+/// family by family, IPv4 first. On failure, every table this run created, in any family, is
 /// removed again and the error says what failed and that it was rolled back.
+///
+/// `before_rules` (the TPROXY routes) runs once, after the backends are chosen and the
+/// restores started, just before they receive their input: the smallest possible window
+/// between the routes and the rules. When it fails, no rule is applied and its error is
+/// returned.
 pub fn apply(
     nf: &dyn Netfilter,
     opts: &Options,
     rulesets: &[Ruleset],
+    before_rules: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<FamilyReport>> {
-    let mut done: Vec<Committed> = Vec::new();
-    let mut reports = Vec::new();
+    // Backends first: reading state only, so a refusal here leaves nothing to undo.
+    let mut choices = Vec::new();
     for rs in rulesets {
-        match apply_family(nf, opts, rs, &mut done) {
+        let choice = choose(nf, opts, rs.family)?;
+        log::info!(
+            "{}: using the {} backend: {}",
+            rs.family,
+            choice.backend,
+            choice.reason
+        );
+        choices.push(choice);
+    }
+    let texts: Vec<String> = rulesets.iter().map(ToString::to_string).collect();
+    let jobs: Vec<(Family, Backend, &str)> = rulesets
+        .iter()
+        .zip(&choices)
+        .zip(&texts)
+        .filter(|((rs, _), _)| !rs.tables.is_empty())
+        .map(|((rs, c), text)| (rs.family, c.backend, text.as_str()))
+        .collect();
+    let mut firsts = nf.restore_all(&jobs, before_rules)?.into_iter();
+
+    // Successes are recorded before any failure is looked at, so that a failure in one
+    // family rolls back the families that succeeded alongside it.
+    let mut done: Vec<Committed> = Vec::new();
+    let mut outcomes = Vec::new();
+    for (rs, choice) in rulesets.iter().zip(&choices) {
+        if rs.tables.is_empty() {
+            outcomes.push(None);
+            continue;
+        }
+        let first = firsts
+            .next()
+            .unwrap_or_else(|| unreachable!("one result per job"));
+        if first.is_ok() {
+            done.push(Committed {
+                rs: rs.clone(),
+                backend: choice.backend,
+                tables: rs.tables.iter().map(|t| t.table).collect(),
+            });
+        }
+        outcomes.push(Some(first));
+    }
+
+    let mut reports = Vec::new();
+    for (((rs, choice), text), first) in rulesets.iter().zip(&choices).zip(&texts).zip(outcomes) {
+        match finish_family(nf, opts, rs, choice, text, first, &mut done) {
             Ok(r) => reports.push(r),
-            Err(e) => {
-                if done.is_empty() {
-                    return Err(e);
-                }
-                let families: Vec<String> = done.iter().map(|c| c.rs.family.to_string()).collect();
-                return Err(match rollback(nf, &done) {
-                    Ok(()) => e.context(format!(
-                        "{} rules applied by this run were rolled back; the namespace is as it was",
-                        families.join(" and ")
-                    )),
-                    Err(re) => e.context(format!(
-                        "rolling back the {} rules applied by this run also failed ({re:#}); \
-                         run istio-init --cleanup-only to remove partial rules",
-                        families.join(" and ")
-                    )),
-                });
-            }
+            Err(e) => return Err(roll_back_after(nf, &done, e)),
         }
     }
     Ok(reports)
+}
+
+/// The error of a failed run, after undoing what it applied.
+fn roll_back_after(nf: &dyn Netfilter, done: &[Committed], e: anyhow::Error) -> anyhow::Error {
+    if done.is_empty() {
+        return e;
+    }
+    let families: Vec<String> = done.iter().map(|c| c.rs.family.to_string()).collect();
+    let mut families_once = families.clone();
+    families_once.dedup();
+    match rollback(nf, done) {
+        Ok(()) => e.context(format!(
+            "{} rules applied by this run were rolled back; the namespace is as it was",
+            families_once.join(" and ")
+        )),
+        Err(re) => e.context(format!(
+            "rolling back the {} rules applied by this run also failed ({re:#}); \
+             run istio-init --cleanup-only to remove partial rules",
+            families_once.join(" and ")
+        )),
+    }
 }
 
 fn rollback(nf: &dyn Netfilter, done: &[Committed]) -> anyhow::Result<()> {
@@ -286,26 +384,27 @@ fn undo(
         .map_err(|f| anyhow!(describe(rs.family, backend, &text, &f)))
 }
 
-fn apply_family(
+/// One family after its first restore: `first` is `None` when it has no rules, `Ok` when the
+/// first restore applied them (already in `done`).
+fn finish_family(
     nf: &dyn Netfilter,
     opts: &Options,
     rs: &Ruleset,
+    choice: &Choice,
+    text: &str,
+    first: Option<Result<(), RestoreFailure>>,
     done: &mut Vec<Committed>,
 ) -> anyhow::Result<FamilyReport> {
     let family = rs.family;
-    let choice = choose(nf, opts, family)?;
-    let backend = choice.backend;
-    log::info!("{family}: using the {backend} backend: {}", choice.reason);
-    if rs.tables.is_empty() {
+    let mut backend = choice.backend;
+    let Some(mut first) = first else {
         return Ok(FamilyReport {
             family,
             backend,
             outcome: Outcome::AlreadyInPlace,
         });
-    }
-    let text = rs.to_string();
-    let mut backend = backend;
-    let mut first = nf.restore(family, backend, &text);
+    };
+    let mut fell_back = false;
     if let Err(f) = &first {
         if backend == Backend::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
             log::warn!(
@@ -313,21 +412,19 @@ fn apply_family(
                 iptables_message(&f.stderr)
             );
             backend = Backend::Legacy;
-            first = nf.restore(family, backend, &text);
+            first = nf.restore(family, backend, text);
+            fell_back = true;
         }
     }
-    let report = |outcome| FamilyReport {
-        family,
-        backend,
-        outcome,
-    };
     let outcome = match first {
         Ok(()) => {
-            done.push(Committed {
-                rs: rs.clone(),
-                backend,
-                tables: rs.tables.iter().map(|t| t.table).collect(),
-            });
+            if fell_back {
+                done.push(Committed {
+                    rs: rs.clone(),
+                    backend,
+                    tables: rs.tables.iter().map(|t| t.table).collect(),
+                });
+            }
             log::info!(
                 "{family}: applied {} rules in {} chains ({backend})",
                 rs.rule_count(),
@@ -336,9 +433,9 @@ fn apply_family(
             Outcome::Applied
         }
         Err(fail) => {
-            undo_committed(nf, rs, backend, &text, &fail)?;
-            if !is_existing_chain(&text, &fail) {
-                bail!(describe(family, backend, &text, &fail));
+            undo_committed(nf, rs, backend, text, &fail)?;
+            if !is_existing_chain(text, &fail) {
+                bail!(describe(family, backend, text, &fail));
             }
             log::info!(
                 "{family}: Istio chains already exist ({}); comparing them with this configuration",
@@ -352,7 +449,11 @@ fn apply_family(
         log::info!("{family}: removing the Istio rules from the {o} backend (--reconcile)");
         cleanup_backend(nf, family, o, Some(rs))?;
     }
-    Ok(report(outcome))
+    Ok(FamilyReport {
+        family,
+        backend,
+        outcome,
+    })
 }
 
 /// Whether an nft restore failed because this kernel has no usable nf_tables (it fails before
@@ -744,7 +845,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&[]);
-        let reports = apply(&fake, &Options::default(), &rs).unwrap();
+        let reports = apply(&fake, &Options::default(), &rs, &mut || Ok(())).unwrap();
         let calls = fake.calls.borrow();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0], format!("restore IPv4 nft\n{}", rs[0]));
@@ -766,7 +867,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY"]);
-        let err = apply(&fake, &Options::default(), &rs).unwrap_err();
+        let err = apply(&fake, &Options::default(), &rs, &mut || Ok(())).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.starts_with("IPv4 rules applied by this run were rolled back"),
@@ -786,6 +887,57 @@ mod tests {
                 state::undo_text(&rs[0], &[Table::Mangle, Table::Nat])
             )
         );
+    }
+
+    #[test]
+    fn an_ipv4_failure_rolls_back_the_ipv6_rules_applied_alongside() {
+        // Both families start together, so IPv6 may succeed while IPv4 fails: undone too.
+        let fake = Fake {
+            calls: RefCell::default(),
+            fail: Box::new(|family, input| {
+                (family == Family::V4 && input.contains("-N ")).then(|| RestoreFailure {
+                    program: "iptables-nft-restore".into(),
+                    stderr: "iptables-nft-restore: line 2 failed: boom\n".into(),
+                    line: Some(2),
+                })
+            }),
+            ..Fake::new()
+        };
+        let rs = rulesets(&["-m", "TPROXY"]);
+        let mut hook_calls = 0;
+        let err = apply(&fake, &Options::default(), &rs, &mut || {
+            hook_calls += 1;
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(hook_calls, 1);
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with("IPv6 rules applied by this run were rolled back"),
+            "{msg}"
+        );
+        assert!(msg.contains("IPv4 (nft backend): iptables-nft-restore failed at line 2"));
+        let calls = fake.calls.borrow();
+        assert_eq!(calls.len(), 3, "{calls:#?}");
+        assert_eq!(
+            calls[2],
+            format!(
+                "restore IPv6 nft\n{}",
+                state::undo_text(&rs[1], &[Table::Mangle, Table::Nat])
+            )
+        );
+    }
+
+    #[test]
+    fn a_failing_route_hook_applies_no_rule() {
+        let fake = Fake::new();
+        let rs = rulesets(&["-m", "TPROXY"]);
+        let err = apply(&fake, &Options::default(), &rs, &mut || {
+            anyhow::bail!("configuring TPROXY routing: nope")
+        })
+        .unwrap_err();
+        assert_eq!(format!("{err:#}"), "configuring TPROXY routing: nope");
+        assert!(fake.calls.borrow().is_empty(), "{:#?}", fake.calls.borrow());
     }
 
     #[test]
@@ -810,7 +962,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY", "--ipv6=false"]);
-        let err = apply(&fake, &Options::default(), &rs[..1]).unwrap_err();
+        let err = apply(&fake, &Options::default(), &rs[..1], &mut || Ok(())).unwrap_err();
         assert!(format!("{err:#}").contains("nope"));
         let calls = fake.calls.borrow();
         assert_eq!(calls.len(), 2);

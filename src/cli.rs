@@ -367,6 +367,15 @@ pub static OPTIONS: &[Opt] = &[
         "Seconds a legacy-backend iptables-restore waits for the xtables lock",
     )),
     ext(opt(
+        "restore-timeout",
+        None,
+        &["ISTIO_INIT_RESTORE_TIMEOUT"],
+        Value,
+        same("1m"),
+        "How long each iptables-restore/-save may run before it is killed and the run fails \
+         (Go duration; legacy-backend programs get --xtables-wait on top)",
+    )),
+    ext(opt(
         "ipv6",
         None,
         &["ISTIO_INIT_IPV6"],

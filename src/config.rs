@@ -207,6 +207,8 @@ pub struct Config {
     pub netns: Option<String>,
     /// `--xtables-wait`: seconds legacy writes wait for the xtables lock.
     pub xtables_wait: u32,
+    /// `--restore-timeout`: how long one iptables program may run before it is killed.
+    pub restore_timeout: Duration,
     pub reconcile: bool,
     pub cleanup_only: bool,
     pub force_apply: bool,
@@ -651,6 +653,17 @@ impl Config {
             _ => return Err(raw.err("wait", "expected whole seconds from 0 to 3600")),
         };
         r.record("XTABLES_WAIT", xtables_wait, &raw.source);
+        let raw = r.raw("restore-timeout");
+        let restore_timeout =
+            parse_go_duration(raw.value.trim()).map_err(|e| raw.err("duration", e))?;
+        if restore_timeout.is_zero() {
+            return Err(raw.err("duration", "must be longer than 0"));
+        }
+        r.record(
+            "RESTORE_TIMEOUT",
+            format!("{restore_timeout:?}"),
+            &raw.source,
+        );
 
         let reconcile = r.flag("reconcile", "RECONCILE")?;
         let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
@@ -712,6 +725,7 @@ impl Config {
             network_namespace,
             netns,
             xtables_wait,
+            restore_timeout,
             reconcile,
             cleanup_only,
             force_apply,
@@ -1156,6 +1170,16 @@ pub(crate) mod tests {
                 &["--probe-timeout=5"],
                 &[],
                 r#"invalid duration "5" in --probe-timeout: not a duration (expected e.g. 5s, 500ms, 1m30s): missing unit"#,
+            ),
+            (
+                &[],
+                &[("ISTIO_INIT_RESTORE_TIMEOUT", "30")],
+                r#"invalid duration "30" in env ISTIO_INIT_RESTORE_TIMEOUT: not a duration (expected e.g. 5s, 500ms, 1m30s): missing unit"#,
+            ),
+            (
+                &["--restore-timeout=0s"],
+                &[],
+                r#"invalid duration "0s" in --restore-timeout: must be longer than 0"#,
             ),
             (
                 &["-t", "0x10"],

@@ -265,8 +265,18 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
         caps::preflight()?;
     }
     let ns = cfg.netns.as_deref().map(netns::Netns::open).transpose()?;
-    let nf = apply::System::new(env.var, cfg.xtables_wait);
-    netns::run_in(ns.as_ref(), || {
+    let nf = apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout);
+    // No termination signal between the first change and a consistent namespace, and one
+    // run at a time per namespace (see apply/guard.rs; a signal still ends a lock wait).
+    let section = programs.then(apply::CriticalSection::enter).transpose()?;
+    if let Some(s) = &section {
+        let limit = cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
+        match apply::NetnsLock::acquire(cfg.netns.as_deref(), limit) {
+            Ok(lock) => s.hold(lock),
+            Err(e) => return Err(s.before_leaving(e)),
+        }
+    }
+    let result = netns::run_in(ns.as_ref(), || {
         if programs {
             caps::restrict()?;
         }
@@ -285,25 +295,36 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
                 build_all(cfg, &both)
             };
             log::info!("--cleanup-only: removing the Istio rules (TPROXY routes are left alone)");
-            return apply::cleanup(&nf, &rulesets);
+            apply::cleanup(&nf, &rulesets)?;
+            return Ok(());
         } else {
             log_summary(cfg, &facts);
             let rulesets = build_all(cfg, &facts);
             log_rulesets(&rulesets);
-            route::configure(&route::RoutePlan::new(cfg, &facts))
-                .context("configuring TPROXY routing")?;
+            let plan = route::RoutePlan::new(cfg, &facts);
             let opts = apply::Options {
                 reconcile: cfg.reconcile,
                 force_apply: cfg.force_apply,
                 force_backend: cfg.force_backend,
             };
-            apply::apply(&nf, &opts, &rulesets)?;
+            // The routes go in at the last moment before the rules (see apply::apply).
+            apply::apply(&nf, &opts, &rulesets, &mut || {
+                route::configure(&plan).context("configuring TPROXY routing")
+            })?;
+        }
+        // The namespace is consistent: a deferred SIGTERM may end the run from here on.
+        if let Some(s) = &section {
+            s.leave();
         }
         if cfg.run_validation {
             validation::validate(cfg, &facts.families())?;
         }
         Ok(())
-    })
+    });
+    match (result, &section) {
+        (Err(e), Some(s)) => Err(s.before_leaving(e)),
+        (result, _) => result,
+    }
 }
 
 /// `explain`: the settings with their sources, then the summary, on stdout.

@@ -2,18 +2,20 @@
 //! `PATH`, run with argv only (never a shell) and an environment scrubbed down to the xtables
 //! variables, plus the legacy lock-file choice and the `/proc` view of legacy tables.
 //!
-//! Effects: spawns processes, opens the lock file, reads `/proc/thread-self/net`.
+//! Effects: spawns processes (see [`super::run`]), opens the lock file, reads
+//! `/proc/thread-self/net`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::config::Backend;
 use crate::net::Family;
 use crate::state;
 
+use super::run::{Ended, Job, run_all};
 use super::{Netfilter, RestoreFailure, tool_prefix};
 
 /// The real programs.
@@ -27,14 +29,17 @@ pub struct System {
     lockfile: Result<Option<String>, String>,
     /// Seconds legacy writes wait for the xtables lock.
     wait: u32,
+    /// How long one program may run (legacy programs get `wait` on top).
+    timeout: Duration,
 }
 
 /// Default `PATH` when the environment has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl System {
-    /// `var` is the environment lookup; `wait` the lock wait in seconds.
-    pub fn new(var: &dyn Fn(&str) -> Option<String>, wait: u32) -> System {
+    /// `var` is the environment lookup; `wait` the lock wait in seconds; `timeout` how long
+    /// one program may run before it is killed (`--restore-timeout`).
+    pub fn new(var: &dyn Fn(&str) -> Option<String>, wait: u32, timeout: Duration) -> System {
         let path = var("PATH")
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| DEFAULT_PATH.to_owned());
@@ -48,6 +53,7 @@ impl System {
             libdir,
             lockfile,
             wait,
+            timeout,
         }
     }
 
@@ -138,8 +144,36 @@ fn find_on_path(path: &str, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-impl Netfilter for System {
-    fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure> {
+impl System {
+    /// How long a program of `backend` may run, and what set that limit (for the error).
+    fn limit(&self, backend: Backend) -> (Duration, String) {
+        let t = self.timeout;
+        match backend {
+            Backend::Nft => (
+                t,
+                format!("{t:?} (--restore-timeout, env ISTIO_INIT_RESTORE_TIMEOUT)"),
+            ),
+            Backend::Legacy => {
+                let wait = Duration::from_secs(u64::from(self.wait));
+                (
+                    t + wait,
+                    format!(
+                        "{:?} (--restore-timeout {t:?}, env ISTIO_INIT_RESTORE_TIMEOUT, plus \
+                         --xtables-wait {wait:?})",
+                        t + wait
+                    ),
+                )
+            }
+        }
+    }
+
+    /// The restore command for one family, ready to run.
+    fn restore_job(
+        &self,
+        family: Family,
+        backend: Backend,
+        input: &str,
+    ) -> Result<Job, RestoreFailure> {
         let fail = |program: String, stderr: String| RestoreFailure {
             program,
             stderr,
@@ -163,55 +197,115 @@ impl Netfilter for System {
                 Err(e) => return Err(fail(program, e)),
             }
         }
-        log::debug!("running {cmd:?}");
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| fail(program.clone(), format!("cannot run it: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A restore that fails early closes its stdin: its stderr says why.
-            let _ = stdin.write_all(input.as_bytes());
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| fail(program.clone(), format!("waiting for it: {e}")))?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let line = state::failed_line(&stderr);
-        let stderr = if stderr.trim().is_empty() {
-            format!("exited with {}", out.status)
-        } else {
-            stderr
-        };
-        Err(RestoreFailure {
+        let (limit, limit_source) = self.limit(backend);
+        Ok(Job {
+            cmd,
             program,
-            stderr,
-            line,
+            input: Some(input.as_bytes().to_vec()),
+            stdout: false,
+            limit,
+            limit_source,
         })
+    }
+}
+
+/// How a restore ended, as the apply logic sees it.
+fn restore_result(program: String, ended: Result<Ended, String>) -> Result<(), RestoreFailure> {
+    let fail = |stderr: String| RestoreFailure {
+        program: program.clone(),
+        stderr,
+        line: None,
+    };
+    let ended = ended.map_err(fail)?;
+    if let Some(why) = ended.abnormal() {
+        return Err(fail(why));
+    }
+    if ended.success() {
+        return Ok(());
+    }
+    let line = state::failed_line(&ended.stderr);
+    let stderr = if ended.stderr.trim().is_empty() {
+        format!("exited with {}", ended.status_text())
+    } else {
+        ended.stderr
+    };
+    Err(RestoreFailure {
+        program,
+        stderr,
+        line,
+    })
+}
+
+impl Netfilter for System {
+    fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure> {
+        self.restore_all(&[(family, backend, input)], &mut || Ok(()))
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_else(|| unreachable!("one result per job, and no hook to fail"))
+    }
+
+    /// Every restore is started before any receives its input, and each then receives all of
+    /// it at once (see `run.rs`): the families commit concurrently, and a restore that has
+    /// its input finishes even if istio-init dies.
+    fn restore_all(
+        &self,
+        jobs: &[(Family, Backend, &str)],
+        before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
+        let mut results: Vec<Option<Result<(), RestoreFailure>>> = Vec::new();
+        let mut runnable = Vec::new();
+        let mut programs = Vec::new();
+        for &(family, backend, input) in jobs {
+            match self.restore_job(family, backend, input) {
+                Ok(job) => {
+                    results.push(None);
+                    programs.push(job.program.clone());
+                    runnable.push(job);
+                }
+                Err(f) => results.push(Some(Err(f))),
+            }
+        }
+        let mut ended = run_all(runnable, before_inputs)?.into_iter().zip(programs);
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| match ended.next() {
+                    Some((e, program)) => restore_result(program, e),
+                    None => unreachable!("one result per job"),
+                })
+            })
+            .collect())
     }
 
     fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String> {
         let bin = self.tool(family, backend, "save")?;
         let mut cmd = Command::new(&bin);
         cmd.env_clear().envs(self.envs());
-        log::debug!("running {cmd:?}");
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {}", bin.display()))?;
-        if !out.status.success() {
+        let (limit, limit_source) = self.limit(backend);
+        let program = bin.display().to_string();
+        let job = Job {
+            cmd,
+            program: program.clone(),
+            input: None,
+            stdout: true,
+            limit,
+            limit_source,
+        };
+        let ended = run_all(vec![job], &mut || Ok(()))?
+            .pop()
+            .unwrap_or_else(|| unreachable!("one result per job"))
+            .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;
+        if let Some(why) = ended.abnormal() {
+            bail!("running {program}: {why}");
+        }
+        if !ended.success() {
             bail!(
-                "{} failed ({}): {}",
-                bin.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "{program} failed ({}): {}",
+                ended.status_text(),
+                ended.stderr.trim()
             );
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(ended.stdout)
     }
 
     fn legacy_tables(&self, family: Family) -> Vec<String> {

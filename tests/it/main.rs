@@ -8,6 +8,7 @@ mod annotations;
 mod apply;
 mod cli;
 mod conformance;
+mod faults;
 mod golden;
 mod image;
 mod kubernetes;
