@@ -78,6 +78,28 @@ pub fn quote(value: &str) -> String {
     format!("{:?}… ({} bytes)", &value[..cut], value.len())
 }
 
+/// Refuses an environment variable istio-init reads ([`cli::env_names`]) whose value is not
+/// UTF-8, naming the variable and the first bad byte. `var_os` looks a variable up as raw
+/// bytes; the check runs before anything else reads the environment, so a value is never
+/// half-understood through a lossy conversion.
+pub fn check_env_encoding(
+    var_os: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), ConfigError> {
+    for name in cli::env_names() {
+        if let Some(raw) = var_os(name) {
+            if let Err(reason) = crate::net::utf8(&raw) {
+                return Err(ConfigError {
+                    what: "value".into(),
+                    value: raw.to_string_lossy().into_owned(),
+                    source: Source::Env(name.to_owned()),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Inbound interception mode (`-m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interception {
@@ -508,6 +530,7 @@ impl Config {
         let owner_groups = resolve_owner_groups(&mut r)?;
 
         let raw = r.raw("istio-service-cidr");
+        let include_source = raw.source.clone();
         let outbound_include = if raw.value.trim() == "*" {
             OutboundCidrs::All
         } else {
@@ -561,6 +584,26 @@ impl Config {
             },
             &raw.source,
         );
+        // IPv6 ranges while IPv6 rules are off. `Off` is always explicit (flag or env; the
+        // default is auto). An IPv6 range to *capture* contradicts it: the pod would silently
+        // get less capture than it asks for, so that is refused. IPv6 ranges to *exclude* agree
+        // with it (no IPv6 traffic is captured at all) and are accepted, and in auto mode a pod
+        // without IPv6 only gets a warning (`lib::gather_facts`): mesh-wide defaults written
+        // for dual-stack pods must not stop IPv4-only pods from starting.
+        if ipv6 == Ipv6Mode::Off {
+            if let Some(c) = outbound_include.of(Family::V6).first() {
+                return Err(ConfigError {
+                    what: "CIDR".into(),
+                    value: c.to_string(),
+                    source: include_source,
+                    reason: format!(
+                        "an IPv6 range to capture, but IPv6 rules are disabled by {}; remove \
+                         the IPv6 ranges or set --ipv6=auto",
+                        raw.source
+                    ),
+                });
+            }
+        }
         let dual_stack = r.flag("dual-stack", "DUAL_STACK")?;
         let redirect_dns = r.flag("redirect-dns", "DNS_CAPTURE")?;
         let drop_invalid = r.flag("drop-invalid", "DROP_INVALID")?;
@@ -958,6 +1001,33 @@ pub(crate) mod tests {
             let err = resolve(d, args, env).unwrap_err();
             assert_eq!(err.to_string(), want, "{args:?} {env:?}");
         }
+    }
+
+    #[test]
+    fn ipv6_ranges_with_ipv6_off() {
+        let d = Defaults::Native;
+        let err = resolve(d, &["--ipv6=false", "-i", "10.0.0.0/8,2001:db8::/32"], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid CIDR "2001:db8::/32" in --istio-service-cidr (-i): an IPv6 range to capture, but IPv6 rules are disabled by --ipv6; remove the IPv6 ranges or set --ipv6=auto"#
+        );
+        let err = resolve(
+            d,
+            &[],
+            &[
+                ("ISTIO_INIT_IPV6", "0"),
+                ("ISTIO_SERVICE_CIDR", "2001:db8::/32"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            err.reason.contains("disabled by env ISTIO_INIT_IPV6"),
+            "{err}"
+        );
+        // Excluding IPv6 ranges agrees with IPv6 off; auto mode and '*' are never refused.
+        assert!(resolve(d, &["--ipv6=false", "-x", "2001:db8::/32"], &[]).is_ok());
+        assert!(resolve(d, &["--ipv6=false", "-i", "*"], &[]).is_ok());
+        assert!(resolve(d, &["-i", "2001:db8::/32"], &[]).is_ok());
     }
 
     #[test]

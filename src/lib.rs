@@ -51,6 +51,16 @@ pub fn gather_facts(cfg: &Config) -> anyhow::Result<Facts> {
         if v6.enabled { "enabled" } else { "disabled" },
         v6.reason
     );
+    // Auto mode in a namespace without IPv6: IPv6 ranges to capture (typically mesh-wide
+    // defaults written for dual-stack pods) cannot apply. A warning, not an error: see the
+    // `Ipv6Mode::Off` check in `Config::resolve` for the explicit case, which is refused.
+    let v6_ranges = cfg.outbound_include.of(net::Family::V6);
+    if !v6.enabled && !v6_ranges.is_empty() {
+        log::warn!(
+            "ignoring the IPv6 ranges to capture ({}): IPv6 rules are disabled",
+            config::join(&v6_ranges)
+        );
+    }
     let dns_servers = if cfg.needs_dns_servers() {
         host::dns_servers(cfg, v6.enabled)?
     } else {
