@@ -765,6 +765,19 @@ fn resolve_log(r: &Resolver<'_>) -> Result<LogSettings, ConfigError> {
             Some((s, l)) => (s, l),
             None => ("default", item),
         };
+        // Scopes other than `default` are ignored, but still must look like scope names:
+        // a NUL or a newline in one would otherwise pass unnoticed.
+        if scope.is_empty()
+            || !scope
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return Err(raw.err_item(
+                "log level",
+                item,
+                "the scope name must be letters, digits, '_', '.' or '-'",
+            ));
+        }
         let parsed = match lvl {
             "debug" => log::LevelFilter::Debug,
             "info" => log::LevelFilter::Info,
@@ -991,6 +1004,16 @@ pub(crate) mod tests {
                 &["-t", "0x10"],
                 &[],
                 r#"invalid mark "0x10" in --istio-inbound-tproxy-mark (-t): not a decimal number"#,
+            ),
+            (
+                &["--log_output_level=ads:debug,a\0b:info"],
+                &[],
+                r#"invalid log level "a\0b:info" in --log_output_level: the scope name must be letters, digits, '_', '.' or '-'"#,
+            ),
+            (
+                &["--log_output_level=:debug"],
+                &[],
+                r#"invalid log level ":debug" in --log_output_level: the scope name must be letters, digits, '_', '.' or '-'"#,
             ),
             (
                 &["--log_output_level=default:verbose"],

@@ -7,6 +7,7 @@
 mod cli;
 mod conformance;
 mod golden;
+mod injection;
 mod layout;
 mod readme;
 mod util;
