@@ -4,6 +4,7 @@
 // Test code may panic on unexpected input: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bad_input;
 mod cli;
 mod conformance;
 mod golden;
