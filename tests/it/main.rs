@@ -10,5 +10,6 @@ mod conformance;
 mod golden;
 mod injection;
 mod layout;
+mod properties;
 mod readme;
 mod util;
