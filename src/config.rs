@@ -697,18 +697,32 @@ impl Config {
     }
 
     /// The effective configuration as `KEY=value` lines (Istio's `Istio config:` dump).
+    /// Values are written with control characters escaped, so that a path or a raw list
+    /// holding a newline cannot forge log lines: always one line per setting.
     pub fn dump(&self) -> String {
         let mut out = String::new();
         for p in &self.provenance {
             out.push_str(p.key);
             out.push('=');
-            out.push_str(&p.value);
+            push_escaped(&mut out, &p.value);
             if p.source != Source::Default {
-                out.push_str(&format!("  # from {}", p.source));
+                out.push_str("  # from ");
+                push_escaped(&mut out, &p.source.to_string());
             }
             out.push('\n');
         }
         out
+    }
+}
+
+/// Appends `s` with its control characters escaped (`\n`, `\u{1b}`, …).
+fn push_escaped(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
 }
 
@@ -1081,6 +1095,34 @@ pub(crate) mod tests {
         let msg = err.to_string();
         assert!(msg.contains("10000 items; at most 5000"), "{msg}");
         assert!(msg.len() < 400, "{msg}");
+    }
+
+    /// Fuzzing regression (fuzz/corpus/resolve/regression-dump-newline): a newline in a
+    /// path or a raw list value made the config dump forge extra log lines.
+    #[test]
+    fn dump_is_one_line_per_setting() {
+        let c = resolve(
+            Defaults::Native,
+            &["--resolv-conf=/etc/resolv.conf\n-A OUTPUT -j ACCEPT"],
+            &[
+                ("NETWORK_NAMESPACE", "/var/run/netns/x\nforged"),
+                ("ISTIO_OUTBOUND_OWNER_GROUPS", "java"),
+                ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "a,\r\nb"),
+            ],
+        )
+        .unwrap();
+        let dump = c.dump();
+        assert_eq!(dump.lines().count(), c.provenance.len(), "{dump}");
+        assert!(
+            dump.contains(
+                "RESOLV_CONF=/etc/resolv.conf\\n-A OUTPUT -j ACCEPT  # from --resolv-conf\n"
+            ),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("OUTBOUND_OWNER_GROUPS_EXCLUDE=a,\\r\\nb  # from env"),
+            "{dump}"
+        );
     }
 
     #[test]
