@@ -19,6 +19,7 @@ fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
         flags: &inv.flags,
         env: &env,
         user_uid: &|_| None,
+        pod: &istio_init::config::NO_POD,
     })
     .expect("valid config");
     facts

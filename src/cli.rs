@@ -366,6 +366,34 @@ pub static OPTIONS: &[Opt] = &[
         same("/etc/resolv.conf"),
         "Where to read the DNS servers captured by --redirect-dns",
     )),
+    ext(opt(
+        "status-port",
+        None,
+        &["ISTIO_INIT_STATUS_PORT"],
+        Value,
+        same("15020"),
+        "The sidecar's status port (Helm values.global.proxy.statusPort; 0 = none): excluded \
+         inbound after 15090,15021 and the excluded ports, and what the pod annotation \
+         status.sidecar.istio.io/port replaces",
+    )),
+    ext(opt(
+        "annotations",
+        None,
+        &["ISTIO_INIT_ANNOTATIONS"],
+        Value,
+        same(""),
+        "Pod annotations file (Downward API fieldRef metadata.annotations): apply the pod's \
+         traffic annotations over the flags and env vars, as the sidecar injector does",
+    )),
+    ext(opt(
+        "pod",
+        None,
+        &["ISTIO_INIT_POD"],
+        Value,
+        same(""),
+        "Pod manifest, JSON or YAML ('kubectl get pod NAME -o yaml'), or '-' for stdin: apply its \
+         annotations as --annotations does",
+    )),
     logging(opt(
         "log_output_level",
         None,
@@ -508,6 +536,40 @@ pub enum Defaults {
 pub enum Action {
     /// Program (or with `--dry-run`, print) the ruleset: the init container's job.
     Run,
+    /// Print every effective setting with its source and a plain-language summary.
+    Explain,
+    /// Follow one connection through the ruleset.
+    Trace(TraceArgs),
+}
+
+/// One connection to trace, as given on the command line (raw; `trace.rs` validates it).
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct TraceArgs {
+    /// `in` (arriving at the pod) or `out` (sent by a process in the pod)
+    #[arg(value_name = "in|out")]
+    pub direction: String,
+    /// The destination address and port.
+    #[arg(
+        value_name = "DESTINATION",
+        help = "Destination ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"
+    )]
+    pub destination: String,
+    /// Protocol: tcp or udp
+    #[arg(long, value_name = "PROTO", default_value = "tcp")]
+    pub proto: String,
+    /// Outbound: the uid of the sending process [default: 0]
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<String>,
+    /// Outbound: the (primary) gid of the sending process [default: the uid]
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<String>,
+    /// The interface the packet leaves by (out) or arrives on (in) [default: lo for loopback
+    /// destinations, else eth0]
+    #[arg(long, value_name = "NAME")]
+    pub iface: Option<String>,
+    /// Source address [default: out to loopback: 127.0.0.1 or ::1; otherwise unspecified]
+    #[arg(long, value_name = "ADDRESS")]
+    pub src: Option<String>,
 }
 
 /// A parsed command line: which defaults, what to do, and the option values given on it.
@@ -543,6 +605,12 @@ enum Sub {
     /// Istio's sub-command name, as the sidecar injector passes it: selects Istio's defaults.
     #[command(name = "istio-iptables")]
     IstioIptables(NoArgs),
+    /// Print every effective setting with its source (default, env var, flag, annotation), then
+    /// what is captured and what bypasses the proxy
+    Explain(NoArgs),
+    /// Follow one connection through the ruleset: the rules it passes, the rule that decides,
+    /// and the verdict (redirected to 15001/15006/15053, TPROXY, bypass, dropped)
+    Trace(TraceArgs),
 }
 
 #[derive(Debug, Args)]
@@ -602,7 +670,7 @@ fn command_with(help: bool) -> clap::Command {
         .args_override_self(true)
 }
 
-/// Parses a command line (argv[0] included).
+/// Parses a command line (`argv[0]` included).
 pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
 where
     I: IntoIterator<Item = T>,
@@ -617,9 +685,13 @@ where
         .any(|a| a == "-h" || a == "--help" || a == "help");
     let matches = command_with(wants_help).try_get_matches_from(args)?;
     let skeleton = Skeleton::from_arg_matches(&matches)?;
-    let (defaults, sub_matches) = match (&skeleton.command, matches.subcommand()) {
-        (Some(Sub::IstioIptables(_)), Some((_, m))) => (Defaults::Istio, Some(m)),
-        _ => (Defaults::Native, None),
+    let (defaults, action, sub_matches) = match (&skeleton.command, matches.subcommand()) {
+        (Some(Sub::IstioIptables(_)), Some((_, m))) => (Defaults::Istio, Action::Run, Some(m)),
+        (Some(Sub::Explain(_)), Some((_, m))) => (Defaults::Native, Action::Explain, Some(m)),
+        (Some(Sub::Trace(t)), Some((_, m))) => {
+            (Defaults::Native, Action::Trace(t.clone()), Some(m))
+        }
+        _ => (Defaults::Native, Action::Run, None),
     };
     let mut flags = BTreeMap::new();
     for o in OPTIONS {
@@ -633,7 +705,7 @@ where
     }
     Ok(Invocation {
         defaults,
-        action: Action::Run,
+        action,
         flags,
     })
 }
@@ -766,6 +838,45 @@ mod tests {
             let err = parse(argv).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{argv:?}");
         }
+    }
+
+    #[test]
+    fn sub_commands_take_the_global_options() {
+        let inv = parse(["istio-init", "explain", "-b", "80", "--annotations=/a"]).unwrap();
+        assert_eq!(inv.action, Action::Explain);
+        assert_eq!(inv.defaults, Defaults::Native);
+        assert_eq!(inv.flags["istio-inbound-ports"], "80");
+        assert_eq!(inv.flags["annotations"], "/a");
+        let inv = parse([
+            "istio-init",
+            "-m",
+            "TPROXY",
+            "trace",
+            "out",
+            "10.0.0.1:80",
+            "--uid",
+            "1337",
+            "--proto=udp",
+            "-p",
+            "16001",
+        ])
+        .unwrap();
+        let Action::Trace(t) = inv.action else {
+            panic!("not a trace")
+        };
+        assert_eq!(
+            (t.direction.as_str(), t.destination.as_str()),
+            ("out", "10.0.0.1:80")
+        );
+        assert_eq!((t.uid.as_deref(), t.proto.as_str()), (Some("1337"), "udp"));
+        assert_eq!(inv.flags["envoy-port"], "16001");
+        assert_eq!(inv.flags["istio-inbound-interception-mode"], "TPROXY");
+        assert_eq!(
+            parse(["istio-init", "trace", "out"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
     }
 
     #[test]

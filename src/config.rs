@@ -1,5 +1,10 @@
-//! Resolves a parsed command line, the environment and (later) pod annotations into one typed,
+//! Resolves a parsed command line, the environment and pod annotations into one typed,
 //! validated [`Config`], remembering where every setting came from.
+//!
+//! Precedence, highest first: pod annotations (as the sidecar injector applies them), the
+//! command line, the secondary env var, the primary env var, the default. Flags and env vars
+//! act as the mesh-wide defaults; `annotations.rs` turns a pod's annotations into a
+//! [`PodOverrides`] layer on top of them.
 //!
 //! Pure: the environment and the passwd lookup are passed in as functions; nothing here reads
 //! the process environment, a file or the clock.
@@ -233,6 +238,33 @@ pub struct Config {
     pub provenance: Vec<Provenance>,
 }
 
+/// One value set by a pod annotation: the value and the annotation key it came from (the key
+/// is what error messages and `explain` name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    pub value: String,
+    pub key: String,
+}
+
+/// The pod-annotation layer: option values by long option name (they win over flags and env
+/// vars), and env vars from `proxy.istio.io/config` `proxyMetadata` (they act as env vars of
+/// the container: they win over the process environment, and a flag still wins over them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodOverrides {
+    pub opts: std::collections::BTreeMap<&'static str, Override>,
+    pub env: std::collections::BTreeMap<String, Override>,
+}
+
+/// No pod annotations.
+pub static NO_POD: PodOverrides = PodOverrides {
+    opts: std::collections::BTreeMap::new(),
+    env: std::collections::BTreeMap::new(),
+};
+
+/// The ports the injector always excludes inbound, ahead of the mesh's and the pod's own
+/// (`-d 15090,15021,...`): Envoy's Prometheus port and the health-check port.
+pub const ALWAYS_EXCLUDED_INBOUND: &str = "15090,15021";
+
 /// The outside world as far as config resolution needs it.
 pub struct Inputs<'a> {
     pub defaults: Defaults,
@@ -242,6 +274,8 @@ pub struct Inputs<'a> {
     pub env: &'a dyn Fn(&str) -> Option<String>,
     /// Looks a user name up in the passwd database (for `ENVOY_USER`).
     pub user_uid: &'a dyn Fn(&str) -> Option<u32>,
+    /// Settings from the pod's annotations ([`NO_POD`] when there are none).
+    pub pod: &'a PodOverrides,
 }
 
 impl fmt::Debug for Inputs<'_> {
@@ -313,13 +347,37 @@ impl Raw {
 }
 
 impl Resolver<'_> {
-    fn env(&self, name: &str) -> Option<String> {
-        (self.inputs.env)(name)
+    /// An env var of the container: `proxyMetadata` from the pod's annotations first, then
+    /// the process environment.
+    fn env(&self, name: &str) -> Option<(String, Source)> {
+        if let Some(o) = self.inputs.pod.env.get(name) {
+            return Some((
+                o.value.clone(),
+                Source::Annotation(format!("{} (proxyMetadata.{name})", o.key)),
+            ));
+        }
+        (self.inputs.env)(name).map(|v| (v, Source::Env(name.to_owned())))
     }
 
-    /// The raw value of an option: command line, then the env vars from the last (highest
-    /// precedence) to the first, then the mode's default.
+    /// The raw value of an option: a pod annotation, then [`Resolver::mesh_raw`].
     fn raw(&self, long: &'static str) -> Raw {
+        match self.annotation(long) {
+            Some(raw) => raw,
+            None => self.mesh_raw(long),
+        }
+    }
+
+    /// The value a pod annotation gives an option, if any.
+    fn annotation(&self, long: &'static str) -> Option<Raw> {
+        self.inputs.pod.opts.get(long).map(|o| Raw {
+            value: o.value.clone(),
+            source: Source::Annotation(o.key.clone()),
+        })
+    }
+
+    /// The mesh-wide value of an option, ignoring annotations: command line, then the env vars
+    /// from the last (highest precedence) to the first, then the mode's default.
+    fn mesh_raw(&self, long: &'static str) -> Raw {
         let Some(o) = cli::find(long) else {
             unreachable!("option {long} is not in the table")
         };
@@ -333,15 +391,12 @@ impl Resolver<'_> {
             };
         }
         for name in o.env.iter().rev() {
-            if let Some(v) = self.env(name) {
+            if let Some((value, source)) = self.env(name) {
                 // Istio ignores an empty boolean env var (it does not parse); keep that.
-                if o.kind == Kind::Bool && v.trim().is_empty() {
+                if o.kind == Kind::Bool && value.trim().is_empty() {
                     continue;
                 }
-                return Raw {
-                    value: v,
-                    source: Source::Env((*name).to_owned()),
-                };
+                return Raw { value, source };
             }
         }
         Raw {
@@ -352,10 +407,7 @@ impl Resolver<'_> {
 
     fn env_only(&self, name: &'static str) -> Raw {
         match self.env(name) {
-            Some(v) => Raw {
-                value: v,
-                source: Source::Env(name.to_owned()),
-            },
+            Some((value, source)) => Raw { value, source },
             None => Raw {
                 value: cli::ENV_ONLY
                     .iter()
@@ -524,8 +576,7 @@ impl Config {
             },
             &raw.source,
         );
-        let inbound_exclude_ports =
-            r.ports("istio-local-exclude-ports", "INBOUND_PORTS_EXCLUDE")?;
+        let inbound_exclude_ports = resolve_inbound_excludes(&mut r)?;
 
         let owner_groups = resolve_owner_groups(&mut r)?;
 
@@ -726,6 +777,140 @@ fn push_escaped(out: &mut String, s: &str) {
     }
 }
 
+/// The status port: `0` or empty means none.
+fn status_port(raw: &Raw) -> Result<Option<Port>, ConfigError> {
+    match raw.value.trim() {
+        "" | "0" => Ok(None),
+        v => v.parse().map(Some).map_err(|e| raw.err("status port", e)),
+    }
+}
+
+/// The injector's `excludeInboundPort` helper: appends the status port to a port list unless
+/// it is already there (compared untrimmed, as the injector does) or there is none.
+pub fn exclude_inbound_port(status: Option<Port>, excluded: &str) -> String {
+    let Some(status) = status else {
+        return excluded.to_owned();
+    };
+    let status = status.to_string();
+    let mut out: Vec<&str> = Vec::new();
+    for item in excluded.split(',') {
+        if item == status {
+            return excluded.to_owned();
+        }
+        let item = item.trim();
+        if !item.is_empty() {
+            out.push(item);
+        }
+    }
+    out.push(&status);
+    out.join(",")
+}
+
+/// `-d` as the injector renders it: the always-excluded ports, then the helper's list.
+fn injector_exclude_value(status: Option<Port>, excluded: &str) -> String {
+    let rest = exclude_inbound_port(status, excluded);
+    if rest.is_empty() {
+        ALWAYS_EXCLUDED_INBOUND.to_owned()
+    } else {
+        format!("{ALWAYS_EXCLUDED_INBOUND},{rest}")
+    }
+}
+
+/// Recovers the mesh's `values.global.proxy.excludeInboundPorts` from a rendered `-d` value:
+/// drops the always-excluded prefix and the status port the helper appended.
+fn mesh_excluded_ports(rendered: &str, status: Option<Port>) -> String {
+    let mut items: Vec<&str> = rendered
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let always: Vec<&str> = ALWAYS_EXCLUDED_INBOUND.split(',').collect();
+    if items.starts_with(&always) {
+        items.drain(..always.len());
+    }
+    if let Some(s) = status {
+        let s = s.to_string();
+        if items.last() == Some(&s.as_str()) && items.iter().filter(|i| **i == s).count() == 1 {
+            items.pop();
+        }
+    }
+    items.join(",")
+}
+
+/// `-d`, with the injector's rule when annotations are involved: the pod's
+/// `traffic.sidecar.istio.io/excludeInboundPorts` and `status.sidecar.istio.io/port` replace
+/// the mesh's excluded ports and status port, and the list is rebuilt as the injector builds
+/// it (`15090,15021`, the excluded ports, then the status port unless already listed or 0).
+fn resolve_inbound_excludes(r: &mut Resolver<'_>) -> Result<Vec<PortItem>, ConfigError> {
+    const LONG: &str = "istio-local-exclude-ports";
+    let mesh_status_raw = r.mesh_raw("status-port");
+    let mesh_status = status_port(&mesh_status_raw)?;
+    let ann_status = r.annotation("status-port");
+    let ann_excluded = r.annotation(LONG);
+    let status_source;
+    let raw = match (&ann_excluded, &ann_status) {
+        (None, None) => {
+            status_source = mesh_status_raw.source.clone();
+            let mesh = r.mesh_raw(LONG);
+            if mesh.source == Source::Default
+                && r.inputs.defaults == Defaults::Native
+                && mesh_status_raw.source != Source::Default
+            {
+                // The standard sidecar's -d, for this mesh's status port.
+                Raw {
+                    value: injector_exclude_value(mesh_status, ""),
+                    source: mesh_status_raw.source.clone(),
+                }
+            } else {
+                mesh
+            }
+        }
+        _ => {
+            let status = match &ann_status {
+                Some(a) => {
+                    status_source = a.source.clone();
+                    status_port(a)?
+                }
+                None => {
+                    status_source = mesh_status_raw.source.clone();
+                    mesh_status
+                }
+            };
+            let (excluded, source) = match &ann_excluded {
+                Some(a) => {
+                    let _: Vec<PortItem> = a.list("port")?;
+                    (a.value.clone(), a.source.clone())
+                }
+                None => {
+                    let mesh = r.mesh_raw(LONG);
+                    let _: Vec<PortItem> = mesh.list("port")?;
+                    let source = ann_status
+                        .as_ref()
+                        .map_or(Source::Default, |a| a.source.clone());
+                    (mesh_excluded_ports(&mesh.value, mesh_status), source)
+                }
+            };
+            Raw {
+                value: injector_exclude_value(status, &excluded),
+                source,
+            }
+        }
+    };
+    let status_value = r.raw("status-port").value.trim().to_owned();
+    r.record(
+        "STATUS_PORT",
+        if status_value.is_empty() {
+            "0"
+        } else {
+            &status_value
+        },
+        &status_source,
+    );
+    let v = raw.list("port")?;
+    r.record("INBOUND_PORTS_EXCLUDE", join(&v), &raw.source);
+    Ok(v)
+}
+
 fn resolve_owner_groups(r: &mut Resolver<'_>) -> Result<OwnerGroups, ConfigError> {
     let include = r.env_only("ISTIO_OUTBOUND_OWNER_GROUPS");
     let exclude = r.env_only("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE");
@@ -841,6 +1026,7 @@ pub(crate) mod tests {
             flags: &inv.flags,
             env: &lookup,
             user_uid: &|_| None,
+            pod: &NO_POD,
         })
     }
 
@@ -872,6 +1058,7 @@ pub(crate) mod tests {
             flags: &inv.flags,
             env: &env,
             user_uid: &|u| (u == "proxy").then_some(4242),
+            pod: &NO_POD,
         })
         .unwrap();
         assert_eq!(join(&c.proxy_uids), "4242");
@@ -1038,6 +1225,211 @@ pub(crate) mod tests {
             let err = resolve(d, args, env).unwrap_err();
             assert_eq!(err.to_string(), want, "{args:?} {env:?}");
         }
+    }
+
+    /// Resolves with annotations (as `annotations::translate` would produce them).
+    fn resolve_pod(
+        args: &[&str],
+        env: &[(&str, &str)],
+        opts: &[(&'static str, &str, &str)],
+        pod_env: &[(&str, &str)],
+    ) -> Result<Config, ConfigError> {
+        let mut argv = vec!["istio-init"];
+        argv.extend_from_slice(args);
+        let inv = cli::parse(argv).unwrap();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |k: &str| env.get(k).cloned();
+        let mut pod = PodOverrides::default();
+        for (long, value, key) in opts {
+            pod.opts.insert(
+                long,
+                Override {
+                    value: (*value).into(),
+                    key: (*key).into(),
+                },
+            );
+        }
+        for (name, value) in pod_env {
+            pod.env.insert(
+                (*name).into(),
+                Override {
+                    value: (*value).into(),
+                    key: "proxy.istio.io/config".into(),
+                },
+            );
+        }
+        Config::resolve(&Inputs {
+            defaults: inv.defaults,
+            flags: &inv.flags,
+            env: &lookup,
+            user_uid: &|_| None,
+            pod: &pod,
+        })
+    }
+
+    const EX: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+    const SP: &str = "status.sidecar.istio.io/port";
+
+    #[test]
+    fn inbound_excludes_follow_the_injector() {
+        let d = |args: &[&str], opts: &[(&'static str, &str, &str)]| {
+            join(
+                &resolve_pod(args, &[], opts, &[])
+                    .unwrap()
+                    .inbound_exclude_ports,
+            )
+        };
+        let ex = "istio-local-exclude-ports";
+        let sp = "status-port";
+        // Mesh defaults only.
+        assert_eq!(d(&[], &[]), "15090,15021,15020");
+        assert_eq!(d(&["--status-port", "123"], &[]), "15090,15021,123");
+        assert_eq!(d(&["--status-port", "0"], &[]), "15090,15021");
+        // The pod's excluded ports, with the mesh's status port.
+        assert_eq!(d(&[], &[(ex, "4,5,6", EX)]), "15090,15021,4,5,6,15020");
+        assert_eq!(
+            d(&["--status-port=123"], &[(ex, "4,5,6", EX)]),
+            "15090,15021,4,5,6,123"
+        );
+        assert_eq!(d(&[], &[(ex, "4,15020", EX)]), "15090,15021,4,15020");
+        assert_eq!(d(&[], &[(ex, "", EX)]), "15090,15021,15020");
+        // The pod's status port, with the mesh's excluded ports recovered from -d.
+        assert_eq!(d(&[], &[(sp, "123", SP)]), "15090,15021,123");
+        assert_eq!(d(&[], &[(sp, "0", SP)]), "15090,15021");
+        assert_eq!(
+            d(
+                &["-d", "15090,15021,4,5,6", "--status-port", "0"],
+                &[(sp, "123", SP)]
+            ),
+            "15090,15021,4,5,6,123"
+        );
+        assert_eq!(
+            d(&["-d", "15090,15021,4,5,6,15020"], &[(sp, "7", SP)]),
+            "15090,15021,4,5,6,7"
+        );
+        // Both.
+        assert_eq!(d(&[], &[(sp, "9", SP), (ex, "1", EX)]), "15090,15021,1,9");
+        // The annotation is named as the source.
+        let c = resolve_pod(&[], &[], &[(sp, "9", SP)], &[]).unwrap();
+        let src = |k: &str| {
+            c.provenance
+                .iter()
+                .find(|p| p.key == k)
+                .unwrap()
+                .source
+                .clone()
+        };
+        assert_eq!(src("INBOUND_PORTS_EXCLUDE"), Source::Annotation(SP.into()));
+        assert_eq!(src("STATUS_PORT"), Source::Annotation(SP.into()));
+    }
+
+    #[test]
+    fn annotations_win_over_flags_and_env() {
+        let c = resolve_pod(
+            &["-b", "1,2", "-i", "10.0.0.0/8"],
+            &[
+                ("ISTIO_META_DNS_CAPTURE", "false"),
+                ("ISTIO_INBOUND_PORTS", "9"),
+            ],
+            &[(
+                "istio-inbound-ports",
+                "80",
+                "traffic.sidecar.istio.io/includeInboundPorts",
+            )],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.inbound_ports,
+            InboundPorts::Only(vec!["80".parse().unwrap()])
+        );
+        assert!(c.redirect_dns, "proxyMetadata wins over the process env");
+        assert_eq!(
+            c.outbound_include,
+            OutboundCidrs::Only(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        // proxyMetadata acts as env: a flag still wins over it.
+        let c = resolve_pod(
+            &["--redirect-dns=false"],
+            &[],
+            &[],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
+        assert!(!c.redirect_dns);
+        // Env-only settings come from proxyMetadata too.
+        let c = resolve_pod(
+            &[],
+            &[],
+            &[],
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.owner_groups,
+            OwnerGroups::AllExcept(vec!["888".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn annotation_errors_name_the_annotation() {
+        for (opts, pod_env, want) in [
+            (
+                &[("istio-local-exclude-ports", "80x", EX)][..],
+                &[][..],
+                r#"invalid port "80x" in annotation traffic.sidecar.istio.io/excludeInboundPorts: not a number"#,
+            ),
+            (
+                &[("status-port", "http", SP)],
+                &[],
+                r#"invalid status port "http" in annotation status.sidecar.istio.io/port: not a number"#,
+            ),
+            (
+                &[(
+                    "istio-service-cidr",
+                    "10.0.0.0/33",
+                    "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                )],
+                &[],
+                r#"invalid CIDR "10.0.0.0/33" in annotation traffic.sidecar.istio.io/includeOutboundIPRanges: prefix length /33 is longer than /32 for an IPv4 address"#,
+            ),
+            (
+                &[(
+                    "istio-inbound-interception-mode",
+                    "tproxy",
+                    "sidecar.istio.io/interceptionMode",
+                )],
+                &[],
+                r#"invalid interception mode "tproxy" in annotation sidecar.istio.io/interceptionMode: expected REDIRECT, TPROXY or NONE (upper case)"#,
+            ),
+            (
+                &[],
+                &[("ISTIO_META_DNS_CAPTURE", "yes")],
+                r#"invalid boolean "yes" in annotation proxy.istio.io/config (proxyMetadata.ISTIO_META_DNS_CAPTURE): not a boolean (expected true or false)"#,
+            ),
+        ] {
+            let err = resolve_pod(&[], &[], opts, pod_env).unwrap_err();
+            assert_eq!(err.to_string(), want);
+        }
+        // A bad mesh -d is blamed on -d, not on the status-port annotation.
+        let err = resolve_pod(&["-d", "x"], &[], &[("status-port", "1", SP)], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid port "x" in --istio-local-exclude-ports (-d): not a number"#
+        );
+    }
+
+    #[test]
+    fn exclude_inbound_port_helper() {
+        let p = |n: u16| Some(Port::fixed(n));
+        assert_eq!(exclude_inbound_port(p(15020), ""), "15020");
+        assert_eq!(exclude_inbound_port(p(15020), " 4, ,5 "), "4,5,15020");
+        assert_eq!(exclude_inbound_port(p(5), "4, 5"), "4,5,5");
+        assert_eq!(exclude_inbound_port(p(5), "4,5, "), "4,5, ");
+        assert_eq!(exclude_inbound_port(None, "4"), "4");
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub fn parse_passwd_uid(text: &str, user: &str) -> Option<u32> {
     })
 }
 
+/// Looks a group up in `/etc/group` (for owner-group rules in `trace`).
+pub fn group_gid(group: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    parse_passwd_uid(&text, group)
+}
+
 /// The IPv6 decision and the reason, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ipv6Decision {
@@ -138,6 +144,27 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<IpAddr>, Vec<String>) {
 
 /// resolv.conf is a few hundred bytes; anything above this is not a resolv.conf.
 pub const MAX_RESOLV_CONF: u64 = 1 << 20;
+
+/// Annotations files and pod manifests: Kubernetes caps a pod's annotations at 256 KiB; a
+/// manifest with managed fields stays far below this.
+pub const MAX_POD_FILE: u64 = 4 << 20;
+
+/// Reads standard input up to `max` bytes (`--pod -`).
+pub fn read_stdin(max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
 
 /// Reads a small configuration file the tool is pointed at. It must be a regular file (a FIFO
 /// or a device would block or never end: the open is non-blocking and the type is checked on

@@ -4,20 +4,26 @@
 //! [`ruleset::Ruleset`] of each IP family and its `iptables-restore` text. [`run`] is the only
 //! place that sequences effects: read facts → build → print (dry run) or apply.
 
+pub mod annotations;
 pub mod cli;
 pub mod config;
 pub mod exit;
+pub mod explain;
 pub mod host;
 pub mod logging;
 pub mod net;
 pub mod restore;
 pub mod ruleset;
+pub mod trace;
+pub mod validation;
 
 use std::io::Write;
 
 use anyhow::Context;
 
-use crate::config::{Config, Inputs, Interception};
+use crate::annotations::PodSettings;
+use crate::config::{Config, Inputs, Interception, PodOverrides};
+use crate::exit::UsageError;
 use crate::ruleset::{Facts, Ruleset};
 
 /// Everything a run needs from the outside world, so tests can call [`run`] in-process.
@@ -34,12 +40,77 @@ impl std::fmt::Debug for Env<'_> {
 
 /// Resolves the configuration of an invocation (pure apart from the passwd lookup).
 pub fn resolve(inv: &cli::Invocation, env: &Env<'_>) -> Result<Config, config::ConfigError> {
+    resolve_for_pod(inv, env, &config::NO_POD)
+}
+
+/// [`resolve`], with a pod's annotations over the flags and env vars.
+pub fn resolve_for_pod(
+    inv: &cli::Invocation,
+    env: &Env<'_>,
+    pod: &PodOverrides,
+) -> Result<Config, config::ConfigError> {
     Config::resolve(&Inputs {
         defaults: inv.defaults,
         flags: &inv.flags,
         env: env.var,
         user_uid: &host::passwd_uid,
+        pod,
     })
+}
+
+/// The raw value of one of this tool's path options (flag, then env var); empty means unset.
+fn path_option(inv: &cli::Invocation, env: &Env<'_>, long: &'static str) -> Option<String> {
+    inv.flags
+        .get(long)
+        .cloned()
+        .or_else(|| {
+            cli::find(long)
+                .into_iter()
+                .flat_map(|o| o.env.iter().rev())
+                .find_map(|name| (env.var)(name))
+        })
+        .filter(|v| !v.is_empty())
+}
+
+/// Reads and translates the pod's annotations from `--annotations` or `--pod`, if given.
+/// A malformed file is a usage error naming the file and the line or path of the problem.
+pub fn pod_settings(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<PodSettings> {
+    let annotations = path_option(inv, env, "annotations");
+    let pod = path_option(inv, env, "pod");
+    // A regular file (or stdin) of bounded size: a FIFO or a device must not hang the pod.
+    let read = |path: &str, what: &str| -> Result<String, UsageError> {
+        let bytes = if path == "-" {
+            host::read_stdin(host::MAX_POD_FILE)
+        } else {
+            host::read_config_file(path, host::MAX_POD_FILE)
+        };
+        bytes
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                use std::os::unix::ffi::OsStrExt;
+                net::utf8(std::ffi::OsStr::from_bytes(&b)).map(str::to_owned)
+            })
+            .map_err(|e| UsageError(format!("cannot read the {what} {path}: {e}")))
+    };
+    match (annotations, pod) {
+        (None, None) => Ok(PodSettings::default()),
+        (Some(_), Some(_)) => Err(UsageError(
+            "--annotations and --pod both name the pod's annotations; give one of them".into(),
+        )
+        .into()),
+        (Some(path), None) => {
+            let text = read(&path, "annotations file")?;
+            let ann = annotations::parse_downward(&text)
+                .map_err(|e| UsageError(format!("annotations file {path}: {e}")))?;
+            Ok(annotations::translate(&ann)?)
+        }
+        (None, Some(path)) => {
+            let text = read(&path, "pod manifest")?;
+            let pod = annotations::parse_manifest(&text)
+                .map_err(|e| UsageError(format!("pod manifest {path}: {e}")))?;
+            Ok(annotations::translate_pod(&pod)?)
+        }
+    }
 }
 
 /// Reads the facts the ruleset depends on: IPv6 enablement and, when DNS capture needs them,
@@ -89,10 +160,31 @@ pub fn build_all(cfg: &Config, facts: &Facts) -> Vec<Ruleset> {
         .collect()
 }
 
+/// Writes a document to stdout (the only other writer is the dry run).
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
 /// Runs one invocation. Returns the error for `main` to report; see [`exit::code_for`].
 pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
-    let cfg = resolve(inv, env)?;
+    let pod = pod_settings(inv, env)?;
+    let cfg = resolve_for_pod(inv, env, &pod.overrides)?;
     logging::init(cfg.log);
+    for w in &pod.warnings {
+        log::warn!("{w}");
+    }
+    match &inv.action {
+        cli::Action::Run => {}
+        cli::Action::Explain => return explain_cmd(&cfg, &pod),
+        cli::Action::Trace(args) => return trace_cmd(&cfg, &pod, args),
+    }
+    if let Some(why) = &pod.nothing_to_do {
+        log::info!("nothing to do: {why}");
+        return Ok(());
+    }
     log::info!("istio-init {}", env!("CARGO_PKG_VERSION"));
     if let Some(ignored) = [
         "log_target",
@@ -113,6 +205,10 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     }
 
     let facts = gather_facts(&cfg)?;
+    log::info!(
+        "what the rules do:\n{}",
+        explain::summary(&cfg, &facts).trim_end()
+    );
     let rulesets = build_all(&cfg, &facts);
     for rs in &rulesets {
         log::info!(
@@ -137,12 +233,48 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
                     format!("writing the dry-run output to {path} (DRY_RUN_FILE_PATH)")
                 })?;
         }
-        let mut out = std::io::stdout().lock();
-        out.write_all(text.as_bytes())
-            .and_then(|()| out.flush())
-            .context("writing the ruleset to stdout")?;
+        print(&text).context("writing the ruleset")?;
+        if cfg.run_validation {
+            log::info!("dry run: skipping --run-validation");
+        }
         return Ok(());
     }
 
-    anyhow::bail!("applying rules is not implemented yet; use --dry-run")
+    if cfg.skip_rule_apply {
+        log::info!("--skip-rule-apply: not programming any rule");
+    } else {
+        anyhow::bail!("applying rules is not implemented yet; use --dry-run");
+    }
+
+    if cfg.run_validation {
+        validation::validate(&cfg, &facts.families())?;
+    }
+    Ok(())
+}
+
+/// `explain`: the settings with their sources, then the summary, on stdout.
+fn explain_cmd(cfg: &Config, pod: &PodSettings) -> anyhow::Result<()> {
+    if let Some(why) = &pod.nothing_to_do {
+        return print(&format!("Nothing to do: {why}.\n"));
+    }
+    let facts = gather_facts(cfg)?;
+    print(&explain::explain(cfg, &facts))
+}
+
+/// `trace`: one connection through the rules this configuration builds, on stdout.
+fn trace_cmd(cfg: &Config, pod: &PodSettings, args: &cli::TraceArgs) -> anyhow::Result<()> {
+    let conn = trace::Connection::from_args(args).map_err(UsageError)?;
+    if let Some(why) = &pod.nothing_to_do {
+        return print(&format!(
+            "Connection: {conn}\nNo rules: {why}.\nVerdict: bypass: not captured, delivered to {} as addressed\n",
+            conn.dst
+        ));
+    }
+    let rulesets = if cfg.interception == Interception::None {
+        Vec::new()
+    } else {
+        build_all(cfg, &gather_facts(cfg)?)
+    };
+    let t = trace::trace(cfg, &rulesets, &conn, &host::group_gid);
+    print(&t.to_string())
 }

@@ -1,4 +1,5 @@
-//! The bad-input corpus: one table of invalid inputs across flags, env vars and the files the
+//! The bad-input corpus: one table of invalid inputs across flags, env vars, pod annotations
+//! (Downward API files, Pod manifests, proxyMetadata) and the other files the
 //! tool is pointed at. Every row must exit 2 with its own exact message and print nothing on
 //! stdout (`--dry-run`), and — run for real inside a fresh network namespace, without
 //! `--dry-run` — leave the namespace's netfilter (nft and legacy, IPv4 and IPv6) and policy
@@ -10,7 +11,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use crate::util::{Netns, istio_init, output, privileged, stderr, stdout};
 
@@ -33,6 +34,8 @@ struct Row {
     /// The expected line, without the trailing newline.
     want: String,
     shape: Shape,
+    /// Bytes fed to stdin (`--pod -`); stdin is closed when `None`.
+    stdin: Option<Vec<u8>>,
 }
 
 fn os(v: &[&str]) -> Vec<OsString> {
@@ -49,6 +52,7 @@ fn row(name: &str, args: &[&str], env: &[(&str, &str)], want: &str) -> Row {
             .collect(),
         want: want.to_owned(),
         shape: Shape::Only,
+        stdin: None,
     }
 }
 
@@ -82,11 +86,24 @@ impl Scratch {
         assert!(o.status.success(), "mkfifo: {}", stderr(&o));
         let big = "nameserver 198.18.0.53\n".repeat((1 << 20) / 23 + 1);
         std::fs::write(dir.join("big"), big).unwrap();
+        // 4 MiB + 1 of a valid annotations file.
+        let line = format!("x.example.com/pad=\"{}\"\n", "p".repeat(1000));
+        let mut huge = line.repeat((4 << 20) / line.len() + 1);
+        huge.truncate((4 << 20) + 1);
+        std::fs::write(dir.join("huge-annotations"), huge).unwrap();
+        for (name, contents) in ANNOTATION_FILES {
+            std::fs::write(dir.join(name), contents).unwrap();
+        }
         Scratch(dir)
     }
 
     fn path(&self, name: &str) -> String {
         self.0.join(name).display().to_string()
+    }
+
+    fn file(&self, name: &str, contents: &str) -> String {
+        std::fs::write(self.0.join(name), contents).unwrap();
+        self.path(name)
     }
 }
 
@@ -95,6 +112,55 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Annotations files (Downward API format) and pod manifests for the rows below.
+const ANNOTATION_FILES: &[(&str, &[u8])] = &[
+    ("ann-no-equals", b"traffic.sidecar.istio.io/excludeInboundPorts\n"),
+    ("ann-unquoted", b"traffic.sidecar.istio.io/excludeInboundPorts=80\n"),
+    ("ann-unterminated", b"traffic.sidecar.istio.io/excludeInboundPorts=\"80\n"),
+    (
+        "ann-duplicate",
+        b"traffic.sidecar.istio.io/excludeInboundPorts=\"80\"\ntraffic.sidecar.istio.io/excludeInboundPorts=\"81\"\n",
+    ),
+    ("ann-raw-non-utf8", b"sidecar.istio.io/x=\"\xff\"\n"),
+    ("ann-escaped-non-utf8", b"sidecar.istio.io/x=\"\\xff\"\n"),
+    ("ann-unknown-escape", b"sidecar.istio.io/x=\"\\q\"\n"),
+    ("ann-key-with-space", b"sidecar istio=\"x\"\n"),
+    ("ann-proxy-config-yaml", b"proxy.istio.io/config=\"{\"\n"),
+    ("ann-proxy-metadata-scalar", b"proxy.istio.io/config=\"proxyMetadata: 5\"\n"),
+    (
+        "ann-proxy-metadata-group",
+        b"proxy.istio.io/config=\"proxyMetadata:\\n  ISTIO_OUTBOUND_OWNER_GROUPS: java app\\n\"\n",
+    ),
+    (
+        "ann-hostile-interface",
+        b"traffic.sidecar.istio.io/excludeInterfaces=\"eth0 -j ACCEPT\"\n",
+    ),
+    (
+        "ann-newline-rule",
+        b"traffic.sidecar.istio.io/excludeInboundPorts=\"80\\n-A OUTPUT -j ACCEPT\"\n",
+    ),
+    ("ann-nul", b"traffic.sidecar.istio.io/kubevirtInterfaces=\"veth\\x00\"\n"),
+    ("ann-mode", b"sidecar.istio.io/interceptionMode=\"tproxy\"\n"),
+    ("ann-cidr-33", b"traffic.sidecar.istio.io/excludeOutboundIPRanges=\"10.0.0.0/33\"\n"),
+    ("ann-ipv6-capture", b"traffic.sidecar.istio.io/includeOutboundIPRanges=\"2001:db8::/32\"\n"),
+    ("ann-status-port", b"status.sidecar.istio.io/port=\"65536\"\n"),
+    ("pod-duplicate-json", b"{\"metadata\":{\"annotations\":{\"a\":\"1\",\"a\":\"2\"}}}"),
+    ("pod-duplicate-yaml", b"metadata:\n  annotations:\n    a: \"1\"\n    a: \"2\"\n"),
+    ("pod-truncated", b"{\"metadata\":"),
+    ("pod-annotations-list", b"{\"metadata\":{\"annotations\":[\"a\"]}}"),
+    (
+        "pod-number-value",
+        b"{\"metadata\":{\"annotations\":{\"traffic.sidecar.istio.io/excludeInboundPorts\":80}}}",
+    ),
+    ("pod-two-items", b"{\"kind\":\"List\",\"items\":[{\"metadata\":{}},{\"metadata\":{}}]}"),
+    ("pod-empty", b""),
+    ("pod-non-utf8", b"metadata:\n  name: \"\xc3\"\n"),
+    (
+        "pod-hostile-interface",
+        b"{\"metadata\":{\"annotations\":{\"traffic.sidecar.istio.io/excludeInterfaces\":\"eth0\\n-A OUTPUT -j ACCEPT\"}}}",
+    ),
+];
 
 const USAGE_HINT: &str = "; set --resolv-conf or --capture-all-dns";
 
@@ -778,17 +844,130 @@ fn rows(scratch: &Scratch) -> Vec<Row> {
         )
     });
 
-    // ---------------------------------------------------------------------------------------
-    // ANNOTATION FILE AND POD MANIFEST ROWS: added when the annotations branch (issue 4) is
-    // merged (`--annotations` / `--pod`): empty and huge files, unterminated quotes, duplicate
-    // keys, non-UTF-8 bytes, unknown keys, hostile values per annotation, missing/unreadable
-    // files. Each is a `Row` like the ones above.
-    // ---------------------------------------------------------------------------------------
+    // The pod's annotations: a Downward API file (--annotations) or a manifest (--pod).
+    let ann = |name: &str, file: &str, want: String| {
+        let path = scratch.path(file);
+        Row {
+            want: want.replace("{p}", &path),
+            ..row(name, &["--annotations", &path], &[], "")
+        }
+    };
+    let pod = |name: &str, file: &str, want: String| {
+        let path = scratch.path(file);
+        Row {
+            want: want.replace("{p}", &path),
+            ..row(name, &["--pod", &path], &[], "")
+        }
+    };
+    let w = str::to_owned;
+    rows.extend([
+        ann("annotations file missing", "no-such-file", w("cannot read the annotations file {p}: No such file or directory (os error 2)")),
+        ann("annotations file is a directory", "", w("cannot read the annotations file {p}: not a regular file")),
+        ann("annotations file is a FIFO (would block)", "fifo", w("cannot read the annotations file {p}: not a regular file")),
+        ann("annotations file over 4 MiB", "huge-annotations", w("cannot read the annotations file {p}: larger than 4194304 bytes")),
+        ann("annotations file with raw non-UTF-8", "ann-raw-non-utf8", w("cannot read the annotations file {p}: not valid UTF-8 (byte 0xff at offset 20)")),
+        ann("annotation line without '='", "ann-no-equals", w(r#"annotations file {p}: line 1: expected key="value""#)),
+        ann("annotation value unquoted", "ann-unquoted", w(r#"annotations file {p}: line 1: value of traffic.sidecar.istio.io/excludeInboundPorts: "80" is not a double-quoted string"#)),
+        ann("annotation value with unterminated quote", "ann-unterminated", w(r#"annotations file {p}: line 1: value of traffic.sidecar.istio.io/excludeInboundPorts: "\"80" is not a double-quoted string"#)),
+        ann("duplicate annotation key", "ann-duplicate", w("annotations file {p}: line 2: duplicate annotation traffic.sidecar.istio.io/excludeInboundPorts")),
+        ann("escaped non-UTF-8 annotation value", "ann-escaped-non-utf8", w("annotations file {p}: line 1: value of sidecar.istio.io/x: the value is not valid UTF-8")),
+        ann("unknown escape in annotation value", "ann-unknown-escape", w(r"annotations file {p}: line 1: value of sidecar.istio.io/x: unknown escape '\q'")),
+        ann("annotation key with a space", "ann-key-with-space", w(r#"annotations file {p}: line 1: invalid annotation key "sidecar istio""#)),
+        ann("ProxyConfig not YAML", "ann-proxy-config-yaml", w(r#"invalid ProxyConfig "{" in annotation proxy.istio.io/config: line 2 column 1: while parsing a node, did not find expected node content"#)),
+        ann("proxyMetadata not a mapping", "ann-proxy-metadata-scalar", w(r#"invalid ProxyConfig "proxyMetadata: 5" in annotation proxy.istio.io/config: proxyMetadata: expected a mapping, found an integer"#)),
+        ann("bad group in proxyMetadata", "ann-proxy-metadata-group", w(r#"invalid group "java app" in annotation proxy.istio.io/config (proxyMetadata.ISTIO_OUTBOUND_OWNER_GROUPS): not a number and not a valid group name ([A-Za-z_][A-Za-z0-9_.-]*)"#)),
+        ann("rule smuggled in an interface annotation", "ann-hostile-interface", w(r#"invalid interface name "eth0 -j ACCEPT" in annotation traffic.sidecar.istio.io/excludeInterfaces: contains ' '; allowed are letters, digits, '_', '.', '-' and a trailing '+'"#)),
+        ann("newline and rule in a port annotation", "ann-newline-rule", w(r#"invalid port "80\n-A OUTPUT -j ACCEPT" in annotation traffic.sidecar.istio.io/excludeInboundPorts: not a number"#)),
+        ann("NUL in an interface annotation", "ann-nul", w(r#"invalid interface name "veth\0" in annotation traffic.sidecar.istio.io/kubevirtInterfaces: contains '\0'; allowed are letters, digits, '_', '.', '-' and a trailing '+'"#)),
+        ann("lower-case interception mode annotation", "ann-mode", w(r#"invalid interception mode "tproxy" in annotation sidecar.istio.io/interceptionMode: expected REDIRECT, TPROXY or NONE (upper case)"#)),
+        ann("/33 in an annotation", "ann-cidr-33", w(r#"invalid CIDR "10.0.0.0/33" in annotation traffic.sidecar.istio.io/excludeOutboundIPRanges: prefix length /33 is longer than /32 for an IPv4 address"#)),
+        ann("status port annotation 65536", "ann-status-port", w(r#"invalid status port "65536" in annotation status.sidecar.istio.io/port: out of range (1-65535)"#)),
+        pod("manifest missing", "no-such-file", w("cannot read the pod manifest {p}: No such file or directory (os error 2)")),
+        pod("manifest is a FIFO (would block)", "fifo", w("cannot read the pod manifest {p}: not a regular file")),
+        pod("manifest with non-UTF-8", "pod-non-utf8", w("cannot read the pod manifest {p}: not valid UTF-8 (byte 0xc3 at offset 19)")),
+        // The parser reports the position of the duplicated key's value.
+        pod("duplicate annotation key in JSON", "pod-duplicate-json", w(r#"pod manifest {p}: line 1 column 41: String("a"): duplicated key in mapping"#)),
+        pod("duplicate annotation key in YAML", "pod-duplicate-yaml", w(r#"pod manifest {p}: line 4 column 8: String("a"): duplicated key in mapping"#)),
+        pod("truncated manifest", "pod-truncated", w("pod manifest {p}: line 2 column 1: while parsing a node, did not find expected node content")),
+        pod("annotations not a mapping", "pod-annotations-list", w("pod manifest {p}: metadata.annotations: expected a mapping, found a list")),
+        pod("annotation value not a string", "pod-number-value", w(r#"pod manifest {p}: metadata.annotations["traffic.sidecar.istio.io/excludeInboundPorts"]: expected a string, found an integer (quote the value)"#)),
+        pod("List of two pods", "pod-two-items", w("pod manifest {p}: items: holds 2 items; give exactly one pod")),
+        pod("empty manifest", "pod-empty", w("pod manifest {p}: the manifest: is empty")),
+        pod("rule smuggled in a manifest annotation", "pod-hostile-interface", w(r#"invalid interface name "eth0\n-A OUTPUT -j ACCEPT" in annotation traffic.sidecar.istio.io/excludeInterfaces: 24 bytes long; the kernel allows at most 15"#)),
+    ]);
+    rows.push(Row {
+        env: vec![("ISTIO_INIT_IPV6".into(), "false".into())],
+        ..ann(
+            "IPv6 capture annotation with ISTIO_INIT_IPV6=false",
+            "ann-ipv6-capture",
+            w(r#"invalid CIDR "2001:db8::/32" in annotation traffic.sidecar.istio.io/includeOutboundIPRanges: an IPv6 range to capture, but IPv6 rules are disabled by env ISTIO_INIT_IPV6; remove the IPv6 ranges or set --ipv6=auto"#),
+        )
+    });
+    let many = list(10_000, |n| n.to_string());
+    let many_path = scratch.file(
+        "ann-10000-ports",
+        &format!("traffic.sidecar.istio.io/includeInboundPorts=\"{many}\"\n"),
+    );
+    rows.push(row(
+        "10,000 ports in an annotation",
+        &["--annotations", &many_path],
+        &[],
+        &format!("invalid port list {} in annotation traffic.sidecar.istio.io/includeInboundPorts: 10000 items; at most 5000 are allowed", shown(&many)),
+    ));
+    rows.push(row(
+        "annotations file from env, missing",
+        &[],
+        &[("ISTIO_INIT_ANNOTATIONS", "/nonexistent/istio-init/annotations")],
+        "cannot read the annotations file /nonexistent/istio-init/annotations: No such file or directory (os error 2)",
+    ));
+    let both = scratch.path("pod-empty");
+    rows.push(row(
+        "both --annotations and --pod",
+        &["--annotations", &both, "--pod", &both],
+        &[],
+        "--annotations and --pod both name the pod's annotations; give one of them",
+    ));
+    rows.push(Row {
+        stdin: Some(b"{".to_vec()),
+        ..row("bad manifest on stdin", &["--pod", "-"], &[], "pod manifest -: line 2 column 1: while parsing a node, did not find expected node content")
+    });
+    rows.push(Row {
+        stdin: Some(vec![b' '; (4 << 20) + 1]),
+        ..row(
+            "manifest on stdin over 4 MiB",
+            &["--pod", "-"],
+            &[],
+            "cannot read the pod manifest -: larger than 4194304 bytes",
+        )
+    });
 
     for r in &mut rows {
         r.want.insert_str(0, "error: ");
     }
     rows
+}
+
+/// Runs a row's command, feeding its stdin if it has one.
+fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
+    let Some(input) = stdin else {
+        return output(cmd);
+    };
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    // The program may stop reading early (size limit): a broken pipe is fine.
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
 }
 
 fn check(row: &Row, o: &Output) {
@@ -837,7 +1016,7 @@ fn every_bad_input_exits_2_with_its_message_and_no_output() {
         for (k, v) in &r.env {
             cmd.env(k, v);
         }
-        check(&r, &output(&mut cmd));
+        check(&r, &run(&mut cmd, r.stdin.as_deref()));
     }
 }
 
@@ -915,7 +1094,7 @@ fn bad_input_leaves_no_rule_behind() {
         for (k, v) in &r.env {
             cmd.env(k, v);
         }
-        check(&r, &output(&mut cmd));
+        check(&r, &run(&mut cmd, r.stdin.as_deref()));
         let now = snapshot(&ns);
         assert_eq!(now, clean, "{}: the namespace changed", r.name);
     }

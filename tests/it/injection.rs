@@ -1,7 +1,9 @@
 //! No injection through values: every flag and env var whose value can reach the restore text
 //! (or the routing state) is fed hostile values — whitespace, a newline followed by a rule,
 //! quotes, `-j`, `#`, shell syntax, control characters, non-UTF-8 bytes, NUL — through every
-//! way it can be given (long flag, short flag, each env var). Each must exit 2 with one line
+//! way it can be given: long flag, short flag, each env var, and from the pod — its annotation
+//! in a Downward API file (`--annotations`), in a Pod manifest (`--pod`), and each env var as
+//! `proxyMetadata` of the `proxy.istio.io/config` annotation. Each must exit 2 with one line
 //! naming what was wrong, the value and where it came from, and print nothing on stdout.
 //!
 //! A positive control per field proves the field really reaches the dry-run text (so the
@@ -10,14 +12,16 @@
 //!
 //! NUL cannot cross `execve` (argv and environ are C strings); it is fed to the in-process
 //! pipeline (`cli::parse` + `istio_init::resolve`) instead, and the OS boundary is checked too.
+//! Annotation files can carry it (`\x00`), so the file channels get NUL payloads as well.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::process::Output;
 
+use istio_init::annotations::{self, key};
 use istio_init::cli::{self, Kind};
 
-use crate::util::{istio_init, output, stderr, stdout};
+use crate::util::{TempDir, istio_init, output, stderr, stdout};
 
 /// A value that can reach the ruleset (or the routes), as the error messages name it.
 #[derive(Debug)]
@@ -97,6 +101,7 @@ static FIELDS: &[Field] = &[
         rendered: false,
         ..field("probe-timeout", "duration", false, "7s")
     },
+    field("status-port", "status port", false, "15030"),
     Field {
         rendered: false,
         ..field("force-iptables-binary", "iptables backend", false, "nft")
@@ -131,6 +136,14 @@ const NOT_RENDERED: &[(&str, &str)] = &[
         "a path, only opened (bad paths are rows of bad_input.rs)",
     ),
     ("network-namespace", "a path, only logged"),
+    (
+        "annotations",
+        "a path; the file's contents are the annotation channels here",
+    ),
+    (
+        "pod",
+        "a path; the manifest's contents are the annotation channels here",
+    ),
     ("log_target", "accepted for compatibility and ignored"),
     ("log_caller", "accepted for compatibility and ignored"),
     (
@@ -189,12 +202,18 @@ const WHOLE: &[&str] = &[
     "!",
 ];
 
-fn payloads(f: &Field) -> Vec<String> {
-    SUFFIXES
+fn payloads(f: &Field, via: &Via) -> Vec<String> {
+    let mut v: Vec<String> = SUFFIXES
         .iter()
         .map(|s| format!("{}{s}", f.base))
         .chain(WHOLE.iter().map(|w| (*w).to_owned()))
-        .collect()
+        .collect();
+    if via.is_file() {
+        // Files can carry what execve cannot.
+        v.push(format!("{}\0", f.base));
+        v.push(format!("{}\0-j ACCEPT", f.base));
+    }
+    v
 }
 
 /// How a value is given.
@@ -207,6 +226,12 @@ enum Via {
     /// `-s VALUE`.
     Short,
     Env(&'static str),
+    /// The pod annotation, in a Downward API annotations file (`--annotations`).
+    Annotation(&'static str),
+    /// The pod annotation, in a Pod manifest (`--pod`, JSON).
+    Manifest(&'static str),
+    /// The env var as `proxyMetadata` in the pod's `proxy.istio.io/config` annotation.
+    Metadata(&'static str),
 }
 
 impl Via {
@@ -214,29 +239,83 @@ impl Via {
     fn source(&self, f: &Field) -> String {
         match self {
             Via::Env(name) => format!("env {name}"),
+            Via::Annotation(k) | Via::Manifest(k) => format!("annotation {k}"),
+            Via::Metadata(name) => {
+                format!("annotation {} (proxyMetadata.{name})", key::PROXY_CONFIG)
+            }
             Via::Long { .. } | Via::Short => match cli::find(f.key).and_then(|o| o.short) {
                 Some(s) => format!("--{} (-{s})", f.key),
                 None => format!("--{}", f.key),
             },
         }
     }
+
+    fn is_file(&self) -> bool {
+        matches!(
+            self,
+            Via::Annotation(_) | Via::Manifest(_) | Via::Metadata(_)
+        )
+    }
+
+    fn is_argv_or_env(&self) -> bool {
+        !self.is_file()
+    }
+}
+
+/// The pod annotations that set an option, as the injector reads them.
+fn annotation_keys(long: &str) -> Vec<&'static str> {
+    let mut keys: Vec<&'static str> = annotations::OPTION_ANNOTATIONS
+        .iter()
+        .filter(|(_, l)| *l == long)
+        .map(|(k, _)| *k)
+        .collect();
+    match long {
+        "kube-virt-interfaces" => keys.push(key::REROUTE_VIRTUAL_INTERFACES),
+        "istio-inbound-interception-mode" => keys.push(key::INTERCEPTION_MODE),
+        _ => {}
+    }
+    keys
 }
 
 /// Every way a field can be given.
 fn vias(f: &Field) -> Vec<Via> {
     let Some(o) = cli::find(f.key) else {
-        return vec![Via::Env(f.key)];
+        return vec![Via::Env(f.key), Via::Metadata(f.key)];
     };
     let mut v = vec![Via::Long { eq: false }, Via::Long { eq: true }];
     if o.short.is_some() {
         v.push(Via::Short);
     }
     v.extend(o.env.iter().map(|e| Via::Env(e)));
+    v.extend(o.env.iter().map(|e| Via::Metadata(e)));
+    let keys = annotation_keys(f.key);
+    v.extend(keys.iter().map(|k| Via::Annotation(k)));
+    v.extend(keys.first().map(|k| Via::Manifest(k)));
     v
 }
 
-/// Runs `istio-init --dry-run --ipv6=false <context> <field=value>`.
-fn run(f: &Field, via: &Via, value: &OsStr) -> Output {
+/// A double-quoted string that both Go's `strconv.Unquote` (the Downward API file) and YAML
+/// read back exactly: printable ASCII as is, everything else escaped.
+fn dq(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            ' '..='~' => out.push(c),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x10000 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push_str(&format!("\\U{:08x}", c as u32)),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs `istio-init --dry-run --ipv6=false <context> <field=value>`; file channels write their
+/// file into `tmp`.
+fn run(f: &Field, via: &Via, value: &OsStr, tmp: &TempDir) -> Output {
     let mut cmd = istio_init();
     cmd.args(["--dry-run"]);
     if f.key != "ipv6" {
@@ -258,6 +337,30 @@ fn run(f: &Field, via: &Via, value: &OsStr) -> Output {
         }
         Via::Env(name) => {
             cmd.env(name, value);
+        }
+        Via::Annotation(k) => {
+            let v = value.to_str().unwrap();
+            let file = tmp.file("annotations", format!("{k}={}\n", dq(v)));
+            cmd.arg("--annotations").arg(file);
+        }
+        Via::Metadata(name) => {
+            let v = value.to_str().unwrap();
+            let config = format!("proxyMetadata:\n  {name}: {}\n", dq(v));
+            let file = tmp.file(
+                "annotations",
+                format!("{}={}\n", key::PROXY_CONFIG, dq(&config)),
+            );
+            cmd.arg("--annotations").arg(file);
+        }
+        Via::Manifest(k) => {
+            let v = value.to_str().unwrap();
+            let pod = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "hostile", "annotations": {*k: v}},
+            });
+            let file = tmp.file("pod.json", pod.to_string());
+            cmd.arg("--pod").arg(file);
         }
     }
     output(&mut cmd)
@@ -303,9 +406,10 @@ fn every_value_option_is_covered() {
 
 #[test]
 fn positive_control_every_field_reaches_the_ruleset() {
+    let tmp = TempDir::new("inj-control");
     for f in FIELDS {
         for via in vias(f) {
-            let o = run(f, &via, OsStr::new(f.base));
+            let o = run(f, &via, OsStr::new(f.base), &tmp);
             assert!(o.status.success(), "{f:?} {via:?}: {}", stderr(&o));
             if f.rendered {
                 let text = stdout(&o);
@@ -324,11 +428,12 @@ fn positive_control_every_field_reaches_the_ruleset() {
 }
 
 fn hostile_values_are_refused(select: impl Fn(&Via) -> bool) {
+    let tmp = TempDir::new("inj-hostile");
     let mut checked = 0;
     for f in FIELDS {
         for via in vias(f).into_iter().filter(|v| select(v)) {
-            for value in payloads(f) {
-                let o = run(f, &via, OsStr::new(&value));
+            for value in payloads(f, &via) {
+                let o = run(f, &via, OsStr::new(&value), &tmp);
                 let ctx = format!("{} via {via:?} = {value:?}", f.key);
                 let err = assert_refused(&o, &ctx);
                 let head = expected_head(f, &via, &value);
@@ -357,16 +462,33 @@ fn hostile_values_in_env_vars_are_refused() {
 }
 
 #[test]
+fn hostile_values_in_annotation_files_are_refused() {
+    hostile_values_are_refused(|v| matches!(v, Via::Annotation(_)));
+}
+
+#[test]
+fn hostile_values_in_pod_manifests_are_refused() {
+    hostile_values_are_refused(|v| matches!(v, Via::Manifest(_)));
+}
+
+#[test]
+fn hostile_values_in_proxy_metadata_are_refused() {
+    hostile_values_are_refused(|v| matches!(v, Via::Metadata(_)));
+}
+
+#[test]
 fn non_utf8_bytes_are_refused_naming_the_byte() {
+    let tmp = TempDir::new("inj-utf8");
     for f in FIELDS {
-        for via in vias(f) {
+        // Annotation files are text: their non-UTF-8 rows are in bad_input.rs.
+        for via in vias(f).into_iter().filter(Via::is_argv_or_env) {
             for raw in [
                 [f.base.as_bytes(), b"\xff"].concat(),
                 [b"\xc3(".as_slice(), f.base.as_bytes()].concat(),
                 [f.base.as_bytes(), b"\xe2\x80 -j ACCEPT"].concat(),
             ] {
                 let value = OsStr::from_bytes(&raw);
-                let o = run(f, &via, value);
+                let o = run(f, &via, value, &tmp);
                 let ctx = format!("{} via {via:?} = {value:?}", f.key);
                 let err = assert_refused(&o, &ctx);
                 let at = std::str::from_utf8(&raw).unwrap_err().valid_up_to();
@@ -409,7 +531,7 @@ fn resolve_in_process(
 #[test]
 fn nul_bytes_are_refused_in_process() {
     for f in FIELDS {
-        for via in vias(f) {
+        for via in vias(f).into_iter().filter(Via::is_argv_or_env) {
             for value in [
                 format!("{}\0", f.base),
                 format!("{}\0-j ACCEPT", f.base),
@@ -423,6 +545,7 @@ fn nul_bytes_are_refused_in_process() {
                 };
                 let got = match &via {
                     Via::Env(name) => resolve_in_process(ipv6_off, &[(name, &value)]),
+                    Via::Annotation(_) | Via::Manifest(_) | Via::Metadata(_) => unreachable!(),
                     Via::Long { .. } | Via::Short => {
                         let flag = format!("--{}={value}", f.key);
                         resolve_in_process(&[ipv6_off, &[flag.as_str()]].concat(), &[])

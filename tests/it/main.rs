@@ -4,6 +4,7 @@
 // Test code may panic on unexpected input: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod annotations;
 mod bad_input;
 mod checks;
 mod cli;
@@ -13,4 +14,6 @@ mod injection;
 mod layout;
 mod properties;
 mod readme;
+mod trace;
 mod util;
+mod validation;

@@ -277,6 +277,7 @@ fn resolve(case: &Case) -> Result<Config, String> {
         flags: &inv.flags,
         env: &env,
         user_uid: &|_| None,
+        pod: &istio_init::config::NO_POD,
     })
     .map_err(|e| e.to_string())
 }
