@@ -10,7 +10,7 @@ use std::fmt;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::config::{ConfigError, Override, PodOverrides, Source, quote};
+use crate::config::{ConfigError, Override, PodOverrides, Source, printable, quote};
 
 /// Annotation keys the injector reads when it renders the init container.
 pub mod key {
@@ -160,7 +160,7 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
                     'u' => (4, 16, false),
                     'U' => (8, 16, false),
                     '0'..='7' => (3, 8, true),
-                    _ => return Err(format!("unknown escape '\\{e}'")),
+                    _ => return Err(format!("unknown escape '\\{}'", e.escape_debug())),
                 };
                 let mut text = String::new();
                 if radix == 8 {
@@ -170,7 +170,10 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
                     text.push(chars.next().ok_or("escape cut short")?);
                 }
                 let n = u32::from_str_radix(&text, radix).map_err(|_| {
-                    format!("bad escape '\\{e}{}'", &text[usize::from(radix == 8)..])
+                    format!(
+                        "bad escape '\\{e}{}'",
+                        printable(&text[usize::from(radix == 8)..])
+                    )
                 })?;
                 if is_byte {
                     let b = u8::try_from(n)
@@ -320,7 +323,10 @@ fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
         Some(k) => {
             return Err(ParseError {
                 at: join_path(&path, "kind"),
-                reason: format!("{k} is not a Pod (nor a workload with a pod template)"),
+                reason: format!(
+                    "{} is not a Pod (nor a workload with a pod template)",
+                    printable(k)
+                ),
             });
         }
     }
@@ -330,8 +336,8 @@ fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
         expect_mapping(meta, &meta_path)?;
     }
     let name = match (field(meta, "namespace"), field(meta, "name")) {
-        (Yaml::String(ns), Yaml::String(n)) => format!("{ns}/{n}"),
-        (_, Yaml::String(n)) => n.clone(),
+        (Yaml::String(ns), Yaml::String(n)) => format!("{}/{}", printable(ns), printable(n)),
+        (_, Yaml::String(n)) => printable(n).into_owned(),
         _ => "pod".to_owned(),
     };
     let spec = field(doc, "spec");
@@ -367,7 +373,7 @@ fn template(doc: &Yaml, t: &Yaml, path: String) -> Result<Pod, ParseError> {
     if let (Yaml::String(k), Yaml::String(n)) =
         (field(doc, "kind"), field(field(doc, "metadata"), "name"))
     {
-        pod.name = format!("{k}/{n}");
+        pod.name = format!("{}/{}", printable(k), printable(n));
     }
     Ok(pod)
 }
@@ -472,7 +478,8 @@ fn parse_proxy_config(value: &str) -> Result<ProxyConfig, ConfigError> {
                     Yaml::Null => String::new(),
                     other => {
                         return Err(err(format!(
-                            "proxyMetadata.{k}: expected a string, found {}",
+                            "proxyMetadata.{}: expected a string, found {}",
+                            printable(k),
                             type_name(other)
                         )));
                     }
@@ -607,7 +614,8 @@ fn translate_inner(
             .map(|known| format!(" (did you mean {known}?)"))
             .unwrap_or_default();
         out.warnings.push(format!(
-            "ignoring unknown annotation {k}{hint}: the sidecar injector does not read it"
+            "ignoring unknown annotation {}{hint}: the sidecar injector does not read it",
+            printable(k)
         ));
     }
     Ok(out)
@@ -616,6 +624,37 @@ fn translate_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzing regressions (fuzz/corpus/annotations/regression-escape-nul and
+    /// fuzz/corpus/pod_manifest/regression-kind-control): messages and warnings showed control
+    /// characters from the input raw, so one error could span several log lines.
+    #[test]
+    fn messages_never_carry_control_characters() {
+        let e = parse_downward("k=\"\\\u{0}\"").unwrap_err().to_string();
+        assert_eq!(e, r"line 1: value of k: unknown escape '\\0'");
+        let e = parse_manifest("kind: \"Lis\\u0001t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            r"kind: Lis\u{1}t is not a Pod (nor a workload with a pod template)"
+        );
+        let pod = parse_manifest(
+            "metadata:\n  name: \"a\\nb\"\n  annotations:\n    \"traffic.sidecar.istio.io/x\\ny\": \"1\"\nspec:\n  hostNetwork: true\n",
+        )
+        .unwrap();
+        let s = translate_pod(&pod).unwrap();
+        let texts = s.warnings.iter().chain(s.nothing_to_do.iter());
+        for t in texts {
+            assert!(!t.chars().any(char::is_control), "{t:?}");
+        }
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.nothing_to_do
+                .unwrap()
+                .starts_with(r"a\nb uses hostNetwork")
+        );
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> Annotations {
         pairs

@@ -766,6 +766,18 @@ impl Config {
     }
 }
 
+/// `s` with its control characters escaped, for messages that show text from an input file
+/// (one line per message, whatever the input holds).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        let mut out = String::new();
+        push_escaped(&mut out, s);
+        std::borrow::Cow::Owned(out)
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// Appends `s` with its control characters escaped (`\n`, `\u{1b}`, …).
 fn push_escaped(out: &mut String, s: &str) {
     for c in s.chars() {

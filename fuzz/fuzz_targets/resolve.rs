@@ -90,6 +90,7 @@ fuzz_target!(|data: &[u8]| {
         flags: &inv.flags,
         env: &lookup,
         user_uid: &|_| None,
+        pod: &istio_init::config::NO_POD,
     }) {
         Ok(cfg) => cfg,
         Err(e) => {

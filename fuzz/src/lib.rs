@@ -4,6 +4,9 @@
 
 #[path = "../../tests/it/checks.rs"]
 mod checks;
+mod pipeline;
+
+pub use pipeline::check_pod_settings;
 
 use std::fmt::{Debug, Display};
 use std::str::FromStr;
