@@ -194,6 +194,39 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "the value is not valid UTF-8".to_owned())
 }
 
+/// The deepest nesting of sequences and mappings accepted in YAML input. A pod manifest is
+/// about ten levels deep; the limit keeps the recursive `Yaml` tree (its drop, clone and
+/// formatting recurse) far from the stack's end.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// `YamlLoader::load_from_str`, after a pass over the parser's events (an iterative state
+/// machine) that refuses nesting deeper than [`MAX_YAML_DEPTH`]. Without it, a few MiB of
+/// `- - - - …` (a pod author can put that in `proxy.istio.io/config`) built a tree a million
+/// levels deep and the process died of a stack overflow instead of exiting 2.
+fn load_yaml(text: &str) -> Result<Vec<Yaml>, yaml_rust2::ScanError> {
+    use yaml_rust2::Event;
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        let (event, mark) = parser.next_token()?;
+        match event {
+            Event::StreamEnd => break,
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Err(yaml_rust2::ScanError::new_string(
+                        mark,
+                        format!("nested deeper than {MAX_YAML_DEPTH} levels"),
+                    ));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    YamlLoader::load_from_str(text)
+}
+
 /// Workload kinds whose pod template sits at `spec.template`.
 const TEMPLATE_KINDS: &[&str] = &[
     "Deployment",
@@ -208,7 +241,7 @@ const TEMPLATE_KINDS: &[&str] = &[
 /// A `List` holding exactly one item, a workload's pod template (Deployment, Job, CronJob, …)
 /// and a bare pod object without `kind` are accepted too.
 pub fn parse_manifest(text: &str) -> Result<Pod, ParseError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| {
+    let docs = load_yaml(text).map_err(|e| {
         let m = e.marker();
         ParseError {
             at: format!("line {} column {}", m.line(), m.col() + 1),
@@ -431,7 +464,7 @@ fn parse_proxy_config(value: &str) -> Result<ProxyConfig, ConfigError> {
         source: Source::Annotation(key::PROXY_CONFIG.into()),
         reason,
     };
-    let docs = YamlLoader::load_from_str(value).map_err(|e| {
+    let docs = load_yaml(value).map_err(|e| {
         let m = e.marker();
         err(format!(
             "line {} column {}: {}",
@@ -624,6 +657,24 @@ fn translate_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hardening regression: deep block nesting (`- - - …`, a few MiB) crashed with a stack
+    /// overflow instead of a one-line error.
+    #[test]
+    fn deep_yaml_is_refused() {
+        let deep = format!("{}a", "- ".repeat(1_000_000));
+        let e = parse_manifest(&deep).unwrap_err().to_string();
+        assert_eq!(e, "line 1 column 129: nested deeper than 64 levels");
+        let pc = format!("{}a", "- ".repeat(100_000));
+        let e = translate(&ann(&[(key::PROXY_CONFIG, &pc)])).unwrap_err();
+        assert!(
+            e.reason
+                .ends_with("line 1 column 129: nested deeper than 64 levels"),
+            "{e}"
+        );
+        let ok = format!("{}a", "- ".repeat(MAX_YAML_DEPTH));
+        assert!(load_yaml(&ok).is_ok());
+    }
 
     /// Fuzzing regressions (fuzz/corpus/annotations/regression-escape-nul and
     /// fuzz/corpus/pod_manifest/regression-kind-control): messages and warnings showed control

@@ -91,6 +91,15 @@ impl Scratch {
         let mut huge = line.repeat((4 << 20) / line.len() + 1);
         huge.truncate((4 << 20) + 1);
         std::fs::write(dir.join("huge-annotations"), huge).unwrap();
+        // Nesting a million levels deep (it used to overflow the stack).
+        let deep = format!("{}a", "- ".repeat(1_000_000));
+        std::fs::write(dir.join("pod-deep"), deep).unwrap();
+        let deep_config = "{a: ".repeat(100);
+        std::fs::write(
+            dir.join("ann-deep-config"),
+            format!("proxy.istio.io/config=\"{deep_config}\"\n"),
+        )
+        .unwrap();
         for (name, contents) in ANNOTATION_FILES {
             std::fs::write(dir.join(name), contents).unwrap();
         }
@@ -903,6 +912,20 @@ fn rows(scratch: &Scratch) -> Vec<Row> {
             w(r#"invalid CIDR "2001:db8::/32" in annotation traffic.sidecar.istio.io/includeOutboundIPRanges: an IPv6 range to capture, but IPv6 rules are disabled by env ISTIO_INIT_IPV6; remove the IPv6 ranges or set --ipv6=auto"#),
         )
     });
+    rows.push(pod(
+        "manifest nested a million levels deep",
+        "pod-deep",
+        w("pod manifest {p}: line 1 column 129: nested deeper than 64 levels"),
+    ));
+    let deep_config = "{a: ".repeat(100);
+    rows.push(ann(
+        "ProxyConfig nested 100 levels deep",
+        "ann-deep-config",
+        format!(
+            "invalid ProxyConfig {} in annotation proxy.istio.io/config: line 1 column 257: nested deeper than 64 levels",
+            shown(&deep_config)
+        ),
+    ));
     let many = list(10_000, |n| n.to_string());
     let many_path = scratch.file(
         "ann-10000-ports",
@@ -1000,6 +1023,7 @@ fn check(row: &Row, o: &Output) {
 fn corpus_has_at_least_sixty_distinct_rows() {
     let scratch = Scratch::new();
     let rows = rows(&scratch);
+    eprintln!("bad-input corpus: {} rows", rows.len());
     assert!(rows.len() >= 60, "{} rows", rows.len());
     let mut names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     names.sort_unstable();
