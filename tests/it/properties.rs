@@ -1,7 +1,8 @@
 //! Property tests over generated *valid* configurations. The generator writes command lines
 //! and environments the way a user (or the injector) would — every option through a random
 //! spelling (`--long=v`, `--long v`, `-s v`, `-sv`, its env vars), with padded list items and
-//! trailing commas — then resolves them with `Config::resolve` and builds both families.
+//! trailing commas — plus the pod's annotations (traffic annotations, interception mode,
+//! `proxyMetadata`), then resolves them with `Config::resolve` and builds both families.
 //!
 //! Pure properties (many cases): the configuration resolves; every rule sits in a declared or
 //! built-in chain of its table and every jump target exists there; no chain is declared twice;
@@ -17,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use istio_init::annotations;
 use istio_init::cli::{self, Kind};
 use istio_init::config::{Config, Inputs, OwnerGroups};
 use istio_init::net::{Family, Group};
@@ -34,6 +36,8 @@ struct Case {
     istio_word: bool,
     args: Vec<String>,
     env: BTreeMap<String, String>,
+    /// The pod's annotations (applied over flags and env, as `--annotations` does).
+    annotations: BTreeMap<String, String>,
     facts: Facts,
 }
 
@@ -245,8 +249,9 @@ fn case() -> impl Strategy<Value = Case> {
         modes,
         proptest::option::of(groups),
         facts,
+        pod_annotations(),
     )
-        .prop_map(|(istio_word, p, n, m, g, facts)| {
+        .prop_map(|(istio_word, p, n, m, g, facts, annotations)| {
             let mut all: Vec<Option<Given>> = vec![p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7];
             all.extend([n.0, n.1, n.2, n.3, n.4, n.5, n.6]);
             all.extend([m.0, m.1, m.2, m.3, m.4, m.5, m.6, m.7]);
@@ -255,6 +260,7 @@ fn case() -> impl Strategy<Value = Case> {
                 istio_word,
                 args: Vec::new(),
                 env: BTreeMap::new(),
+                annotations,
                 facts,
             };
             for g in all.into_iter().flatten() {
@@ -262,6 +268,64 @@ fn case() -> impl Strategy<Value = Case> {
             }
             case
         })
+}
+
+/// Pod annotations with valid values, each present or not: the traffic annotations, the
+/// interception mode and `proxyMetadata` in `proxy.istio.io/config`.
+fn pod_annotations() -> impl Strategy<Value = BTreeMap<String, String>> {
+    let t = |k: &str| format!("traffic.sidecar.istio.io/{k}");
+    let opt = |k: String, v: BoxedStrategy<String>| {
+        proptest::option::weighted(0.25, v).prop_map(move |v| v.map(|v| (k.clone(), v)))
+    };
+    let traffic = (
+        opt(
+            t("includeOutboundIPRanges"),
+            star_or(list_of(cidr(), 4)).boxed(),
+        ),
+        opt(t("excludeOutboundIPRanges"), list_of(cidr(), 4).boxed()),
+        opt(
+            t("includeInboundPorts"),
+            star_or(list_of(port_item(), 4)).boxed(),
+        ),
+        opt(t("excludeInboundPorts"), list_of(port_item(), 4).boxed()),
+        opt(
+            "status.sidecar.istio.io/port".into(),
+            prop_oneof![port(), Just("0".to_owned())].boxed(),
+        ),
+        opt(t("includeOutboundPorts"), list_of(port_item(), 3).boxed()),
+        opt(t("excludeOutboundPorts"), list_of(port_item(), 3).boxed()),
+        opt(t("kubevirtInterfaces"), list_of(iface(), 2).boxed()),
+        opt(
+            "istio.io/reroute-virtual-interfaces".into(),
+            list_of(iface(), 2).boxed(),
+        ),
+        opt(t("excludeInterfaces"), list_of(iface(), 2).boxed()),
+    );
+    let pod = (
+        opt(
+            "sidecar.istio.io/interceptionMode".into(),
+            prop::sample::select(vec!["REDIRECT", "TPROXY"])
+                .prop_map(str::to_owned)
+                .boxed(),
+        ),
+        opt(
+            "proxy.istio.io/config".into(),
+            (boolean(), list_of(group(), 3))
+                .prop_map(|(dns, groups)| {
+                    format!(
+                        "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"{dns}\"\n  \
+                         ISTIO_OUTBOUND_OWNER_GROUPS: \"{groups}\"\n"
+                    )
+                })
+                .boxed(),
+        ),
+    );
+    (traffic, pod).prop_map(|(t, p)| {
+        [t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7, t.8, t.9, p.0, p.1]
+            .into_iter()
+            .flatten()
+            .collect()
+    })
 }
 
 fn resolve(case: &Case) -> Result<Config, String> {
@@ -272,12 +336,16 @@ fn resolve(case: &Case) -> Result<Config, String> {
     argv.extend(case.args.iter().cloned());
     let inv = cli::parse(&argv).map_err(|e| e.to_string())?;
     let env = |k: &str| case.env.get(k).cloned();
+    let settings = annotations::translate(&case.annotations).map_err(|e| e.to_string())?;
+    if let Some(why) = settings.nothing_to_do {
+        return Err(format!("nothing to do: {why}"));
+    }
     Config::resolve(&Inputs {
         defaults: inv.defaults,
         flags: &inv.flags,
         env: &env,
         user_uid: &|_| None,
-        pod: &istio_init::config::NO_POD,
+        pod: &settings.overrides,
     })
     .map_err(|e| e.to_string())
 }
@@ -332,6 +400,9 @@ fn generator_covers_the_rule_shapes() {
         let Ok(cfg) = resolve(&case) else { continue };
         let mut hit = |key| *seen.entry(key).or_default() += 1;
         hit("resolved");
+        if !case.annotations.is_empty() {
+            hit("annotations");
+        }
         if matches!(cfg.owner_groups, OwnerGroups::Only(_)) {
             hit("only groups");
         }
@@ -379,6 +450,7 @@ fn generator_covers_the_rule_shapes() {
         "virt",
         "only groups",
         "group names",
+        "annotations",
     ] {
         assert!(seen.get(key).copied().unwrap_or(0) >= 5, "{key}: {seen:?}");
     }
