@@ -561,3 +561,57 @@ fn nul_bytes_are_refused_in_process() {
         }
     }
 }
+
+/// resolv.conf is the one file whose values reach the rules: only the first word after
+/// `nameserver` is read, and only when it is a plain IP address. Hostile lines give either a
+/// clean address token or nothing, and every rendered rule still parses under the grammar.
+#[test]
+fn resolv_conf_yields_address_tokens_only() {
+    let tmp = TempDir::new("inj-resolv");
+    let mut text = b"nameserver 198.18.0.53 -j ACCEPT\n\
+        nameserver 198.18.0.54\n\
+        -A OUTPUT -j ACCEPT\n\
+        nameserver \"198.18.0.55\"\n\
+        nameserver 198.18.0.56#x\n\
+        nameserver 198.18.0.57;reboot\n\
+        nameserver fe80::1%eth0\n\
+        nameserver 198.18.0.58\x00\n\
+        nameserver 198.18.0.59\xff\n\
+        nameserver 198.18.0.53\n\
+        nameserver\n"
+        .to_vec();
+    text.extend_from_slice(b"search a.svc.cluster.local\noptions ndots:5 -j ACCEPT\n");
+    let path = tmp.file("resolv.conf", &text);
+    let o = output(
+        istio_init()
+            .args(["--dry-run", "--redirect-dns", "--ipv6=false"])
+            .arg("--resolv-conf")
+            .arg(&path),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let mut servers = std::collections::BTreeSet::new();
+    for line in out
+        .lines()
+        .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
+    {
+        crate::checks::parse_rule(line, istio_init::net::Family::V4)
+            .unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(!line.ends_with("-j ACCEPT"), "{line}");
+        let toks: Vec<&str> = line.split(' ').collect();
+        for w in toks.windows(2) {
+            if (w[0] == "-d" || w[0] == "-s") && w[1].starts_with("198.18.") {
+                servers.insert(w[1].to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        servers.into_iter().collect::<Vec<_>>(),
+        ["198.18.0.53/32", "198.18.0.54/32"],
+        "{out}"
+    );
+    let err = stderr(&o);
+    for skipped in ["\\\"198.18.0.55\\\"", "198.18.0.56#x", "fe80::1%eth0"] {
+        assert!(err.contains(skipped), "{skipped} not reported:\n{err}");
+    }
+}
