@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full test suite — the README's test command, and what CI runs (.ci/run calls it).
-# Installs iptables and iproute2 when they are missing and it can (root + apt-get), then:
+# Installs iptables and iproute2 (and buildah, podman and runc for the image tests) when they are
+# missing and it can (root + apt-get), then:
 # formatting, lints, every test (privileged namespace tests included), and the static build.
 # Under CI=true a privileged test that cannot run fails instead of skipping.
 set -euo pipefail
@@ -10,6 +11,10 @@ have() { command -v "$1" >/dev/null 2>&1; }
 missing=()
 have iptables-nft-restore || missing+=(iptables)
 have ip || missing+=(iproute2)
+# The image tests (tests/it/image.rs) build with buildah and run with podman on runc.
+have buildah || missing+=(buildah)
+have podman || missing+=(podman)
+have runc || missing+=(runc)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "== installing ${missing[*]}"

@@ -351,6 +351,23 @@ pub static OPTIONS: &[Opt] = &[
         "Backend to use instead of detecting one: legacy or nft",
     ),
     ext(opt(
+        "netns",
+        None,
+        &["ISTIO_INIT_NETNS"],
+        Value,
+        same(""),
+        "Network namespace to program instead of the current one: a path (/proc/PID/ns/net, \
+         /var/run/netns/NAME) or a PID; entered with setns, which needs CAP_SYS_ADMIN",
+    )),
+    ext(opt(
+        "xtables-wait",
+        None,
+        &["ISTIO_INIT_XTABLES_WAIT"],
+        Value,
+        same("30"),
+        "Seconds a legacy-backend iptables-restore waits for the xtables lock",
+    )),
+    ext(opt(
         "ipv6",
         None,
         &["ISTIO_INIT_IPV6"],
@@ -511,8 +528,14 @@ pub fn find(long: &str) -> Option<&'static Opt> {
     OPTIONS.iter().find(|o| o.long == long)
 }
 
-/// Env vars read outside the option table (by `lib::run`).
-pub const OTHER_ENV: &[&str] = &["DRY_RUN_FILE_PATH"];
+/// Env vars read outside the option table: by `lib::run` (the dry-run file) and by the apply
+/// path (where the iptables programs and their modules are, the legacy lock file).
+pub const OTHER_ENV: &[&str] = &[
+    "DRY_RUN_FILE_PATH",
+    "PATH",
+    "XTABLES_LIBDIR",
+    "XTABLES_LOCKFILE",
+];
 
 /// Every environment variable istio-init reads: the options' env vars, the env-only settings
 /// and [`OTHER_ENV`]. `main` checks that each one that is set is valid UTF-8.

@@ -225,6 +225,10 @@ pub struct Config {
     pub dual_stack: bool,
     pub capture_all_dns: bool,
     pub network_namespace: Option<String>,
+    /// `--netns`: the namespace file to enter (a PID already turned into `/proc/PID/ns/net`).
+    pub netns: Option<String>,
+    /// `--xtables-wait`: seconds legacy writes wait for the xtables lock.
+    pub xtables_wait: u32,
     pub reconcile: bool,
     pub cleanup_only: bool,
     pub force_apply: bool,
@@ -453,6 +457,24 @@ impl Resolver<'_> {
         Ok(v)
     }
 
+    /// An option that is either exactly `*` (`None`: everything) or a list, as Istio spells
+    /// `-b` and `-i`. `"*,80"` is a list, and its `*` item is invalid.
+    fn star_or_list<T: std::str::FromStr<Err = String> + fmt::Display>(
+        &mut self,
+        long: &'static str,
+        key: &'static str,
+        what: &str,
+    ) -> Result<Option<Vec<T>>, ConfigError> {
+        let raw = self.raw(long);
+        if raw.value.trim() == "*" {
+            self.record(key, "*", &raw.source);
+            return Ok(None);
+        }
+        let v: Vec<T> = raw.list(what)?;
+        self.record(key, join(&v), &raw.source);
+        Ok(Some(v))
+    }
+
     fn ifaces(&mut self, long: &'static str, key: &'static str) -> Result<Vec<Iface>, ConfigError> {
         let raw = self.raw(long);
         let v = raw.list("interface name")?;
@@ -562,39 +584,21 @@ impl Config {
             &raw.source,
         );
 
-        let raw = r.raw("istio-inbound-ports");
-        let inbound_ports = if raw.value.trim() == "*" {
-            InboundPorts::All
-        } else {
-            InboundPorts::Only(raw.list("port")?)
-        };
-        r.record(
-            "INBOUND_PORTS_INCLUDE",
-            match &inbound_ports {
-                InboundPorts::All => "*".to_owned(),
-                InboundPorts::Only(v) => join(v),
-            },
-            &raw.source,
-        );
+        let inbound_ports =
+            match r.star_or_list("istio-inbound-ports", "INBOUND_PORTS_INCLUDE", "port")? {
+                None => InboundPorts::All,
+                Some(v) => InboundPorts::Only(v),
+            };
         let inbound_exclude_ports = resolve_inbound_excludes(&mut r)?;
 
         let owner_groups = resolve_owner_groups(&mut r)?;
 
-        let raw = r.raw("istio-service-cidr");
-        let include_source = raw.source.clone();
-        let outbound_include = if raw.value.trim() == "*" {
-            OutboundCidrs::All
-        } else {
-            OutboundCidrs::Only(raw.list("CIDR")?)
-        };
-        r.record(
-            "OUTBOUND_IP_RANGES_INCLUDE",
-            match &outbound_include {
-                OutboundCidrs::All => "*".to_owned(),
-                OutboundCidrs::Only(v) => join(v),
-            },
-            &raw.source,
-        );
+        let outbound_include =
+            match r.star_or_list("istio-service-cidr", "OUTBOUND_IP_RANGES_INCLUDE", "CIDR")? {
+                None => OutboundCidrs::All,
+                Some(v) => OutboundCidrs::Only(v),
+            };
+        let include_source = r.raw("istio-service-cidr").source;
         let raw = r.raw("istio-service-exclude-cidr");
         if raw.value.trim() == "*" {
             return Err(raw.err(
@@ -671,6 +675,26 @@ impl Config {
         let network_namespace = Some(raw.value.clone()).filter(|v| !v.is_empty());
         r.record("NETWORK_NAMESPACE", &raw.value, &raw.source);
 
+        let raw = r.raw("netns");
+        let netns = match raw.value.trim() {
+            "" => None,
+            v if v.bytes().all(|b| b.is_ascii_digit()) => Some(format!("/proc/{v}/ns/net")),
+            v if v.starts_with('/') => Some(v.to_owned()),
+            _ => {
+                return Err(raw.err(
+                    "network namespace",
+                    "expected an absolute path (/proc/PID/ns/net, /var/run/netns/NAME) or a PID",
+                ));
+            }
+        };
+        r.record("NETNS", netns.as_deref().unwrap_or(""), &raw.source);
+        let raw = r.raw("xtables-wait");
+        let xtables_wait: u32 = match raw.value.trim().parse() {
+            Ok(n) if n <= 3600 => n,
+            _ => return Err(raw.err("wait", "expected whole seconds from 0 to 3600")),
+        };
+        r.record("XTABLES_WAIT", xtables_wait, &raw.source);
+
         let reconcile = r.flag("reconcile", "RECONCILE")?;
         let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
         let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
@@ -729,6 +753,8 @@ impl Config {
             dual_stack,
             capture_all_dns,
             network_namespace,
+            netns,
+            xtables_wait,
             reconcile,
             cleanup_only,
             force_apply,

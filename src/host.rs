@@ -8,9 +8,9 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 
-use crate::config::{Config, Ipv6Mode, Source};
+use crate::config::{Config, ConfigError, Ipv6Mode, OwnerGroups, Source};
 use crate::exit::UsageError;
-use crate::net::Family;
+use crate::net::{Family, Group};
 
 /// Looks a user up in `/etc/passwd` (no NSS: the init image has no name service).
 pub fn passwd_uid(user: &str) -> Option<u32> {
@@ -217,6 +217,52 @@ pub fn dns_servers(cfg: &Config, ipv6: bool) -> anyhow::Result<Vec<IpAddr>> {
     Ok(used)
 }
 
+/// Whether `name` is a group in group(5)-format text.
+pub fn group_exists(text: &str, name: &str) -> bool {
+    text.lines().any(|l| l.split(':').next() == Some(name))
+}
+
+/// Checks that every owner group given by name exists in `/etc/group`: iptables resolves the
+/// names there when it applies the rules (this process and iptables see the same root
+/// filesystem), and a missing one would fail the restore half-way. An input error (exit 2)
+/// before anything is touched.
+pub fn check_group_names(cfg: &Config) -> anyhow::Result<()> {
+    let (groups, key) = match &cfg.owner_groups {
+        OwnerGroups::AllExcept(g) => (g, "OUTBOUND_OWNER_GROUPS_EXCLUDE"),
+        OwnerGroups::Only(g) => (g, "OUTBOUND_OWNER_GROUPS_INCLUDE"),
+    };
+    let names: Vec<&str> = groups
+        .iter()
+        .filter_map(|g| match g {
+            Group::Name(n) => Some(n.as_str()),
+            Group::Id(_) => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let path = "/etc/group";
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let source = cfg
+        .provenance
+        .iter()
+        .find(|p| p.key == key)
+        .map(|p| p.source.clone())
+        .unwrap_or(Source::Default);
+    match names.into_iter().find(|n| !group_exists(&text, n)) {
+        None => Ok(()),
+        Some(missing) => Err(ConfigError {
+            what: "group".into(),
+            value: missing.to_owned(),
+            source,
+            reason: format!(
+                "no such group in {path}, where iptables looks group names up; use the numeric GID"
+            ),
+        }
+        .into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +288,14 @@ fe80000000000000a8bbccfffedd0011 02 40 20 80     eth0
         assert_eq!(addrs[0].iface, "eth0");
         assert!(decide_from_addresses(&addrs).enabled);
         assert!(!decide_from_addresses(&[]).enabled);
+    }
+
+    #[test]
+    fn group_lookup() {
+        let text = "root:x:0:\njava:x:1001:app\n";
+        assert!(group_exists(text, "java"));
+        assert!(!group_exists(text, "jav"));
+        assert!(!group_exists(text, "x"));
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //!
 //! The pure core turns a command line (plus env vars) into a [`config::Config`], the
 //! [`ruleset::Ruleset`] of each IP family and its `iptables-restore` text. [`run`] is the only
-//! place that sequences effects: read facts → build → print (dry run) or apply.
+//! place that sequences effects: read facts → build → print (dry run), or check capabilities →
+//! enter the namespace → drop capabilities → routes → apply → validate.
 
 pub mod annotations;
+pub mod apply;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod exit;
@@ -12,8 +15,11 @@ pub mod explain;
 pub mod host;
 pub mod logging;
 pub mod net;
+pub mod netns;
 pub mod restore;
+pub mod route;
 pub mod ruleset;
+pub mod state;
 pub mod trace;
 pub mod validation;
 
@@ -151,6 +157,19 @@ pub fn gather_facts(cfg: &Config) -> anyhow::Result<Facts> {
     Ok(facts)
 }
 
+/// [`gather_facts`] in the namespace the rules are for: with `--netns`, the facts (IPv6
+/// addresses) are read inside that namespace, so a dry run, `explain` or `trace` from a debug
+/// pod describes the target pod, not the debug container.
+pub fn target_facts(cfg: &Config) -> anyhow::Result<Facts> {
+    match cfg.netns.as_deref() {
+        None => gather_facts(cfg),
+        Some(path) => {
+            let ns = netns::Netns::open(path)?;
+            netns::run_in(Some(&ns), || gather_facts(cfg))
+        }
+    }
+}
+
 /// Builds the ruleset of every enabled family.
 pub fn build_all(cfg: &Config, facts: &Facts) -> Vec<Ruleset> {
     facts
@@ -199,28 +218,16 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     }
     log::info!("Istio config:\n{}", cfg.dump().trim_end());
 
-    if cfg.interception == Interception::None {
+    if cfg.interception == Interception::None && !cfg.cleanup_only {
         log::info!("interception mode NONE: no traffic is captured, nothing to do");
         return Ok(());
     }
 
-    let facts = gather_facts(&cfg)?;
-    log::info!(
-        "what the rules do:\n{}",
-        explain::summary(&cfg, &facts).trim_end()
-    );
-    let rulesets = build_all(&cfg, &facts);
-    for rs in &rulesets {
-        log::info!(
-            "{} ruleset: {} rules in {} new chains",
-            rs.family,
-            rs.rule_count(),
-            rs.chain_count()
-        );
-        log::debug!("{} restore input:\n{rs}", rs.family);
-    }
-
     if cfg.dry_run {
+        let facts = target_facts(&cfg)?;
+        log_summary(&cfg, &facts);
+        let rulesets = build_all(&cfg, &facts);
+        log_rulesets(&rulesets);
         log::info!("dry run: printing the ruleset, no rule changes will be made");
         let text = restore::dry_run_text(&rulesets);
         if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
@@ -240,16 +247,80 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    if cfg.skip_rule_apply {
-        log::info!("--skip-rule-apply: not programming any rule");
-    } else {
-        anyhow::bail!("applying rules is not implemented yet; use --dry-run");
-    }
+    let result = program(&cfg, env);
+    log_resource_use();
+    result
+}
 
-    if cfg.run_validation {
-        validation::validate(&cfg, &facts.families())?;
+fn log_summary(cfg: &Config, facts: &Facts) {
+    log::info!(
+        "what the rules do:\n{}",
+        explain::summary(cfg, facts).trim_end()
+    );
+}
+
+fn log_rulesets(rulesets: &[Ruleset]) {
+    for rs in rulesets {
+        log::info!(
+            "{} ruleset: {} rules in {} new chains",
+            rs.family,
+            rs.rule_count(),
+            rs.chain_count()
+        );
+        log::debug!("{} restore input:\n{rs}", rs.family);
     }
-    Ok(())
+}
+
+/// The real run: every input checked, capabilities checked, then — on a worker thread that
+/// enters the target namespace and keeps only NET_ADMIN and NET_RAW — routes and rules, and
+/// finally validation (which needs no capability: the `istio-validation` container runs as the
+/// proxy user with `--skip-rule-apply`).
+fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
+    let programs = !cfg.skip_rule_apply;
+    if programs {
+        host::check_group_names(cfg)?;
+        caps::preflight()?;
+    }
+    let ns = cfg.netns.as_deref().map(netns::Netns::open).transpose()?;
+    let nf = apply::System::new(env.var, cfg.xtables_wait);
+    netns::run_in(ns.as_ref(), || {
+        if programs {
+            caps::restrict()?;
+        }
+        let facts = gather_facts(cfg)?;
+        if !programs {
+            log::info!("--skip-rule-apply: no rule or route is touched");
+        } else if cfg.cleanup_only {
+            // Both families, whatever IPv6 detection says now: the rules may predate it.
+            let rulesets = if cfg.interception == Interception::None {
+                Vec::new()
+            } else {
+                let both = Facts {
+                    ipv6: true,
+                    ..facts.clone()
+                };
+                build_all(cfg, &both)
+            };
+            log::info!("--cleanup-only: removing the Istio rules (TPROXY routes are left alone)");
+            return apply::cleanup(&nf, &rulesets);
+        } else {
+            log_summary(cfg, &facts);
+            let rulesets = build_all(cfg, &facts);
+            log_rulesets(&rulesets);
+            route::configure(&route::RoutePlan::new(cfg, &facts))
+                .context("configuring TPROXY routing")?;
+            let opts = apply::Options {
+                reconcile: cfg.reconcile,
+                force_apply: cfg.force_apply,
+                force_backend: cfg.force_backend,
+            };
+            apply::apply(&nf, &opts, &rulesets)?;
+        }
+        if cfg.run_validation {
+            validation::validate(cfg, &facts.families())?;
+        }
+        Ok(())
+    })
 }
 
 /// `explain`: the settings with their sources, then the summary, on stdout.
@@ -257,7 +328,7 @@ fn explain_cmd(cfg: &Config, pod: &PodSettings) -> anyhow::Result<()> {
     if let Some(why) = &pod.nothing_to_do {
         return print(&format!("Nothing to do: {why}.\n"));
     }
-    let facts = gather_facts(cfg)?;
+    let facts = target_facts(cfg)?;
     print(&explain::explain(cfg, &facts))
 }
 
@@ -273,8 +344,35 @@ fn trace_cmd(cfg: &Config, pod: &PodSettings, args: &cli::TraceArgs) -> anyhow::
     let rulesets = if cfg.interception == Interception::None {
         Vec::new()
     } else {
-        build_all(cfg, &gather_facts(cfg)?)
+        build_all(cfg, &target_facts(cfg)?)
     };
     let t = trace::trace(cfg, &rulesets, &conn, &host::group_gid);
     print(&t.to_string())
+}
+
+/// Logs this process's own peak RSS and CPU time at debug level (children excluded): the
+/// numbers the benchmark reports. The peak is `VmHWM` of this address space; `ru_maxrss` is not
+/// used because across `exec` it keeps the high-water mark of the replaced address space, which
+/// after a `vfork`-style spawn is the parent's.
+fn log_resource_use() {
+    use nix::sys::resource::{UsageWho, getrusage};
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    if let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) {
+        let us = |t: nix::sys::time::TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
+        log::debug!(
+            "resource use: peak RSS {peak} KiB, user {} us, sys {} us",
+            us(u.user_time()),
+            us(u.system_time())
+        );
+    }
 }

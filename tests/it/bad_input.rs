@@ -673,6 +673,27 @@ fn rows(scratch: &Scratch) -> Vec<Row> {
         ),
     ];
 
+    // The namespace to program and the legacy lock wait.
+    let fifo = scratch.path("fifo");
+    rows.extend([
+        row("relative netns path", &["--netns", "netns/pod"], &[], r#"invalid network namespace "netns/pod" in --netns: expected an absolute path (/proc/PID/ns/net, /var/run/netns/NAME) or a PID"#),
+        row("rule in a netns value", &["--netns", "1 -j ACCEPT"], &[], r#"invalid network namespace "1 -j ACCEPT" in --netns: expected an absolute path (/proc/PID/ns/net, /var/run/netns/NAME) or a PID"#),
+        Row { shape: Shape::Last, ..row("missing netns file", &["--netns", "/nonexistent/netns"], &[], r#"invalid network namespace "/nonexistent/netns" in --netns: no such file (give /proc/PID/ns/net, /var/run/netns/NAME or a PID)"#) },
+        Row { shape: Shape::Last, ..row("netns PID that does not exist", &[], &[("ISTIO_INIT_NETNS", "4294967295")], r#"invalid network namespace "/proc/4294967295/ns/net" in --netns: no such file (give /proc/PID/ns/net, /var/run/netns/NAME or a PID)"#) },
+        Row { shape: Shape::Last, ..row("netns file that is not a namespace", &["--netns", "/etc/hostname"], &[], r#"invalid network namespace "/etc/hostname" in --netns: not a network namespace file"#) },
+        row("negative xtables wait", &["--xtables-wait=-1"], &[], r#"invalid wait "-1" in --xtables-wait: expected whole seconds from 0 to 3600"#),
+        row("xtables wait over an hour", &[], &[("ISTIO_INIT_XTABLES_WAIT", "3601")], r#"invalid wait "3601" in env ISTIO_INIT_XTABLES_WAIT: expected whole seconds from 0 to 3600"#),
+    ]);
+    rows.push(Row {
+        shape: Shape::Last,
+        ..row(
+            "netns is a FIFO (would block)",
+            &["--netns", &fifo],
+            &[],
+            &format!("invalid network namespace {fifo:?} in --netns: not a network namespace file"),
+        )
+    });
+
     // Usage errors: clap's first line (a usage hint follows).
     for (name, args, want) in [
         (
@@ -796,6 +817,10 @@ fn rows(scratch: &Scratch) -> Vec<Row> {
     rows.push(Row {
         args: vec!["-d".into(), OsStr::from_bytes(b"15090,\xff").into()],
         ..row("non-UTF-8 flag value", &[], &[], "invalid value \"15090,\u{fffd}\" in --istio-local-exclude-ports (-d): not valid UTF-8 (byte 0xff at offset 6)")
+    });
+    rows.push(Row {
+        env: vec![("XTABLES_LOCKFILE".into(), OsStr::from_bytes(b"/run/x\xff").into())],
+        ..row("non-UTF-8 lock file path", &[], &[], "invalid value \"/run/x\u{fffd}\" in env XTABLES_LOCKFILE: not valid UTF-8 (byte 0xff at offset 6)")
     });
     rows.push(Row {
         env: vec![("ISTIO_EXCLUDE_INTERFACES".into(), OsStr::from_bytes(b"eth\xc3").into())],
@@ -1096,11 +1121,28 @@ fn snapshot_detects_rules_and_routes() {
     }
     ns.ok(&["ip", "rule", "add", "fwmark", "1337", "lookup", "133"]);
     assert!(snapshot(&ns).contains("lookup 133"));
+
+    // And it sees what istio-init itself writes: a valid TPROXY run changes netfilter and
+    // policy routing, so the "nothing changed" check below can fail.
+    let ns = Netns::new("badsnapii");
+    let clean = snapshot(&ns);
+    let o = output(
+        ns.cmd(&[crate::util::bin(), "-m", "TPROXY", "--ipv6=false"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default()),
+    );
+    assert!(o.status.success(), "valid run failed: {}", stderr(&o));
+    let after = snapshot(&ns);
+    assert_ne!(after, clean);
+    assert!(
+        after.contains("-A PREROUTING -p tcp -j ISTIO_INBOUND"),
+        "{after}"
+    );
+    assert!(after.contains("lookup 133"), "{after}");
 }
 
 /// Run for real (no `--dry-run`) inside a fresh namespace: every bad input is refused before
-/// anything is touched. Today the apply path is still being written (runs that get past
-/// validation fail with exit 1); this guards the order of `run` once it lands.
+/// anything is touched (the apply path runs only after every input has been validated).
 #[test]
 fn bad_input_leaves_no_rule_behind() {
     if !privileged("bad_input_leaves_no_rule_behind") {

@@ -104,6 +104,10 @@ static FIELDS: &[Field] = &[
     field("status-port", "status port", false, "15030"),
     Field {
         rendered: false,
+        ..field("xtables-wait", "wait", false, "31")
+    },
+    Field {
+        rendered: false,
         ..field("force-iptables-binary", "iptables backend", false, "nft")
     },
     Field {
@@ -136,6 +140,10 @@ const NOT_RENDERED: &[(&str, &str)] = &[
         "a path, only opened (bad paths are rows of bad_input.rs)",
     ),
     ("network-namespace", "a path, only logged"),
+    (
+        "netns",
+        "a path or PID, only opened for setns (bad values are rows of bad_input.rs)",
+    ),
     (
         "annotations",
         "a path; the file's contents are the annotation channels here",

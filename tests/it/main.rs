@@ -5,12 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod annotations;
+mod apply;
 mod bad_input;
 mod checks;
 mod cli;
 mod conformance;
 mod golden;
+mod image;
 mod injection;
+mod kubernetes;
 mod layout;
 mod properties;
 mod readme;

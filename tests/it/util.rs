@@ -248,3 +248,244 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---- Helpers for the apply tests: threads inside a namespace, sockets, state snapshots. ----
+
+/// Runs `f` on a fresh thread that has entered the namespace (`setns`), and returns its
+/// result. Sockets created there stay in that namespace wherever they are used later.
+pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open(ns.path()).expect("opening the netns file");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("setns into the test namespace");
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}
+
+/// A TCP listener bound in a namespace (IPv6 listeners are IPv6-only, so both families can
+/// listen on one port). `transparent` sets IP_TRANSPARENT, which TPROXY needs.
+pub fn listen(ns: &Netns, addr: std::net::SocketAddr, transparent: bool) -> std::net::TcpListener {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen as nlisten,
+        setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    in_netns(ns, || {
+        let family = if addr.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+        if addr.is_ipv6() {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true).expect("IPV6_V6ONLY");
+        }
+        if transparent {
+            setsockopt(&fd, sockopt::IpTransparent, &true).expect("IP_TRANSPARENT");
+        }
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        nlisten(&fd, Backlog::new(16).expect("backlog")).expect("listen");
+        std::net::TcpListener::from(fd)
+    })
+}
+
+/// Connects from inside a namespace, with the socket owned by `uid`/`gid` as the owner
+/// match sees it (fsuid/fsgid at socket creation), like an app or proxy process would.
+pub fn connect_as(
+    ns: &Netns,
+    owner: Option<(u32, u32)>,
+    dst: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    use nix::sys::time::TimeVal;
+    use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
+    use std::os::fd::AsRawFd;
+    in_netns(ns, || {
+        let family = if dst.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        if let Some((u, g)) = owner {
+            setfsgid(Gid::from_raw(g));
+            setfsuid(Uid::from_raw(u));
+        }
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None);
+        if owner.is_some() {
+            setfsuid(Uid::from_raw(0));
+            setfsgid(Gid::from_raw(0));
+        }
+        let fd = fd.map_err(std::io::Error::from)?;
+        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(3, 0)).map_err(std::io::Error::from)?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)).map_err(std::io::Error::from)?;
+        Ok(std::net::TcpStream::from(fd))
+    })
+}
+
+/// Waits up to `ms` for a connection on the listener.
+pub fn accept_within(l: &std::net::TcpListener, ms: u16) -> Option<std::net::TcpStream> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) if n > 0 => l.accept().ok().map(|(s, _)| s),
+        _ => None,
+    }
+}
+
+/// The destination a connection had before NAT redirected it (`SO_ORIGINAL_DST`).
+pub fn original_dst(s: &std::net::TcpStream) -> Option<std::net::SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = s.local_addr().ok()?;
+    if local.is_ipv4() {
+        let sin = getsockopt(s, sockopt::OriginalDst).ok()?;
+        let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        Some(std::net::SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+    } else {
+        let sin6 = getsockopt(s, sockopt::Ip6tOriginalDst).ok()?;
+        let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        Some(std::net::SocketAddr::from((
+            ip,
+            u16::from_be(sin6.sin6_port),
+        )))
+    }
+}
+
+/// A UDP socket bound in a namespace.
+pub fn udp_bind(ns: &Netns, addr: std::net::SocketAddr) -> std::net::UdpSocket {
+    in_netns(ns, || {
+        let s = std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        s.set_read_timeout(Some(std::time::Duration::from_millis(1500)))
+            .expect("read timeout");
+        s
+    })
+}
+
+/// Sends one datagram from inside a namespace as `owner` (fsuid/fsgid at socket creation).
+pub fn udp_send_as(ns: &Netns, owner: Option<(u32, u32)>, dst: std::net::SocketAddr, msg: &[u8]) {
+    use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
+    in_netns(ns, || {
+        if let Some((u, g)) = owner {
+            setfsgid(Gid::from_raw(g));
+            setfsuid(Uid::from_raw(u));
+        }
+        let any: std::net::SocketAddr = if dst.is_ipv4() {
+            "0.0.0.0:0".parse().expect("addr")
+        } else {
+            "[::]:0".parse().expect("addr")
+        };
+        let s = std::net::UdpSocket::bind(any);
+        setfsuid(Uid::from_raw(0));
+        setfsgid(Gid::from_raw(0));
+        s.expect("udp socket").send_to(msg, dst).expect("send_to");
+    })
+}
+
+/// Receives one datagram (within the socket's read timeout).
+pub fn udp_recv(s: &std::net::UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 512];
+    s.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
+}
+
+impl Netns {
+    /// The rules and user chains of one backend and family (`iptables-nft-save`, …), one
+    /// `table: line` each, without counters, comments and empty built-in chains: what
+    /// decides traffic. Empty tables that nf_tables keeps after their rules are gone do not
+    /// show.
+    pub fn rules(&self, save_program: &str) -> Vec<String> {
+        let out = self.ok(&[save_program]);
+        let mut table = String::new();
+        let mut v = Vec::new();
+        for l in out.lines() {
+            if let Some(t) = l.strip_prefix('*') {
+                table = t.to_owned();
+            } else if l.starts_with("-A ") || (l.starts_with(':') && l.contains(" - [")) {
+                let l = l.split(" [").next().unwrap_or(l);
+                v.push(format!("{table}: {l}"));
+            }
+        }
+        v
+    }
+
+    /// Whether any backend or family holds an Istio (or istio-init scratch) chain or rule.
+    pub fn istio_anywhere(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for p in [
+            "iptables-nft-save",
+            "ip6tables-nft-save",
+            "iptables-legacy-save",
+            "ip6tables-legacy-save",
+        ] {
+            for l in self.rules(p) {
+                if l.contains("ISTIO") || l.contains(" ii-") || l.contains(":ii-") {
+                    v.push(format!("{p}: {l}"));
+                }
+            }
+        }
+        v
+    }
+
+    /// Runs istio-init inside the namespace with a clean environment plus `env`.
+    pub fn istio_init(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut argv: Vec<String> = vec!["env".into(), "-i".into()];
+        argv.push(format!(
+            "PATH={}",
+            std::env::var("PATH").unwrap_or_default()
+        ));
+        for (k, v) in env {
+            argv.push(format!("{k}={v}"));
+        }
+        argv.push(bin().into());
+        argv.extend(args.iter().map(|s| (*s).to_owned()));
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.run(&refs)
+    }
+}
+
+/// A directory of executable shims, deleted on drop.
+#[derive(Debug)]
+pub struct ShimDir {
+    pub path: PathBuf,
+}
+
+impl ShimDir {
+    pub fn new(tag: &str) -> ShimDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("ii-shim-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("creating shim dir");
+        ShimDir { path }
+    }
+
+    /// Writes an executable `sh` script named `name`.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.path.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("writing shim");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod shim");
+        p
+    }
+
+    /// `PATH` with this directory first.
+    pub fn path_env(&self) -> String {
+        format!(
+            "{}:{}",
+            self.path.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for ShimDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

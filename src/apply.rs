@@ -1,0 +1,918 @@
+//! Applies rulesets to the current thread's network namespace: chooses the iptables backend,
+//! runs one `*-restore --noflush` per family, and keeps the namespace from ever being left
+//! half-applied.
+//!
+//! Effects: spawns `iptables-*-restore` / `*-save` (argv only, never a shell, with a scrubbed
+//! environment) and reads `/proc/thread-self/net/ip{,6}_tables_names`. Everything it decides
+//! from is in [`crate::state`], which is pure.
+//!
+//! # The fast path
+//!
+//! On a fresh namespace the only process per family is one `*-restore --noflush` fed the
+//! dry-run text: the backend is chosen from `/proc` (no legacy tables → nft), nothing is probed
+//! and nothing is saved.
+//!
+//! # Never half-applied
+//!
+//! `iptables-restore` commits table by table. When it fails at line N, the tables whose
+//! `COMMIT` precedes N were committed; they are undone at once (delete our rules from built-in
+//! chains, then flush and delete the chains we created). When a later family fails, the
+//! earlier families are undone the same way, so a failed run leaves the namespace as it found
+//! it.
+//!
+//! # Re-runs
+//!
+//! A re-run is recognised from the restore's own failure: `-N` of a chain that already exists.
+//! Only then is the state read (see [`crate::state`] for how "identical" is decided): identical
+//! → nothing to do; our chains present in some tables and absent in others (an interrupted
+//! run) → the absent tables are applied; anything else → a clear error naming the
+//! differences, unless `--reconcile`, which converges in one restore whose per-table
+//! transactions flush and refill our chains in place, so no packet ever sees the namespace
+//! without the proxy's rules. `--force-apply` rewrites identical rules in place the same way.
+//!
+//! # Flags
+//!
+//! * `--reconcile`: converge drifted or different Istio rules (above) instead of failing, and
+//!   move rules found in the other backend to the chosen one.
+//! * `--force-apply`: istio-iptables applies again even when nothing changed, which fails on
+//!   `-N` of the existing chains; here it rewrites identical rules in place (same mechanism as
+//!   reconcile), and a *different* state still needs `--reconcile`.
+//! * `--cleanup-only` ([`cleanup`]): removes our chains, every jump to them, the rules this
+//!   configuration puts in built-in chains and Istio-shaped leftovers, in both families and both
+//!   backends (legacy only where legacy tables exist); foreign rules stay. Unlike istio-iptables
+//!   it does not add the TPROXY routes, and it does not remove them either: they only act on
+//!   packets carrying the TPROXY mark, which nothing sets once the rules are gone, and another
+//!   component may own an identical rule.
+//! * istio-iptables logs a full `iptables-save` after applying; that would be a second process
+//!   per family on every pod start, so istio-init logs a one-line summary instead (the rules
+//!   are at debug level).
+//!
+//! # Backends
+//!
+//! `FORCE_IPTABLES_BINARY` wins. Otherwise legacy is used only when the namespace already
+//! holds legacy rules: `/proc/thread-self/net/ip_tables_names` lists the instantiated legacy
+//! tables (empty in a fresh namespace), and only when it is non-empty is `*-legacy-save` asked
+//! whether they hold Istio chains (→ legacy) or any rule at all (→ legacy, unless nft already
+//! holds Istio chains). Tables that exist but are empty — the footprint Istio's own probe
+//! leaves — do not count. Rules never end up in both backends: a copy in the other backend is
+//! an error, or with `--reconcile` is removed after the chosen backend converged.
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::config::Backend;
+use crate::net::Family;
+use crate::ruleset::{Ruleset, Table};
+use crate::state::{self, Layout, Saved, Verdict};
+
+mod messages;
+mod system;
+
+pub use messages::{describe, iptables_message};
+pub use system::{DEFAULT_PATH, System};
+
+/// A failed `*-restore` run (or one that could not be started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreFailure {
+    /// The program, as run (or as looked for).
+    pub program: String,
+    /// Exit status and iptables' stderr (or why it could not run).
+    pub stderr: String,
+    /// The input line iptables reported, if any.
+    pub line: Option<usize>,
+}
+
+/// The seam between the apply logic and the programs it runs.
+pub trait Netfilter {
+    /// Runs `*-restore --noflush` of `family` in `backend` with `input` on stdin.
+    fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure>;
+    /// Runs `*-save` and returns its output.
+    fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String>;
+    /// The legacy tables instantiated in the namespace (`/proc/.../ip{,6}_tables_names`).
+    fn legacy_tables(&self, family: Family) -> Vec<String>;
+}
+
+/// What to do when the namespace is not fresh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    pub reconcile: bool,
+    pub force_apply: bool,
+    pub force_backend: Option<Backend>,
+}
+
+/// What happened to one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied to a namespace without our rules.
+    Applied,
+    /// The same rules were already in place; nothing changed.
+    AlreadyInPlace,
+    /// Some tables were in place and the missing ones were applied.
+    Completed(Vec<Table>),
+    /// Replaced in place (`--reconcile`, or `--force-apply` on identical rules).
+    Reconciled,
+}
+
+/// One family's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyReport {
+    pub family: Family,
+    pub backend: Backend,
+    pub outcome: Outcome,
+}
+
+fn other(b: Backend) -> Backend {
+    match b {
+        Backend::Legacy => Backend::Nft,
+        Backend::Nft => Backend::Legacy,
+    }
+}
+
+fn tool_prefix(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
+/// Tables this run created from scratch, for rollback.
+struct Committed {
+    rs: Ruleset,
+    backend: Backend,
+    tables: Vec<Table>,
+}
+
+/// The backend decision for one family.
+#[derive(Debug)]
+struct Choice {
+    backend: Backend,
+    reason: String,
+    /// The other backend holds Istio chains (only allowed with `--reconcile`, which then
+    /// removes them).
+    clean_other: bool,
+}
+
+fn istio_in(nf: &dyn Netfilter, family: Family, backend: Backend) -> anyhow::Result<bool> {
+    if backend == Backend::Legacy && nf.legacy_tables(family).is_empty() {
+        return Ok(false);
+    }
+    Ok(state::parse_save(&nf.save(family, backend)?).has_istio_chains())
+}
+
+fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<Choice> {
+    let (backend, reason) = match opts.force_backend {
+        Some(b) => (b, "forced by FORCE_IPTABLES_BINARY".to_owned()),
+        None => {
+            let legacy = nf.legacy_tables(family);
+            if legacy.is_empty() {
+                (
+                    Backend::Nft,
+                    "no legacy iptables tables exist in this network namespace".to_owned(),
+                )
+            } else {
+                let saved = state::parse_save(&nf.save(family, Backend::Legacy)?);
+                if saved.has_istio_chains() {
+                    (
+                        Backend::Legacy,
+                        "the legacy backend already holds Istio chains".to_owned(),
+                    )
+                } else if saved.rule_count() > 0 || !saved.non_empty_tables().is_empty() {
+                    (
+                        Backend::Legacy,
+                        format!(
+                            "the namespace already has legacy rules ({} rules in tables {})",
+                            saved.rule_count(),
+                            saved.non_empty_tables().join(", ")
+                        ),
+                    )
+                } else {
+                    (
+                        Backend::Nft,
+                        format!(
+                            "the legacy tables present ({}) hold no rules",
+                            legacy.join(", ")
+                        ),
+                    )
+                }
+            }
+        }
+    };
+    // Rules must never end up in both backends. When nft was chosen because legacy is
+    // empty or rule-less, legacy cannot hold Istio chains; every other case is checked.
+    let unforced_nft = opts.force_backend.is_none() && backend == Backend::Nft;
+    let clean_other = !unforced_nft && istio_in(nf, family, other(backend))?;
+    if clean_other && !opts.reconcile {
+        bail!(
+            "{family}: Istio chains already exist in the {} iptables backend, and this run would \
+             program the {backend} backend ({reason}), leaving two copies; run with \
+             --cleanup-only first, or add --reconcile to move the rules to {backend}",
+            other(backend)
+        );
+    }
+    Ok(Choice {
+        backend,
+        reason,
+        clean_other,
+    })
+}
+
+/// Applies every family's ruleset (IPv4 first). On failure, every table this run created is
+/// removed again and the error says what failed and that it was rolled back.
+pub fn apply(
+    nf: &dyn Netfilter,
+    opts: &Options,
+    rulesets: &[Ruleset],
+) -> anyhow::Result<Vec<FamilyReport>> {
+    let mut done: Vec<Committed> = Vec::new();
+    let mut reports = Vec::new();
+    for rs in rulesets {
+        match apply_family(nf, opts, rs, &mut done) {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                if done.is_empty() {
+                    return Err(e);
+                }
+                let families: Vec<String> = done.iter().map(|c| c.rs.family.to_string()).collect();
+                return Err(match rollback(nf, &done) {
+                    Ok(()) => e.context(format!(
+                        "{} rules applied by this run were rolled back; the namespace is as it was",
+                        families.join(" and ")
+                    )),
+                    Err(re) => e.context(format!(
+                        "rolling back the {} rules applied by this run also failed ({re:#}); \
+                         run istio-init --cleanup-only to remove partial rules",
+                        families.join(" and ")
+                    )),
+                });
+            }
+        }
+    }
+    Ok(reports)
+}
+
+fn rollback(nf: &dyn Netfilter, done: &[Committed]) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    for c in done.iter().rev() {
+        if let Err(e) = undo(nf, &c.rs, c.backend, &c.tables) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(errors.join("; ")))
+    }
+}
+
+fn undo(
+    nf: &dyn Netfilter,
+    rs: &Ruleset,
+    backend: Backend,
+    tables: &[Table],
+) -> anyhow::Result<()> {
+    let text = state::undo_text(rs, tables);
+    if text.is_empty() {
+        return Ok(());
+    }
+    log::info!(
+        "{}: rolling back tables {} in the {backend} backend",
+        rs.family,
+        tables
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    nf.restore(rs.family, backend, &text)
+        .map_err(|f| anyhow!(describe(rs.family, backend, &text, &f)))
+}
+
+fn apply_family(
+    nf: &dyn Netfilter,
+    opts: &Options,
+    rs: &Ruleset,
+    done: &mut Vec<Committed>,
+) -> anyhow::Result<FamilyReport> {
+    let family = rs.family;
+    let choice = choose(nf, opts, family)?;
+    let backend = choice.backend;
+    log::info!("{family}: using the {backend} backend: {}", choice.reason);
+    if rs.tables.is_empty() {
+        return Ok(FamilyReport {
+            family,
+            backend,
+            outcome: Outcome::AlreadyInPlace,
+        });
+    }
+    let text = rs.to_string();
+    let mut backend = backend;
+    let mut first = nf.restore(family, backend, &text);
+    if let Err(f) = &first {
+        if backend == Backend::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
+            log::warn!(
+                "{family}: nf_tables is not usable here ({}); falling back to the legacy backend",
+                iptables_message(&f.stderr)
+            );
+            backend = Backend::Legacy;
+            first = nf.restore(family, backend, &text);
+        }
+    }
+    let report = |outcome| FamilyReport {
+        family,
+        backend,
+        outcome,
+    };
+    let outcome = match first {
+        Ok(()) => {
+            done.push(Committed {
+                rs: rs.clone(),
+                backend,
+                tables: rs.tables.iter().map(|t| t.table).collect(),
+            });
+            log::info!(
+                "{family}: applied {} rules in {} chains ({backend})",
+                rs.rule_count(),
+                rs.chain_count()
+            );
+            Outcome::Applied
+        }
+        Err(fail) => {
+            undo_committed(nf, rs, backend, &text, &fail)?;
+            if !is_existing_chain(&text, &fail) {
+                bail!(describe(family, backend, &text, &fail));
+            }
+            log::info!(
+                "{family}: Istio chains already exist ({}); comparing them with this configuration",
+                first_line(&fail.stderr)
+            );
+            existing(nf, opts, rs, backend, done)?
+        }
+    };
+    if choice.clean_other {
+        let o = other(backend);
+        log::info!("{family}: removing the Istio rules from the {o} backend (--reconcile)");
+        cleanup_backend(nf, family, o, Some(rs))?;
+    }
+    Ok(report(outcome))
+}
+
+/// Whether an nft restore failed because this kernel has no usable nf_tables (it fails before
+/// reading any input line), in which case the legacy backend is tried, as istio-iptables'
+/// probe would have chosen it.
+fn nft_unavailable(f: &RestoreFailure) -> bool {
+    let m = f.stderr.to_ascii_lowercase();
+    f.line.is_none()
+        && (m.contains("generation id")
+            || m.contains("protocol not supported")
+            || m.contains("address family not supported"))
+}
+
+/// After a failed restore, undoes the tables it committed before failing.
+fn undo_committed(
+    nf: &dyn Netfilter,
+    rs: &Ruleset,
+    backend: Backend,
+    text: &str,
+    fail: &RestoreFailure,
+) -> anyhow::Result<()> {
+    let Some(n) = fail.line else { return Ok(()) };
+    let tables: Vec<Table> = Layout::of(text)
+        .committed_before(n)
+        .into_iter()
+        .filter_map(state::table_named)
+        .collect();
+    if tables.is_empty() {
+        return Ok(());
+    }
+    undo(nf, rs, backend, &tables).with_context(|| {
+        format!(
+            "{}; undoing the tables committed before the failure also failed; run istio-init \
+             --cleanup-only to remove partial rules",
+            describe(rs.family, backend, text, fail)
+        )
+    })
+}
+
+/// Whether a restore failed because one of the chains it declares already exists (legacy
+/// iptables prints no reason for it, nft says `Chain already exists`).
+fn is_existing_chain(text: &str, fail: &RestoreFailure) -> bool {
+    let Some(line) = fail.line.and_then(|n| text.lines().nth(n.wrapping_sub(1))) else {
+        return false;
+    };
+    let reason = iptables_message(&fail.stderr);
+    line.starts_with("-N ") && (reason.is_empty() || reason.contains("exists"))
+}
+
+/// Reads the live state with the expected rules canonicalised by iptables itself (see
+/// [`crate::state`]). Scratch chains are only loaded into tables that exist and hold Istio
+/// rules, so inspecting never creates a table.
+fn inspect(
+    nf: &dyn Netfilter,
+    rs: &Ruleset,
+    backend: Backend,
+) -> anyhow::Result<(Saved, state::Canon)> {
+    let family = rs.family;
+    let live = state::parse_save(&nf.save(family, backend)?);
+    let present: Vec<&str> = rs
+        .tables
+        .iter()
+        .map(|t| t.table.name())
+        .filter(|name| {
+            live.table(name)
+                .is_some_and(state::SavedTable::has_istio_rules)
+        })
+        .collect();
+    if present.is_empty() {
+        return Ok((live, state::Canon::new()));
+    }
+    let scratch = state::scratch_text(rs, Some(&present), &scratch_names());
+    nf.restore(family, backend, &scratch).map_err(|f| {
+        anyhow!(
+            "loading the expected rules into scratch chains to compare them: {}",
+            describe(family, backend, &scratch, &f)
+        )
+    })?;
+    let live = state::parse_save(&nf.save(family, backend)?);
+    let canon = state::canon_from_scratch(&live, rs, &scratch_names());
+    Ok((live, canon))
+}
+
+fn delete_scratch(
+    nf: &dyn Netfilter,
+    family: Family,
+    backend: Backend,
+    live: &Saved,
+) -> anyhow::Result<()> {
+    let text = state::scratch_delete_text(live, &scratch_names());
+    if text.is_empty() {
+        return Ok(());
+    }
+    nf.restore(family, backend, &text).map_err(|f| {
+        anyhow!(
+            "deleting the scratch chains: {}",
+            describe(family, backend, &text, &f)
+        )
+    })
+}
+
+fn existing(
+    nf: &dyn Netfilter,
+    opts: &Options,
+    rs: &Ruleset,
+    backend: Backend,
+    done: &mut Vec<Committed>,
+) -> anyhow::Result<Outcome> {
+    let family = rs.family;
+    let (live, canon) = inspect(nf, rs, backend)?;
+    let verdict = state::compare(rs, &canon, &live);
+    let converge = |what: &str| -> anyhow::Result<Outcome> {
+        let text = state::converge_text(rs, &canon, &live, &scratch_names());
+        log::info!("{family}: {what}: replacing the Istio rules in place ({backend})");
+        log::debug!("{family} converge input:\n{text}");
+        nf.restore(family, backend, &text)
+            .map_err(|f| anyhow!(describe(family, backend, &text, &f)))?;
+        Ok(Outcome::Reconciled)
+    };
+    match verdict {
+        Verdict::Identical if opts.force_apply => converge("--force-apply"),
+        Verdict::Identical => {
+            delete_scratch(nf, family, backend, &live)?;
+            log::info!("{family}: the same Istio rules are already in place; nothing to do");
+            Ok(Outcome::AlreadyInPlace)
+        }
+        Verdict::Different(why) if opts.reconcile => {
+            for w in &why {
+                log::info!("{family}: drift: {w}");
+            }
+            converge("--reconcile")
+        }
+        Verdict::Different(why) => {
+            delete_scratch(nf, family, backend, &live)?;
+            for w in &why {
+                log::error!("{family}: drift: {w}");
+            }
+            let shown: Vec<&str> = why.iter().take(3).map(String::as_str).collect();
+            let more = match why.len() {
+                0..=3 => String::new(),
+                n => format!(" (and {} more)", n - 3),
+            };
+            bail!(
+                "{family}: the namespace already holds different Istio rules ({backend} backend): \
+                 {}{more}; they may come from istio-cni or an earlier run with other settings: \
+                 add --reconcile to replace them, or run --cleanup-only to remove them",
+                shown.join("; ")
+            )
+        }
+        Verdict::Incomplete(tables) => {
+            delete_scratch(nf, family, backend, &live)?;
+            let part = state::subset(rs, &tables);
+            let names: Vec<&str> = tables.iter().map(|t| t.name()).collect();
+            log::info!(
+                "{family}: completing an interrupted apply: adding tables {}",
+                names.join(", ")
+            );
+            let text = part.to_string();
+            if let Err(fail) = nf.restore(family, backend, &text) {
+                undo_committed(nf, &part, backend, &text, &fail)?;
+                bail!(describe(family, backend, &text, &fail));
+            }
+            done.push(Committed {
+                rs: part,
+                backend,
+                tables: tables.clone(),
+            });
+            Ok(Outcome::Completed(tables))
+        }
+    }
+}
+
+/// Removes istio-init's chains and the jumps to them from both families and both backends
+/// (legacy only where legacy tables exist), plus the built-in-chain rules `expected` (the
+/// current configuration's rulesets) would add. Foreign rules stay. Every family and backend
+/// is attempted; the errors are reported together.
+pub fn cleanup(nf: &dyn Netfilter, expected: &[Ruleset]) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    for family in Family::ALL {
+        let rs = expected.iter().find(|r| r.family == family);
+        for backend in [Backend::Nft, Backend::Legacy] {
+            if backend == Backend::Legacy && nf.legacy_tables(family).is_empty() {
+                log::debug!("{family}: no legacy tables, nothing to clean in legacy");
+                continue;
+            }
+            match cleanup_backend(nf, family, backend, rs) {
+                Ok(true) => {
+                    log::info!("{family}: removed the Istio rules from the {backend} backend")
+                }
+                Ok(false) => log::info!("{family}: no Istio rules in the {backend} backend"),
+                Err(e) if is_unavailable(&e) => {
+                    log::warn!("{family}: skipping the {backend} backend: {e:#}");
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("cleanup failed: {}", errors.join("; ")))
+    }
+}
+
+/// A backend that cannot even be read (binary missing, family disabled in the kernel) has
+/// nothing to clean.
+#[derive(Debug)]
+struct Unavailable(String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unavailable>())
+}
+
+/// Cleans one family in one backend. Returns whether anything was removed.
+fn cleanup_backend(
+    nf: &dyn Netfilter,
+    family: Family,
+    backend: Backend,
+    rs: Option<&Ruleset>,
+) -> anyhow::Result<bool> {
+    let saved = nf
+        .save(family, backend)
+        .map_err(|e| anyhow::Error::new(Unavailable(format!("{e:#}"))))?;
+    let mut live = state::parse_save(&saved);
+    if !live.tables.iter().any(state::SavedTable::has_ours) {
+        return Ok(false);
+    }
+    let mut canon = state::Canon::new();
+    if let Some(rs) = rs {
+        // The configuration's own rules in built-in chains can only be told apart from
+        // foreign ones in canonical form; load them into scratch chains of the tables that
+        // hold our rules (never creating a table).
+        let present: Vec<&str> = rs
+            .tables
+            .iter()
+            .map(|t| t.table.name())
+            .filter(|n| live.table(n).is_some_and(|t| t.has_ours()))
+            .collect();
+        if !present.is_empty() {
+            let scratch = state::scratch_text(rs, Some(&present), &scratch_names());
+            nf.restore(family, backend, &scratch)
+                .map_err(|f| anyhow!(describe(family, backend, &scratch, &f)))?;
+            live = state::parse_save(&nf.save(family, backend)?);
+            canon = state::canon_from_scratch(&live, rs, &scratch_names());
+        }
+    }
+    let text = state::cleanup_text(&live, &canon);
+    log::debug!("{family} cleanup input ({backend}):\n{text}");
+    nf.restore(family, backend, &text)
+        .map_err(|f| anyhow!(describe(family, backend, &text, &f)))?;
+    Ok(true)
+}
+
+/// This process's scratch chain names.
+fn scratch_names() -> state::Scratch {
+    state::Scratch::for_process(std::process::id())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn iptables_reasons() {
+        for (stderr, want) in [
+            (
+                "iptables-nft-restore: line 2 failed: Chain already exists.\n",
+                "Chain already exists.",
+            ),
+            ("iptables-restore: line 10 failed\n", ""),
+            (
+                "iptables-restore v1.8.9 (legacy): Port `99999' not valid\nError occurred at line: 8\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.\n",
+                "Port `99999' not valid",
+            ),
+            (
+                "iptables-nft-restore v1.8.9 (nf_tables): \nline 8: RULE_APPEND failed (Invalid argument): rule in chain ISTIO_B\n",
+                "line 8: RULE_APPEND failed (Invalid argument): rule in chain ISTIO_B",
+            ),
+        ] {
+            assert_eq!(iptables_message(stderr), want, "{stderr}");
+        }
+    }
+
+    #[test]
+    fn failure_description_names_everything() {
+        let text =
+            "* nat\n-N ISTIO_X\n-A ISTIO_X -p tcp -j TPROXY --on-port 1 --tproxy-mark 1\nCOMMIT\n";
+        let f = RestoreFailure {
+            program: "/usr/sbin/ip6tables-nft-restore".into(),
+            stderr: "ip6tables-nft-restore v1.8.9 (nf_tables): \nline 3: RULE_APPEND failed (Invalid argument): rule in chain ISTIO_X\n".into(),
+            line: Some(3),
+        };
+        let d = describe(Family::V6, Backend::Nft, text, &f);
+        assert_eq!(
+            d,
+            "IPv6 (nft backend): /usr/sbin/ip6tables-nft-restore failed at line 3 \
+             `-A ISTIO_X -p tcp -j TPROXY --on-port 1 --tproxy-mark 1`: line 3: RULE_APPEND \
+             failed (Invalid argument): rule in chain ISTIO_X; hint: the kernel or the iptables \
+             extensions may lack support for this rule; make sure the node has these modules \
+             loaded: nf_tables, nft_compat, nft_chain_nat, nf_tproxy_ipv6, xt_TPROXY"
+        );
+    }
+
+    type FailWhen = Box<dyn Fn(Family, &str) -> Option<RestoreFailure>>;
+
+    /// Records every call; a restore fails when `fail` returns a failure for its input.
+    struct Fake {
+        calls: RefCell<Vec<String>>,
+        fail: FailWhen,
+        /// What `*-save` prints: nft, then legacy.
+        saves: [String; 2],
+        legacy: Vec<String>,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake {
+                calls: RefCell::default(),
+                fail: Box::new(|_, _| None),
+                saves: [String::new(), String::new()],
+                legacy: Vec::new(),
+            }
+        }
+    }
+
+    impl Netfilter for Fake {
+        fn restore(
+            &self,
+            family: Family,
+            backend: Backend,
+            input: &str,
+        ) -> Result<(), RestoreFailure> {
+            self.calls
+                .borrow_mut()
+                .push(format!("restore {family} {backend}\n{input}"));
+            match (self.fail)(family, input) {
+                Some(f) => Err(f),
+                None => Ok(()),
+            }
+        }
+        fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String> {
+            self.calls
+                .borrow_mut()
+                .push(format!("save {family} {backend}"));
+            Ok(self.saves[usize::from(backend == Backend::Legacy)].clone())
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            self.legacy.clone()
+        }
+    }
+
+    fn rulesets(args: &[&str]) -> Vec<Ruleset> {
+        use crate::cli::Defaults;
+        use crate::config::tests::resolve;
+        use crate::ruleset::{Facts, build};
+        let cfg = resolve(Defaults::Native, args, &[]).unwrap();
+        let facts = Facts {
+            ipv6: true,
+            dns_servers: vec![],
+        };
+        facts
+            .families()
+            .into_iter()
+            .map(|f| build(&cfg, &facts, f))
+            .collect()
+    }
+
+    #[test]
+    fn fresh_namespace_runs_one_restore_per_family_and_nothing_else() {
+        let fake = Fake {
+            calls: RefCell::default(),
+            fail: Box::new(|_, _| None),
+            ..Fake::new()
+        };
+        let rs = rulesets(&[]);
+        let reports = apply(&fake, &Options::default(), &rs).unwrap();
+        let calls = fake.calls.borrow();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0], format!("restore IPv4 nft\n{}", rs[0]));
+        assert_eq!(calls[1], format!("restore IPv6 nft\n{}", rs[1]));
+        assert!(reports.iter().all(|r| r.outcome == Outcome::Applied));
+    }
+
+    #[test]
+    fn ipv6_failure_rolls_back_every_ipv4_table() {
+        let fake = Fake {
+            calls: RefCell::default(),
+            fail: Box::new(|family, input| {
+                (family == Family::V6 && input.contains("-N ")).then(|| RestoreFailure {
+                    program: "ip6tables-nft-restore".into(),
+                    stderr: "ip6tables-nft-restore: line 3 failed: boom\n".into(),
+                    line: Some(3),
+                })
+            }),
+            ..Fake::new()
+        };
+        let rs = rulesets(&["-m", "TPROXY"]);
+        let err = apply(&fake, &Options::default(), &rs).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with("IPv4 rules applied by this run were rolled back"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("IPv6 (nft backend): ip6tables-nft-restore failed at line 3"),
+            "{msg}"
+        );
+        assert!(msg.contains(": boom"), "{msg}");
+        let calls = fake.calls.borrow();
+        assert_eq!(calls.len(), 3, "{calls:#?}");
+        assert_eq!(
+            calls[2],
+            format!(
+                "restore IPv4 nft\n{}",
+                state::undo_text(&rs[0], &[Table::Mangle, Table::Nat])
+            )
+        );
+    }
+
+    #[test]
+    fn a_table_committed_before_the_failure_is_undone() {
+        let fake = Fake {
+            calls: RefCell::default(),
+            // Fails in the nat table (after mangle's COMMIT), with a non-"exists" reason.
+            fail: Box::new(|_, input| {
+                input.starts_with("* mangle").then(|| {
+                    let n = input
+                        .lines()
+                        .position(|l| l.contains("REDIRECT --to-ports 15001"))
+                        .unwrap()
+                        + 1;
+                    RestoreFailure {
+                        program: "iptables-nft-restore".into(),
+                        stderr: format!("iptables-nft-restore: line {n} failed: nope\n"),
+                        line: Some(n),
+                    }
+                })
+            }),
+            ..Fake::new()
+        };
+        let rs = rulesets(&["-m", "TPROXY", "--ipv6=false"]);
+        let err = apply(&fake, &Options::default(), &rs[..1]).unwrap_err();
+        assert!(format!("{err:#}").contains("nope"));
+        let calls = fake.calls.borrow();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            calls[1],
+            format!(
+                "restore IPv4 nft\n{}",
+                state::undo_text(&rs[0], &[Table::Mangle])
+            )
+        );
+    }
+
+    const ISTIO_NAT: &str =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    const EMPTY_NAT: &str = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    const FOREIGN_FILTER: &str =
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
+
+    fn choice(fake: &Fake, opts: Options) -> anyhow::Result<(Backend, Vec<String>)> {
+        let c = choose(fake, &opts, Family::V4)?;
+        Ok((c.backend, fake.calls.borrow().clone()))
+    }
+
+    #[test]
+    fn backend_choice_without_footprints() {
+        // Fresh namespace: nft, and not a single process.
+        let (b, calls) = choice(&Fake::new(), Options::default()).unwrap();
+        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+
+        // An empty legacy table (Istio's probe footprint) does not count.
+        let fake = Fake {
+            legacy: vec!["nat".into()],
+            saves: [String::new(), EMPTY_NAT.into()],
+            ..Fake::new()
+        };
+        let (b, calls) = choice(&fake, Options::default()).unwrap();
+        assert_eq!(
+            (b, calls),
+            (Backend::Nft, vec!["save IPv4 legacy".to_owned()])
+        );
+
+        // Foreign legacy rules: legacy, after checking nft holds no Istio chains.
+        let fake = Fake {
+            legacy: vec!["filter".into()],
+            saves: [String::new(), FOREIGN_FILTER.into()],
+            ..Fake::new()
+        };
+        let (b, calls) = choice(&fake, Options::default()).unwrap();
+        assert_eq!(b, Backend::Legacy);
+        assert_eq!(calls, ["save IPv4 legacy", "save IPv4 nft"]);
+
+        // Foreign legacy rules but Istio chains in nft: an error (two copies), or with
+        // --reconcile the legacy choice plus a cleanup of nft.
+        let fake = Fake {
+            legacy: vec!["filter".into()],
+            saves: [ISTIO_NAT.into(), FOREIGN_FILTER.into()],
+            ..Fake::new()
+        };
+        let e = choice(&fake, Options::default()).unwrap_err();
+        assert!(
+            format!("{e}").contains("already exist in the nft iptables backend"),
+            "{e}"
+        );
+        let c = choose(
+            &fake,
+            &Options {
+                reconcile: true,
+                ..Options::default()
+            },
+            Family::V4,
+        )
+        .unwrap();
+        assert!(c.clean_other && c.backend == Backend::Legacy);
+
+        // Istio chains in legacy win.
+        let fake = Fake {
+            legacy: vec!["nat".into()],
+            saves: [String::new(), ISTIO_NAT.into()],
+            ..Fake::new()
+        };
+        assert_eq!(
+            choice(&fake, Options::default()).unwrap().0,
+            Backend::Legacy
+        );
+    }
+
+    #[test]
+    fn forced_backends_refuse_a_second_copy() {
+        let fake = Fake {
+            legacy: vec!["nat".into()],
+            saves: [String::new(), ISTIO_NAT.into()],
+            ..Fake::new()
+        };
+        let opts = Options {
+            force_backend: Some(Backend::Nft),
+            ..Options::default()
+        };
+        let e = choice(&fake, opts).unwrap_err();
+        assert!(format!("{e}").contains("legacy iptables backend"), "{e}");
+
+        // Forcing nft on a namespace without legacy tables costs no process.
+        let (b, calls) = choice(&Fake::new(), opts).unwrap();
+        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+    }
+}

@@ -1,0 +1,162 @@
+//! Wording of restore failures: iptables' own reason without its banner, the failing input
+//! line, and a hint (kernel modules, the lock, capabilities, istio-cni).
+//!
+//! Pure.
+
+use crate::config::Backend;
+use crate::net::Family;
+use crate::state::Layout;
+
+use super::RestoreFailure;
+
+/// iptables' own reason from its stderr, without the program banner, the line report and
+/// the usage hint.
+pub fn iptables_message(stderr: &str) -> String {
+    let mut parts = Vec::new();
+    for line in stderr.lines() {
+        let mut l = line.trim();
+        if l.is_empty() || l.starts_with("Try `") || l.starts_with("Error occurred at line") {
+            continue;
+        }
+        // "prog v1.8.9 (nf_tables): reason" → "reason"
+        if let Some(i) = l.find("): ") {
+            if l[..i].contains(" v1.") || l[..i].contains(" v0.") {
+                l = &l[i + 3..];
+            }
+        }
+        if let Some(i) = l.find(" failed: ") {
+            if l[..i].contains("line ") {
+                l = &l[i + " failed: ".len()..];
+            }
+        } else if l.ends_with(" failed") && l.contains(": line ") {
+            continue;
+        }
+        let l = l.trim();
+        if !l.is_empty() && !l.ends_with("):") {
+            parts.push(l.to_owned());
+        }
+    }
+    parts.join(" ")
+}
+
+/// Kernel modules a restore line depends on, for the hint when the kernel refuses it.
+fn modules_for(line: &str, backend: Backend, family: Family, table: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |m: String| {
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    };
+    if backend == Backend::Nft {
+        add("nf_tables".into());
+        add("nft_compat".into());
+    }
+    let v = match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    };
+    if let Some(t) = table {
+        if backend == Backend::Legacy {
+            let prefix = match family {
+                Family::V4 => "iptable",
+                Family::V6 => "ip6table",
+            };
+            add(format!("{prefix}_{t}"));
+        } else if t == "nat" {
+            add("nft_chain_nat".into());
+        }
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for w in words.windows(2) {
+        let m = match (w[0], w[1]) {
+            ("-m", "owner") => "xt_owner",
+            ("-m", "multiport") => "xt_multiport",
+            ("-m", "conntrack") => "xt_conntrack",
+            ("-m", "mark") | ("-j", "MARK") => "xt_mark",
+            ("-m", "connmark") | ("-j", "CONNMARK") => "xt_connmark",
+            ("-j", "REDIRECT") => "xt_REDIRECT",
+            ("-j", "CT") => "xt_CT",
+            ("-j", "TPROXY") => {
+                add(format!("nf_tproxy_{v}"));
+                "xt_TPROXY"
+            }
+            _ => continue,
+        };
+        add(m.into());
+    }
+    out
+}
+
+/// A restore failure as one line: family, backend, program, the failing line and iptables'
+/// message, plus a hint where one helps.
+pub fn describe(family: Family, backend: Backend, text: &str, f: &RestoreFailure) -> String {
+    let reason = iptables_message(&f.stderr);
+    let reason = if reason.is_empty() {
+        "iptables gave no reason".to_owned()
+    } else {
+        reason
+    };
+    let mut msg = format!("{family} ({backend} backend): {} failed", f.program);
+    let line = f
+        .line
+        .and_then(|n| text.lines().nth(n.wrapping_sub(1)).map(|l| (n, l)));
+    let table = f.line.and_then(|n| {
+        Layout::of(text)
+            .tables
+            .iter()
+            .find(|(_, start, commit)| *start <= n && n <= *commit)
+            .map(|(name, _, _)| name.clone())
+    });
+    if let Some((n, l)) = line {
+        msg.push_str(&format!(" at line {n} `{}`", l.trim()));
+    }
+    msg.push_str(&format!(": {reason}"));
+    let lower = reason.to_ascii_lowercase();
+    let hint = if lower.contains("holding the xtables lock") {
+        Some("another process held the xtables lock for the whole wait (--xtables-wait)".to_owned())
+    } else if lower.contains("lock file") {
+        Some(
+            "legacy iptables needs a writable lock file: mount a writable emptyDir at /run or \
+             /tmp, or set XTABLES_LOCKFILE"
+                .to_owned(),
+        )
+    } else if lower.contains("permission denied") || lower.contains("operation not permitted") {
+        Some(
+            "the container needs NET_ADMIN and NET_RAW in the pod's own network namespace; if \
+             the Istio CNI plugin is installed, istio-init should not run at all (disable the \
+             init container in the injection settings)"
+                .to_owned(),
+        )
+    } else if lower.contains("couldn't load")
+        || lower.contains("no chain/target/match")
+        || lower.contains("not supported")
+        || lower.contains("does not exist")
+        || lower.contains("can't initialize")
+        || lower.contains("invalid argument")
+        || lower.contains("unknown option")
+    {
+        let mods = modules_for(
+            line.map_or("", |(_, l)| l),
+            backend,
+            family,
+            table.as_deref(),
+        );
+        let mut h = format!(
+            "the kernel or the iptables extensions may lack support for this rule; make sure \
+             the node has these modules loaded: {}",
+            mods.join(", ")
+        );
+        if lower.contains("unknown option") || lower.contains("couldn't load") {
+            h.push_str(
+                " (and that the xtables extension libraries are installed, see XTABLES_LIBDIR)",
+            );
+        }
+        Some(h)
+    } else {
+        None
+    };
+    if let Some(h) = hint.filter(|h| !msg.contains(h.as_str())) {
+        msg.push_str(&format!("; hint: {h}"));
+    }
+    msg
+}

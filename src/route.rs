@@ -1,0 +1,524 @@
+//! TPROXY policy routing and the `::6` passthrough address, over rtnetlink (no `ip` binary).
+//!
+//! TPROXY mode marks captured inbound packets; a policy rule `fwmark <mark> lookup <table>`
+//! and a `local` default route on `lo` in that table deliver them to the proxy's transparent
+//! listener. With IPv6 on, the proxy's inbound passthrough source `::6` must exist on `lo`.
+//! Every object is idempotent: an identical existing rule, route or address is success, and
+//! a conflicting one (another default route in the table) is a clear error.
+//!
+//! Effects: one `NETLINK_ROUTE` socket in the current thread's network namespace. The
+//! message encoding and decoding are pure functions with unit tests.
+
+use std::net::Ipv6Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use anyhow::{Context, anyhow, bail};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    socket,
+};
+
+use crate::config::{Config, Interception};
+use crate::net::Family;
+use crate::ruleset::Facts;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_GETRULE: u16 = 34;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+const FRA_FWMARK: u16 = 10;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMASK: u16 = 16;
+const FR_ACT_TO_TBL: u8 = 1;
+
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTN_LOCAL: u8 = 2;
+const RT_SCOPE_HOST: u8 = 254;
+const RTPROT_BOOT: u8 = 3;
+
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_F_NODAD: u8 = 0x02;
+
+fn af(family: Family) -> u8 {
+    match family {
+        Family::V4 => AF_INET,
+        Family::V6 => AF_INET6,
+    }
+}
+
+/// Builds one netlink request.
+#[derive(Debug)]
+struct Request {
+    buf: Vec<u8>,
+}
+
+impl Request {
+    fn new(kind: u16, flags: u16, seq: u32) -> Request {
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+        Request { buf }
+    }
+
+    fn bytes(mut self, b: &[u8]) -> Request {
+        self.buf.extend_from_slice(b);
+        self
+    }
+
+    fn attr(mut self, kind: u16, payload: &[u8]) -> Request {
+        let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
+        self.buf.extend_from_slice(&len.to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(payload);
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+        self
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
+        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
+        self.buf
+    }
+}
+
+/// One received netlink message: type and payload (after the 16-byte header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Message {
+    kind: u16,
+    seq: u32,
+    payload: Vec<u8>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Splits a receive buffer into messages.
+fn parse_messages(buf: &[u8]) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let Some(len) = u32_at(buf, off).map(|l| l as usize) else {
+            break;
+        };
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        out.push(Message {
+            kind: u16_at(buf, off + 4).unwrap_or_default(),
+            seq: u32_at(buf, off + 8).unwrap_or_default(),
+            payload: buf[off + 16..off + len].to_vec(),
+        });
+        off += align4(len);
+    }
+    out
+}
+
+/// The attributes after a fixed-size header, as (type, data).
+fn parse_attrs(b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= b.len() {
+        let len = u16_at(b, off).unwrap_or_default() as usize;
+        let kind = u16_at(b, off + 2).unwrap_or_default() & 0x3fff;
+        if len < 4 || off + len > b.len() {
+            break;
+        }
+        out.push((kind, &b[off + 4..off + len]));
+        off += align4(len);
+    }
+    out
+}
+
+fn attr_u32(attrs: &[(u16, &[u8])], kind: u16) -> Option<u32> {
+    attrs
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .and_then(|(_, d)| u32_at(d, 0))
+}
+
+/// A policy rule as dumped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleInfo {
+    action: u8,
+    table: u32,
+    fwmark: Option<u32>,
+    fwmask: Option<u32>,
+    selectors: bool,
+}
+
+fn parse_rule(p: &[u8]) -> Option<RuleInfo> {
+    // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags(u32)
+    let hdr = p.get(..12)?;
+    let attrs = parse_attrs(&p[12..]);
+    Some(RuleInfo {
+        action: hdr[7],
+        table: attr_u32(&attrs, FRA_TABLE).unwrap_or(u32::from(hdr[4])),
+        fwmark: attr_u32(&attrs, FRA_FWMARK),
+        fwmask: attr_u32(&attrs, FRA_FWMASK),
+        selectors: hdr[1] != 0 || hdr[2] != 0 || hdr[3] != 0,
+    })
+}
+
+/// A route as dumped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RouteInfo {
+    table: u32,
+    dst_len: u8,
+    kind: u8,
+    oif: Option<u32>,
+    has_dst: bool,
+}
+
+fn parse_route(p: &[u8]) -> Option<RouteInfo> {
+    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(u32)
+    let hdr = p.get(..12)?;
+    let attrs = parse_attrs(&p[12..]);
+    Some(RouteInfo {
+        table: attr_u32(&attrs, RTA_TABLE).unwrap_or(u32::from(hdr[4])),
+        dst_len: hdr[1],
+        kind: hdr[7],
+        oif: attr_u32(&attrs, RTA_OIF),
+        has_dst: attrs.iter().any(|(k, _)| *k == RTA_DST),
+    })
+}
+
+fn table_byte(table: u32) -> u8 {
+    // Tables above 255 only fit the attribute; the header then says RT_TABLE_UNSPEC.
+    u8::try_from(table).unwrap_or(0)
+}
+
+fn rule_request(family: Family, mark: u32, table: u32, seq: u32) -> Vec<u8> {
+    let hdr = [
+        af(family),
+        0,
+        0,
+        0,
+        table_byte(table),
+        0,
+        0,
+        FR_ACT_TO_TBL,
+        0,
+        0,
+        0,
+        0,
+    ];
+    Request::new(
+        RTM_NEWRULE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        seq,
+    )
+    .bytes(&hdr)
+    .attr(FRA_FWMARK, &mark.to_ne_bytes())
+    .attr(FRA_TABLE, &table.to_ne_bytes())
+    .finish()
+}
+
+fn route_request(family: Family, table: u32, oif: u32, seq: u32) -> Vec<u8> {
+    let hdr = [
+        af(family),
+        0,
+        0,
+        0,
+        table_byte(table),
+        RTPROT_BOOT,
+        RT_SCOPE_HOST,
+        RTN_LOCAL,
+        0,
+        0,
+        0,
+        0,
+    ];
+    Request::new(
+        RTM_NEWROUTE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        seq,
+    )
+    .bytes(&hdr)
+    .attr(RTA_TABLE, &table.to_ne_bytes())
+    .attr(RTA_OIF, &oif.to_ne_bytes())
+    .finish()
+}
+
+fn addr6_request(addr: Ipv6Addr, prefix: u8, ifindex: u32, seq: u32) -> Vec<u8> {
+    let mut hdr = vec![AF_INET6, prefix, IFA_F_NODAD, 0];
+    hdr.extend_from_slice(&ifindex.to_ne_bytes());
+    Request::new(
+        RTM_NEWADDR,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        seq,
+    )
+    .bytes(&hdr)
+    .attr(IFA_LOCAL, &addr.octets())
+    .attr(IFA_ADDRESS, &addr.octets())
+    .finish()
+}
+
+fn dump_request(kind: u16, family: Family, seq: u32) -> Vec<u8> {
+    Request::new(kind, NLM_F_REQUEST | NLM_F_DUMP, seq)
+        .bytes(&[af(family), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .finish()
+}
+
+/// A `NETLINK_ROUTE` socket.
+#[derive(Debug)]
+struct Netlink {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Netlink {
+    fn open() -> anyhow::Result<Netlink> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .context("opening a netlink socket")?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding the netlink socket")?;
+        Ok(Netlink { fd, seq: 0 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn send(&self, req: &[u8]) -> Result<(), Errno> {
+        send(self.fd.as_raw_fd(), req, MsgFlags::empty()).map(|_| ())
+    }
+
+    fn receive(&self) -> Result<Vec<Message>, Errno> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        Ok(parse_messages(&buf[..n]))
+    }
+
+    /// Sends a request and waits for its acknowledgement.
+    fn request(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> Result<(), Errno> {
+        let seq = self.next_seq();
+        self.send(&build(seq))?;
+        loop {
+            for m in self.receive()? {
+                if m.seq != seq || m.kind != NLMSG_ERROR {
+                    continue;
+                }
+                let code = u32_at(&m.payload, 0).map_or(0, |c| c as i32);
+                return if code == 0 {
+                    Ok(())
+                } else {
+                    Err(Errno::from_raw(-code))
+                };
+            }
+        }
+    }
+
+    /// Dumps objects and returns the payloads of the messages of type `kind`.
+    fn dump(&mut self, get: u16, kind: u16, family: Family) -> Result<Vec<Vec<u8>>, Errno> {
+        let seq = self.next_seq();
+        self.send(&dump_request(get, family, seq))?;
+        let mut out = Vec::new();
+        loop {
+            for m in self.receive()? {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = u32_at(&m.payload, 0).map_or(0, |c| c as i32);
+                        return Err(Errno::from_raw(-code));
+                    }
+                    k if k == kind => out.push(m.payload),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// What the routing step does, derived from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Add `::6/128` to `lo`.
+    pub passthrough_v6: bool,
+    /// TPROXY: `fwmark mark lookup table` and `local default dev lo table table`, per family.
+    pub tproxy: Option<(u32, u32, Vec<Family>)>,
+}
+
+impl RoutePlan {
+    /// Istio's conditions: `::6` whenever IPv6 rules are on (any mode); the TPROXY rule and
+    /// route when the mode is TPROXY and some inbound port is captured.
+    pub fn new(cfg: &Config, facts: &Facts) -> RoutePlan {
+        let tproxy = cfg.interception == Interception::Tproxy && !cfg.inbound_ports.is_empty();
+        RoutePlan {
+            passthrough_v6: facts.ipv6,
+            tproxy: tproxy.then(|| {
+                (
+                    cfg.tproxy_mark.get(),
+                    cfg.tproxy_route_table.get(),
+                    facts.families(),
+                )
+            }),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.passthrough_v6 && self.tproxy.is_none()
+    }
+}
+
+/// Applies the plan in the current thread's namespace.
+pub fn configure(plan: &RoutePlan) -> anyhow::Result<()> {
+    if plan.is_empty() {
+        return Ok(());
+    }
+    let mut nl = Netlink::open()?;
+    let lo = nix::net::if_::if_nametoindex("lo").context("looking up the lo interface")?;
+    if plan.passthrough_v6 {
+        let addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+        match nl.request(|seq| addr6_request(addr, 128, lo, seq)) {
+            Ok(()) => log::info!("added ::6/128 on lo"),
+            Err(Errno::EEXIST) => log::info!("::6 is already on lo"),
+            Err(e) => bail!("adding ::6/128 on lo: {e}"),
+        }
+    }
+    if let Some((mark, table, families)) = &plan.tproxy {
+        for &family in families {
+            add_rule(&mut nl, family, *mark, *table)?;
+            add_local_route(&mut nl, family, *table, lo)?;
+        }
+    }
+    Ok(())
+}
+
+fn add_rule(nl: &mut Netlink, family: Family, mark: u32, table: u32) -> anyhow::Result<()> {
+    let what = format!("{family} policy rule `fwmark {mark} lookup {table}`");
+    let rules = nl
+        .dump(RTM_GETRULE, RTM_NEWRULE, family)
+        .map_err(|e| anyhow!("listing the {family} policy rules: {e}"))?;
+    let same = rules.iter().filter_map(|p| parse_rule(p)).any(|r| {
+        r.action == FR_ACT_TO_TBL
+            && r.table == table
+            && r.fwmark == Some(mark)
+            && r.fwmask.is_none_or(|m| m == u32::MAX)
+            && !r.selectors
+    });
+    if same {
+        log::info!("{what} already exists");
+        return Ok(());
+    }
+    match nl.request(|seq| rule_request(family, mark, table, seq)) {
+        Ok(()) => log::info!("added the {what}"),
+        Err(Errno::EEXIST) => log::info!("{what} already exists"),
+        Err(e) => bail!("adding the {what}: {e}"),
+    }
+    Ok(())
+}
+
+fn add_local_route(nl: &mut Netlink, family: Family, table: u32, lo: u32) -> anyhow::Result<()> {
+    let dst = match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    };
+    let what = format!("{family} route `local {dst} dev lo table {table}`");
+    let routes = nl
+        .dump(RTM_GETROUTE, RTM_NEWROUTE, family)
+        .map_err(|e| anyhow!("listing the {family} routes: {e}"))?;
+    let default = routes
+        .iter()
+        .filter_map(|p| parse_route(p))
+        .find(|r| r.table == table && r.dst_len == 0 && !r.has_dst);
+    match default {
+        Some(r) if r.kind == RTN_LOCAL && r.oif == Some(lo) => {
+            log::info!("{what} already exists");
+            return Ok(());
+        }
+        Some(r) => bail!(
+            "adding the {what}: table {table} already has a different default route (type {}, \
+             interface index {}); choose another table with --istio-inbound-tproxy-route-table",
+            r.kind,
+            r.oif.map_or("none".into(), |i| i.to_string())
+        ),
+        None => {}
+    }
+    nl.request(|seq| route_request(family, table, lo, seq))
+        .map_err(|e| anyhow!("adding the {what}: {e}"))?;
+    log::info!("added the {what}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_request_layout() {
+        let r = rule_request(Family::V4, 1337, 133, 7);
+        assert_eq!(r.len(), 16 + 12 + 8 + 8);
+        assert_eq!(u32_at(&r, 0), Some(44));
+        assert_eq!(u16_at(&r, 4), Some(RTM_NEWRULE));
+        assert_eq!(u32_at(&r, 8), Some(7));
+        assert_eq!(r[16], AF_INET);
+        assert_eq!(r[16 + 4], 133);
+        assert_eq!(r[16 + 7], FR_ACT_TO_TBL);
+        let info = parse_rule(&r[16..]).unwrap();
+        assert_eq!(info.fwmark, Some(1337));
+        assert_eq!(info.table, 133);
+    }
+
+    #[test]
+    fn big_tables_go_in_the_attribute() {
+        let r = route_request(Family::V6, 1000, 1, 1);
+        let info = parse_route(&r[16..]).unwrap();
+        assert_eq!(r[16 + 4], 0);
+        assert_eq!(info.table, 1000);
+        assert_eq!(info.kind, RTN_LOCAL);
+        assert_eq!(info.oif, Some(1));
+        assert!(!info.has_dst);
+    }
+
+    #[test]
+    fn messages_split_on_aligned_boundaries() {
+        let mut buf = addr6_request(Ipv6Addr::LOCALHOST, 128, 1, 1);
+        buf.extend(dump_request(RTM_GETROUTE, Family::V4, 2));
+        let msgs = parse_messages(&buf);
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0].kind, RTM_NEWADDR);
+        assert_eq!(msgs[1].seq, 2);
+        let attrs = parse_attrs(&msgs[0].payload[8..]);
+        assert_eq!(attrs.len(), 2);
+        assert_eq!(attrs[0].1, Ipv6Addr::LOCALHOST.octets());
+    }
+}

@@ -1,0 +1,1075 @@
+//! Live netfilter state as `iptables-save` prints it, how it compares with a [`Ruleset`], and the
+//! `iptables-restore` texts that change it: rollback, scratch canonicalisation, reconcile and
+//! cleanup.
+//!
+//! Pure: parsing and text generation only; `apply.rs` runs the programs.
+//!
+//! # Comparing "identical"
+//!
+//! `iptables-save` normalises rules: it adds `-m tcp`, reorders `-s`/`-o`, prints marks in hex,
+//! widens `127.0.0.1/8` to `127.0.0.0/8`, writes `--to-ports` for `--to-port`, and the exact
+//! spelling differs between versions and backends. Rather than re-implement that normalisation
+//! (and chase it across iptables releases), istio-init lets iptables canonicalise the expected
+//! rules itself: the expected ruleset is loaded into *scratch chains* named
+//! `ii-<pid>.<chain>` ([`Scratch`]) in the same table (built-in chains included, as
+//! unreferenced user chains, so they never see a packet), one `*-save` then prints live and
+//! scratch chains in the same canonical form, and the scratch chains are deleted again. The
+//! process id in the name keeps two concurrent runs from touching each other's scratch
+//! chains. The comparison is then a plain
+//! string comparison. This only happens on the re-run path (a fresh namespace never gets here),
+//! and in `--cleanup-only`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::ruleset::{Rule, Ruleset, Table, TableRules, Target, chain};
+
+/// Prefix of every scratch chain used for canonicalisation. Not `ISTIO_`, so a leftover scratch
+/// chain is never mistaken for a live Istio chain; cleanup removes leftovers too.
+pub const SCRATCH_PREFIX: &str = "ii-";
+
+/// The scratch chain names of one process: `ii-<pid in base 36>.<chain>`, at most 26
+/// characters for the longest chain name (iptables allows 28).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scratch {
+    prefix: String,
+}
+
+impl Scratch {
+    pub fn for_process(pid: u32) -> Scratch {
+        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut n = pid;
+        let mut id = Vec::new();
+        loop {
+            id.push(DIGITS[(n % 36) as usize]);
+            n /= 36;
+            if n == 0 {
+                break;
+            }
+        }
+        id.reverse();
+        Scratch {
+            prefix: format!("{SCRATCH_PREFIX}{}.", String::from_utf8_lossy(&id)),
+        }
+    }
+
+    fn name(&self, chain: &str) -> String {
+        format!("{}{chain}", self.prefix)
+    }
+
+    fn owns(&self, chain: &str) -> bool {
+        chain.starts_with(&self.prefix)
+    }
+}
+
+/// Whether a chain is one of Istio's (istio-init owns every `ISTIO_*` chain, as istio-iptables
+/// does).
+pub fn is_istio_chain(name: &str) -> bool {
+    name.starts_with("ISTIO_")
+}
+
+/// Whether a chain is a scratch chain of any istio-init run.
+pub fn is_scratch_chain(name: &str) -> bool {
+    name.strip_prefix(SCRATCH_PREFIX)
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(id, _)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// One chain as saved: its name, whether it is a built-in chain (it has a policy), and its
+/// rules as the text after `-A CHAIN `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedChain {
+    pub name: String,
+    pub builtin: bool,
+    pub rules: Vec<String>,
+}
+
+/// One table as saved, chains in save order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedTable {
+    pub name: String,
+    pub chains: Vec<SavedChain>,
+}
+
+impl SavedTable {
+    pub fn chain(&self, name: &str) -> Option<&SavedChain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    /// The Istio chains of this table.
+    pub fn istio_chains(&self) -> impl Iterator<Item = &SavedChain> {
+        self.chains.iter().filter(|c| is_istio_chain(&c.name))
+    }
+
+    /// Rules outside Istio and scratch chains that jump to an Istio chain, as
+    /// `(chain, rule)`.
+    pub fn jumps_to_istio(&self) -> Vec<(&str, &str)> {
+        let mut out = Vec::new();
+        for c in &self.chains {
+            if is_istio_chain(&c.name) || is_scratch_chain(&c.name) {
+                continue;
+            }
+            for r in &c.rules {
+                if jump_target(r).is_some_and(is_istio_chain) {
+                    out.push((c.name.as_str(), r.as_str()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the table holds anything of istio-init's: an Istio chain, a jump to one, or a
+    /// scratch chain.
+    pub fn has_ours(&self) -> bool {
+        self.has_istio_rules() || self.chains.iter().any(|c| is_scratch_chain(&c.name))
+    }
+
+    /// Whether the table holds Istio rules: an Istio chain, a jump to one, or an Istio-shaped
+    /// rule in a built-in chain (scratch chains do not count).
+    pub fn has_istio_rules(&self) -> bool {
+        self.chains.iter().any(|c| {
+            is_istio_chain(&c.name)
+                || (c.builtin
+                    && c.rules
+                        .iter()
+                        .any(|r| is_istio_shaped(&self.name, &c.name, r)))
+        }) || !self.jumps_to_istio().is_empty()
+    }
+}
+
+/// The state of one family in one backend, as `iptables-save` printed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Saved {
+    pub tables: Vec<SavedTable>,
+}
+
+impl Saved {
+    pub fn table(&self, name: &str) -> Option<&SavedTable> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// Whether any table holds an Istio chain.
+    pub fn has_istio_chains(&self) -> bool {
+        self.tables
+            .iter()
+            .any(|t| t.istio_chains().next().is_some())
+    }
+
+    /// Number of rules in all chains.
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .iter()
+            .flat_map(|t| &t.chains)
+            .map(|c| c.rules.len())
+            .sum()
+    }
+
+    /// Names of the tables that hold at least one rule or user chain.
+    pub fn non_empty_tables(&self) -> Vec<&str> {
+        self.tables
+            .iter()
+            .filter(|t| t.chains.iter().any(|c| !c.builtin || !c.rules.is_empty()))
+            .map(|t| t.name.as_str())
+            .collect()
+    }
+}
+
+/// Parses `iptables-save` output. Unknown lines are ignored; rules of undeclared chains are
+/// still recorded (as user chains).
+pub fn parse_save(text: &str) -> Saved {
+    let mut saved = Saved::default();
+    for line in text.lines() {
+        let line = line.trim_end();
+        if let Some(name) = line.strip_prefix('*') {
+            saved.tables.push(SavedTable {
+                name: name.trim().to_owned(),
+                chains: Vec::new(),
+            });
+            continue;
+        }
+        let Some(table) = saved.tables.last_mut() else {
+            continue;
+        };
+        if let Some(decl) = line.strip_prefix(':') {
+            let mut words = decl.split_whitespace();
+            let (Some(name), policy) = (words.next(), words.next()) else {
+                continue;
+            };
+            if table.chain(name).is_none() {
+                table.chains.push(SavedChain {
+                    name: name.to_owned(),
+                    builtin: policy.is_some_and(|p| p != "-"),
+                    rules: Vec::new(),
+                });
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (name, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+            let idx = match table.chains.iter().position(|c| c.name == name) {
+                Some(i) => i,
+                None => {
+                    table.chains.push(SavedChain {
+                        name: name.to_owned(),
+                        builtin: chain::is_builtin(name),
+                        rules: Vec::new(),
+                    });
+                    table.chains.len() - 1
+                }
+            };
+            table.chains[idx].rules.push(rule.trim().to_owned());
+        }
+    }
+    saved
+}
+
+/// The chain a saved rule jumps or goes to (`-j X` / `-g X`), if any.
+pub fn jump_target(rule: &str) -> Option<&str> {
+    let mut words = rule.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "-j" || w == "-g" {
+            return words.next();
+        }
+    }
+    None
+}
+
+/// Whether a saved rule in a built-in chain has the shape of a rule istio-iptables puts there
+/// without jumping to an Istio chain: interface exclusions (`-i X -j RETURN` in PREROUTING,
+/// `-o X -j RETURN` in OUTPUT, nat and mangle) and the TPROXY mark plumbing in mangle
+/// (`CONNMARK --save-mark`/`--restore-mark` on a mark, `MARK` of the proxy's own traffic, the
+/// `-o lo … --mark … -j RETURN`). Such rules left by another configuration would silently
+/// change what is captured, so reconcile and cleanup remove them and the comparison counts
+/// them as drift. A foreign rule of exactly this shape cannot be told apart.
+pub fn is_istio_shaped(table: &str, chain: &str, rule: &str) -> bool {
+    let w: Vec<&str> = rule.split_whitespace().collect();
+    let has = |s: &str| w.contains(&s);
+    let nat_or_mangle = table == "nat" || table == "mangle";
+    match chain {
+        "PREROUTING" if nat_or_mangle && matches!(w[..], ["-i", _, "-j", "RETURN"]) => true,
+        "OUTPUT" if nat_or_mangle && matches!(w[..], ["-o", _, "-j", "RETURN"]) => true,
+        "PREROUTING" if table == "mangle" => {
+            has("CONNMARK") && has("--save-mark") && has("mark") && has("tcp")
+        }
+        "OUTPUT" if table == "mangle" => {
+            (has("CONNMARK") && has("--restore-mark") && has("connmark"))
+                || (has("MARK") && has("owner") && has("lo"))
+                || (w.starts_with(&["-o", "lo", "-p", "tcp", "-m", "mark", "--mark"])
+                    && w.ends_with(&["-j", "RETURN"]))
+        }
+        _ => false,
+    }
+}
+
+/// A rule's match-and-target text with user-chain jump targets renamed by `rename`.
+fn spec_with(rule: &Rule, rename: &dyn Fn(&str) -> String) -> String {
+    let mut s = String::new();
+    for m in &rule.matches {
+        let _ = write!(s, "{m} ");
+    }
+    match rule.target {
+        Target::Jump(c) => {
+            let _ = write!(s, "-j {}", rename(c));
+        }
+        ref t => {
+            let _ = write!(s, "{t}");
+        }
+    }
+    s
+}
+
+/// The chains of a table that get rules or are jump targets, built-in chains included, in
+/// first-use order.
+fn chains_used(t: &TableRules) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in &t.rules {
+        if !out.contains(&r.chain) {
+            out.push(r.chain);
+        }
+    }
+    for c in &t.new_chains {
+        if !out.contains(c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Loads the expected ruleset into scratch chains (create-or-flush, so a leftover from an
+/// interrupted run is reused): every chain `C` it uses becomes `ii-t.C`, jumps renamed
+/// accordingly, inserts applied to the (empty) scratch chain. Only tables in `only` are
+/// included when it is given (to avoid instantiating tables that do not exist yet).
+pub fn scratch_text(rs: &Ruleset, only: Option<&[&str]>, scratch: &Scratch) -> String {
+    let scratch_name = |c: &str| scratch.name(c);
+    let mut out = String::new();
+    for t in &rs.tables {
+        if only.is_some_and(|o| !o.contains(&t.table.name())) {
+            continue;
+        }
+        let _ = writeln!(out, "*{}", t.table.name());
+        for c in chains_used(t) {
+            let _ = writeln!(out, ":{} - [0:0]", scratch_name(c));
+        }
+        for r in &t.rules {
+            let spec = spec_with(r, &scratch_name);
+            let _ = match r.insert_at {
+                Some(n) => writeln!(out, "-I {} {n} {spec}", scratch_name(r.chain)),
+                None => writeln!(out, "-A {} {spec}", scratch_name(r.chain)),
+            };
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// The expected rules of one table in iptables' canonical form, read back from the scratch
+/// chains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CanonTable {
+    /// The Istio chains the ruleset declares, with their rules in kernel order.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// The rules the ruleset puts into built-in chains, in kernel order (as if the chain was
+    /// empty before).
+    pub builtin: BTreeMap<String, Vec<String>>,
+}
+
+/// Canonical expected rules per table name.
+pub type Canon = BTreeMap<String, CanonTable>;
+
+/// Extracts the canonical expected rules from a save that includes the scratch chains loaded
+/// by [`scratch_text`] for `rs`.
+pub fn canon_from_scratch(saved: &Saved, rs: &Ruleset, scratch: &Scratch) -> Canon {
+    let mut canon = Canon::new();
+    for t in &rs.tables {
+        let Some(st) = saved.table(t.table.name()) else {
+            continue;
+        };
+        let mut ct = CanonTable::default();
+        for c in chains_used(t) {
+            let rules: Vec<String> = st
+                .chain(&scratch.name(c))
+                .map(|sc| sc.rules.iter().map(|r| unscratch(r, scratch)).collect())
+                .unwrap_or_default();
+            if chain::is_builtin(c) {
+                ct.builtin.insert(c.to_owned(), rules);
+            } else {
+                ct.chains.insert(c.to_owned(), rules);
+            }
+        }
+        canon.insert(t.table.name().to_owned(), ct);
+    }
+    canon
+}
+
+/// Renames scratch jump targets in a saved rule back to the real chain names.
+fn unscratch(rule: &str, scratch: &Scratch) -> String {
+    let words: Vec<&str> = rule.split(' ').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(words.len());
+    let mut after_jump = false;
+    for w in words {
+        if after_jump {
+            out.push(w.strip_prefix(scratch.prefix.as_str()).unwrap_or(w));
+        } else {
+            out.push(w);
+        }
+        after_jump = w == "-j" || w == "-g";
+    }
+    out.join(" ")
+}
+
+/// How one table's live state relates to the expected ruleset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableState {
+    /// None of our chains or jumps is there.
+    Absent,
+    /// Exactly the expected chains and rules (foreign rules in built-in chains are ignored).
+    Identical,
+    /// Something else: the reasons, one line each.
+    Different(Vec<String>),
+}
+
+/// How a whole family's live state relates to the expected ruleset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every table is already in place.
+    Identical,
+    /// Some tables are in place and the others absent (an interrupted apply of this same
+    /// configuration): applying the absent ones completes it.
+    Incomplete(Vec<Table>),
+    /// Drift or a different configuration: the reasons.
+    Different(Vec<String>),
+}
+
+fn quote_rule(chain: &str, rule: &str) -> String {
+    format!("`-A {chain} {rule}`")
+}
+
+/// Compares one table. `live` is `None` when the table does not exist at all.
+pub fn compare_table(expected: &CanonTable, live: Option<&SavedTable>, table: &str) -> TableState {
+    let Some(live) = live else {
+        return TableState::Absent;
+    };
+    if !live.has_istio_rules() {
+        return TableState::Absent;
+    }
+    let mut why = Vec::new();
+    for (name, want) in &expected.chains {
+        match live.chain(name) {
+            None => why.push(format!("{table}: chain {name} is missing")),
+            Some(c) if &c.rules != want => {
+                why.push(describe_chain_diff(table, name, &c.rules, want))
+            }
+            Some(_) => {}
+        }
+    }
+    for c in live.istio_chains() {
+        if !expected.chains.contains_key(&c.name) {
+            why.push(format!(
+                "{table}: chain {} is not part of this configuration ({} rules)",
+                c.name,
+                c.rules.len()
+            ));
+        }
+    }
+    let mut builtin: Vec<&str> = expected.builtin.keys().map(String::as_str).collect();
+    for c in live.chains.iter().filter(|c| c.builtin) {
+        if !builtin.contains(&c.name.as_str()) {
+            builtin.push(&c.name);
+        }
+    }
+    let empty = Vec::new();
+    for name in builtin {
+        let want = expected.builtin.get(name).unwrap_or(&empty);
+        let got = ours_in_builtin(live.chain(name).map_or(&[][..], |c| &c.rules), want, |r| {
+            is_istio_shaped(table, name, r)
+        });
+        if !got.iter().copied().eq(want.iter()) {
+            why.push(format!(
+                "{table}: built-in chain {name} holds the Istio rules [{}], expected [{}]",
+                got.iter()
+                    .map(|r| quote_rule(name, r))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                want.iter()
+                    .map(|r| quote_rule(name, r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    if why.is_empty() {
+        TableState::Identical
+    } else {
+        TableState::Different(why)
+    }
+}
+
+/// The rules of a live built-in chain that are ours: every jump to an Istio chain, rules
+/// equal to an expected one (each expected rule claims at most as many live rules as it
+/// occurs in `want`), and Istio-shaped rules. Order preserved.
+fn ours_in_builtin<'a>(
+    live: &'a [String],
+    want: &[String],
+    shaped: impl Fn(&str) -> bool,
+) -> Vec<&'a String> {
+    let mut budget: BTreeMap<&str, usize> = BTreeMap::new();
+    for w in want {
+        *budget.entry(w.as_str()).or_default() += 1;
+    }
+    let mut out = Vec::new();
+    for r in live {
+        if let Some(n) = budget.get_mut(r.as_str()).filter(|n| **n > 0) {
+            *n -= 1;
+            out.push(r);
+        } else if jump_target(r).is_some_and(is_istio_chain) || shaped(r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn describe_chain_diff(table: &str, name: &str, got: &[String], want: &[String]) -> String {
+    let first = got.iter().zip(want).position(|(g, w)| g != w);
+    match first {
+        Some(i) => format!(
+            "{table}: chain {name} rule {} is {}, expected {}",
+            i + 1,
+            quote_rule(name, &got[i]),
+            quote_rule(name, &want[i])
+        ),
+        None => format!(
+            "{table}: chain {name} has {} rules, expected {}",
+            got.len(),
+            want.len()
+        ),
+    }
+}
+
+/// Compares a family's live state with the canonical expected rules.
+pub fn compare(rs: &Ruleset, canon: &Canon, live: &Saved) -> Verdict {
+    let mut absent = Vec::new();
+    let mut identical = 0;
+    let mut why = Vec::new();
+    let empty = CanonTable::default();
+    for t in &rs.tables {
+        let name = t.table.name();
+        let expected = canon.get(name).unwrap_or(&empty);
+        match compare_table(expected, live.table(name), name) {
+            TableState::Absent => absent.push(t.table),
+            TableState::Identical => identical += 1,
+            TableState::Different(w) => why.extend(w),
+        }
+    }
+    for lt in &live.tables {
+        let expected = rs.tables.iter().any(|t| t.table.name() == lt.name);
+        if !expected && lt.has_istio_rules() {
+            let chains: Vec<&str> = lt.istio_chains().map(|c| c.name.as_str()).collect();
+            why.push(format!(
+                "{}: holds Istio rules (chains [{}]) that this configuration does not use",
+                lt.name,
+                chains.join(", ")
+            ));
+        }
+    }
+    if !why.is_empty() {
+        Verdict::Different(why)
+    } else if absent.is_empty() {
+        let _ = identical;
+        Verdict::Identical
+    } else {
+        Verdict::Incomplete(absent)
+    }
+}
+
+/// The tables of a ruleset that are in `tables`, as a ruleset of their own.
+pub fn subset(rs: &Ruleset, tables: &[Table]) -> Ruleset {
+    Ruleset {
+        family: rs.family,
+        tables: rs
+            .tables
+            .iter()
+            .filter(|t| tables.contains(&t.table))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Undoes a fresh, fully committed apply of the given tables of `rs`: deletes the rules it
+/// added to built-in chains (newest first), then flushes and deletes the chains it created.
+/// Each table is one transaction; if the table had not been committed its `-F` of a missing
+/// chain fails and the table is left untouched.
+pub fn undo_text(rs: &Ruleset, tables: &[Table]) -> String {
+    let mut out = String::new();
+    for t in rs.tables.iter().filter(|t| tables.contains(&t.table)) {
+        let _ = writeln!(out, "*{}", t.table.name());
+        for r in t.rules.iter().rev().filter(|r| chain::is_builtin(r.chain)) {
+            let _ = writeln!(out, "-D {} {}", r.chain, r.spec());
+        }
+        for c in &t.new_chains {
+            let _ = writeln!(out, "-F {c}");
+        }
+        for c in &t.new_chains {
+            let _ = writeln!(out, "-X {c}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// Deletes this process's scratch chains found in `live`.
+pub fn scratch_delete_text(live: &Saved, scratch: &Scratch) -> String {
+    let mut out = String::new();
+    for t in &live.tables {
+        let mine: Vec<&str> = t
+            .chains
+            .iter()
+            .filter(|c| scratch.owns(&c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{}", t.name);
+        flush_and_delete(&mut out, &mine);
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+fn flush_and_delete(out: &mut String, chains: &[&str]) {
+    for c in chains {
+        let _ = writeln!(out, "-F {c}");
+    }
+    for c in chains {
+        let _ = writeln!(out, "-X {c}");
+    }
+}
+
+/// Deletes our rules from built-in chains, except jumps to Istio chains (handled
+/// separately): live rules equal to an expected (canonical) one, at most as many as expected,
+/// and every Istio-shaped rule (see [`is_istio_shaped`]).
+fn delete_ours_builtin(out: &mut String, live: &SavedTable, expected: Option<&CanonTable>) {
+    for lc in live.chains.iter().filter(|c| c.builtin) {
+        let mut budget: BTreeMap<&str, usize> = BTreeMap::new();
+        if let Some(want) = expected.and_then(|e| e.builtin.get(&lc.name)) {
+            for w in want {
+                *budget.entry(w.as_str()).or_default() += 1;
+            }
+        }
+        for r in &lc.rules {
+            if jump_target(r).is_some_and(is_istio_chain) {
+                continue;
+            }
+            let expected = budget
+                .get_mut(r.as_str())
+                .filter(|n| **n > 0)
+                .map(|n| *n -= 1);
+            if expected.is_some() || is_istio_shaped(&live.name, &lc.name, r) {
+                let _ = writeln!(out, "-D {} {r}", lc.name);
+            }
+        }
+    }
+}
+
+/// Converges the live state of one family to `rs` in one `iptables-restore --noflush` run,
+/// one transaction per table, so that no packet ever sees a state without the proxy's rules:
+/// expected chains are created or flushed in place with `:CHAIN - [0:0]` (jumps to them stay
+/// valid), our old rules in built-in chains are deleted and the expected ones added in the
+/// same transaction, chains of another configuration are flushed and deleted, scratch chains
+/// removed.
+pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratch) -> String {
+    let mut names: Vec<&str> = rs.tables.iter().map(|t| t.table.name()).collect();
+    for lt in &live.tables {
+        if lt.has_istio_rules() && !names.contains(&lt.name.as_str()) {
+            names.push(&lt.name);
+        }
+    }
+    let mut out = String::new();
+    for name in names {
+        let want = rs.tables.iter().find(|t| t.table.name() == name);
+        let lt = live.table(name);
+        let _ = writeln!(out, "*{name}");
+        if let Some(t) = want {
+            for c in &t.new_chains {
+                let _ = writeln!(out, ":{c} - [0:0]");
+            }
+        }
+        if let Some(lt) = lt {
+            let keep = |c: &str| want.is_some_and(|t| t.new_chains.contains(&c));
+            for (chain, rule) in lt.jumps_to_istio() {
+                let target = jump_target(rule).unwrap_or_default();
+                // Built-in chains: every jump goes and the expected ones come back below.
+                // Foreign user chains: only jumps to chains that are going away.
+                let builtin = lt.chain(chain).is_some_and(|c| c.builtin);
+                if builtin || !keep(target) {
+                    let _ = writeln!(out, "-D {chain} {rule}");
+                }
+            }
+            delete_ours_builtin(&mut out, lt, canon.get(name));
+            let stale: Vec<&str> = lt
+                .chains
+                .iter()
+                .filter(|c| (is_istio_chain(&c.name) && !keep(&c.name)) || scratch.owns(&c.name))
+                .map(|c| c.name.as_str())
+                .collect();
+            flush_and_delete(&mut out, &stale);
+        }
+        if let Some(t) = want {
+            for r in &t.rules {
+                let _ = writeln!(out, "{r}");
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// Removes everything of istio-init's from one family's live state: every jump to an Istio
+/// chain, the expected configuration's own rules in built-in chains (when known), every Istio
+/// chain and every scratch chain. Foreign rules and chains are left alone. Empty when there is
+/// nothing to remove.
+pub fn cleanup_text(live: &Saved, canon: &Canon) -> String {
+    let mut out = String::new();
+    for lt in live.tables.iter().filter(|t| t.has_ours()) {
+        let _ = writeln!(out, "*{}", lt.name);
+        for (chain, rule) in lt.jumps_to_istio() {
+            let _ = writeln!(out, "-D {chain} {rule}");
+        }
+        delete_ours_builtin(&mut out, lt, canon.get(&lt.name));
+        let ours: Vec<&str> = lt
+            .chains
+            .iter()
+            .filter(|c| is_istio_chain(&c.name) || is_scratch_chain(&c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        flush_and_delete(&mut out, &ours);
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// Where each line of a restore text belongs: used to map iptables' `line N` back to the
+/// table it was in and whether the tables before it were committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// For each table in order: its name and the 1-based line numbers of its header and its
+    /// `COMMIT`.
+    pub tables: Vec<(String, usize, usize)>,
+}
+
+impl Layout {
+    pub fn of(text: &str) -> Layout {
+        let mut tables = Vec::new();
+        let mut open: Option<(String, usize)> = None;
+        for (i, line) in text.lines().enumerate() {
+            let n = i + 1;
+            if let Some(name) = line.strip_prefix('*') {
+                open = Some((name.trim().to_owned(), n));
+            } else if line.trim() == "COMMIT" {
+                if let Some((name, start)) = open.take() {
+                    tables.push((name, start, n));
+                }
+            }
+        }
+        Layout { tables }
+    }
+
+    /// The tables whose `COMMIT` comes before line `n`: iptables-restore committed them
+    /// before it failed at line `n`.
+    pub fn committed_before(&self, n: usize) -> Vec<&str> {
+        self.tables
+            .iter()
+            .filter(|(_, _, commit)| *commit < n)
+            .map(|(name, _, _)| name.as_str())
+            .collect()
+    }
+}
+
+/// The 1-based line number iptables-restore reports in its error output, in any of the forms
+/// 1.8 uses: `line N failed`, `Error occurred at line: N`, `line N: RULE_APPEND failed`.
+pub fn failed_line(stderr: &str) -> Option<usize> {
+    for marker in ["line: ", "line "] {
+        let mut rest = stderr;
+        while let Some(i) = rest.find(marker) {
+            rest = &rest[i + marker.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse() {
+                return Some(n);
+            }
+        }
+    }
+    None
+}
+
+/// Table by name.
+pub fn table_named(name: &str) -> Option<Table> {
+    Table::ALL.into_iter().find(|t| t.name() == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Defaults;
+    use crate::config::tests::resolve;
+    use crate::net::Family;
+    use crate::ruleset::{Facts, build};
+
+    fn sc() -> Scratch {
+        Scratch {
+            prefix: "ii-t.".into(),
+        }
+    }
+
+    const LIVE: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables) on Sun Nov 22 01:14:00 2026
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:FOREIGN - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:ii-t.OUTPUT - [0:0]
+:ii-t.ISTIO_OUTPUT - [0:0]
+:ii-t.ISTIO_REDIRECT - [0:0]
+-A OUTPUT -d 198.18.9.9/32 -j RETURN
+-A OUTPUT -j ISTIO_OUTPUT
+-A FOREIGN -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ii-t.OUTPUT -j ii-t.ISTIO_OUTPUT
+-A ii-t.ISTIO_OUTPUT -j ii-t.ISTIO_REDIRECT
+-A ii-t.ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+";
+
+    fn tiny() -> Ruleset {
+        use crate::ruleset::{Match, Proto, Rule};
+        let rule = |chain, matches, target| Rule {
+            table: Table::Nat,
+            chain,
+            insert_at: None,
+            matches,
+            target,
+        };
+        Ruleset {
+            family: Family::V4,
+            tables: vec![TableRules {
+                table: Table::Nat,
+                new_chains: vec!["ISTIO_OUTPUT", "ISTIO_REDIRECT"],
+                rules: vec![
+                    rule("OUTPUT", vec![], Target::Jump("ISTIO_OUTPUT")),
+                    rule("ISTIO_OUTPUT", vec![], Target::Jump("ISTIO_REDIRECT")),
+                    rule(
+                        "ISTIO_REDIRECT",
+                        vec![Match::Proto(Proto::Tcp)],
+                        Target::Redirect {
+                            port: crate::net::Port::fixed(15001),
+                            singular: false,
+                        },
+                    ),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn parses_save_output() {
+        let s = parse_save(LIVE);
+        let nat = s.table("nat").unwrap();
+        assert!(nat.chain("OUTPUT").unwrap().builtin);
+        assert!(!nat.chain("FOREIGN").unwrap().builtin);
+        assert_eq!(
+            nat.chain("OUTPUT").unwrap().rules,
+            ["-d 198.18.9.9/32 -j RETURN", "-j ISTIO_OUTPUT"]
+        );
+        assert_eq!(
+            nat.jumps_to_istio(),
+            [
+                ("OUTPUT", "-j ISTIO_OUTPUT"),
+                ("FOREIGN", "-j ISTIO_OUTPUT")
+            ]
+        );
+        assert!(s.has_istio_chains());
+        assert_eq!(s.rule_count(), 8);
+    }
+
+    #[test]
+    fn scratch_round_trip_gives_identical() {
+        let rs = tiny();
+        let text = scratch_text(&rs, None, &sc());
+        assert_eq!(
+            text,
+            "*nat\n:ii-t.OUTPUT - [0:0]\n:ii-t.ISTIO_OUTPUT - [0:0]\n:ii-t.ISTIO_REDIRECT - [0:0]\n\
+             -A ii-t.OUTPUT -j ii-t.ISTIO_OUTPUT\n-A ii-t.ISTIO_OUTPUT -j ii-t.ISTIO_REDIRECT\n\
+             -A ii-t.ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+        );
+        let live = parse_save(LIVE);
+        let canon = canon_from_scratch(&live, &rs, &sc());
+        assert_eq!(canon["nat"].builtin["OUTPUT"], ["-j ISTIO_OUTPUT"]);
+        assert_eq!(compare(&rs, &canon, &live), Verdict::Identical);
+    }
+
+    #[test]
+    fn drift_is_described() {
+        let rs = tiny();
+        let live = parse_save(LIVE);
+        let canon = canon_from_scratch(&live, &rs, &sc());
+        let drifted = parse_save(&LIVE.replace(
+            "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+            "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15009",
+        ));
+        let Verdict::Different(why) = compare(&rs, &canon, &drifted) else {
+            panic!("not different");
+        };
+        assert_eq!(
+            why,
+            [
+                "nat: chain ISTIO_REDIRECT rule 1 is `-A ISTIO_REDIRECT -p tcp -j REDIRECT \
+              --to-ports 15009`, expected `-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001`"
+            ]
+        );
+        // A duplicated jump is drift too.
+        let dup = parse_save(&LIVE.replace(
+            "-A OUTPUT -j ISTIO_OUTPUT\n",
+            "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -j ISTIO_OUTPUT\n",
+        ));
+        assert!(matches!(compare(&rs, &canon, &dup), Verdict::Different(_)));
+        // An extra Istio chain is drift.
+        let extra = parse_save(&LIVE.replace(
+            ":FOREIGN - [0:0]\n",
+            ":FOREIGN - [0:0]\n:ISTIO_DROP - [0:0]\n",
+        ));
+        let Verdict::Different(why) = compare(&rs, &canon, &extra) else {
+            panic!("not different");
+        };
+        assert!(why[0].contains("ISTIO_DROP is not part"), "{why:?}");
+    }
+
+    #[test]
+    fn absent_tables_make_an_incomplete_state() {
+        let cfg = resolve(Defaults::Native, &["-m", "TPROXY"], &[]).unwrap();
+        let rs = build(&cfg, &Facts::default(), Family::V4);
+        assert_eq!(rs.tables.len(), 2);
+        let live = parse_save("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\nCOMMIT\n");
+        assert_eq!(
+            compare(&rs, &Canon::new(), &live),
+            Verdict::Incomplete(vec![Table::Mangle, Table::Nat])
+        );
+    }
+
+    #[test]
+    fn undo_deletes_builtin_rules_then_chains() {
+        let rs = tiny();
+        assert_eq!(
+            undo_text(&rs, &[Table::Nat]),
+            "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-F ISTIO_REDIRECT\n\
+             -X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\nCOMMIT\n"
+        );
+        assert_eq!(undo_text(&rs, &[Table::Mangle]), "");
+    }
+
+    #[test]
+    fn converge_flushes_in_place_and_keeps_foreign_rules() {
+        let rs = tiny();
+        let live = parse_save(&LIVE.replace(
+            ":FOREIGN - [0:0]\n",
+            ":FOREIGN - [0:0]\n:ISTIO_DROP - [0:0]\n",
+        ));
+        let canon = canon_from_scratch(&live, &rs, &sc());
+        let text = converge_text(&rs, &canon, &live, &sc());
+        assert_eq!(
+            text,
+            "*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n-D OUTPUT -j ISTIO_OUTPUT\n\
+             -F ISTIO_DROP\n-F ii-t.OUTPUT\n-F ii-t.ISTIO_OUTPUT\n-F ii-t.ISTIO_REDIRECT\n\
+             -X ISTIO_DROP\n-X ii-t.OUTPUT\n-X ii-t.ISTIO_OUTPUT\n-X ii-t.ISTIO_REDIRECT\n\
+             -A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
+             -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn cleanup_removes_only_ours() {
+        let live = parse_save(LIVE);
+        let text = cleanup_text(&live, &Canon::new());
+        assert_eq!(
+            text,
+            "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-D FOREIGN -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n\
+             -F ISTIO_REDIRECT\n-F ii-t.OUTPUT\n-F ii-t.ISTIO_OUTPUT\n-F ii-t.ISTIO_REDIRECT\n\
+             -X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\n-X ii-t.OUTPUT\n-X ii-t.ISTIO_OUTPUT\n\
+             -X ii-t.ISTIO_REDIRECT\nCOMMIT\n"
+        );
+        assert_eq!(
+            cleanup_text(
+                &parse_save("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"),
+                &Canon::new()
+            ),
+            ""
+        );
+    }
+
+    #[test]
+    fn scratch_names_fit_and_are_recognised() {
+        let s = Scratch::for_process(4_194_304);
+        assert_eq!(s.name("ISTIO_IN_REDIRECT"), "ii-2hwcg.ISTIO_IN_REDIRECT");
+        assert!(s.name("ISTIO_IN_REDIRECT").len() <= 28);
+        assert!(is_scratch_chain(&s.name("OUTPUT")));
+        assert!(is_scratch_chain("ii-t.OUTPUT"));
+        assert!(!is_scratch_chain("ii-OUTPUT"));
+        assert!(!is_scratch_chain("ISTIO_OUTPUT"));
+        assert!(s.owns(&s.name("OUTPUT")) && !s.owns("ii-t.OUTPUT"));
+    }
+
+    #[test]
+    fn istio_shaped_rules() {
+        for (table, chain, rule, want) in [
+            ("nat", "PREROUTING", "-i eth9 -j RETURN", true),
+            ("mangle", "OUTPUT", "-o eth9 -j RETURN", true),
+            ("nat", "OUTPUT", "-d 198.18.9.9/32 -j RETURN", false),
+            ("filter", "INPUT", "-i eth9 -j RETURN", false),
+            ("nat", "PREROUTING", "-i eth9 -p tcp -j RETURN", false),
+            (
+                "mangle",
+                "PREROUTING",
+                "-p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+                true,
+            ),
+            (
+                "mangle",
+                "OUTPUT",
+                "-p tcp -m connmark --mark 0x539 -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+                true,
+            ),
+            (
+                "mangle",
+                "OUTPUT",
+                "! -d 127.0.0.1/32 -o lo -p tcp -m owner --uid-owner 1337 -j MARK --set-xmark 0x53a/0xffffffff",
+                true,
+            ),
+            (
+                "mangle",
+                "OUTPUT",
+                "-o lo -p tcp -m mark --mark 0x539 -j RETURN",
+                true,
+            ),
+            (
+                "mangle",
+                "OUTPUT",
+                "-p udp -j MARK --set-xmark 0x1/0xffffffff",
+                false,
+            ),
+        ] {
+            assert_eq!(
+                is_istio_shaped(table, chain, rule),
+                want,
+                "{table} {chain} {rule}"
+            );
+        }
+    }
+
+    #[test]
+    fn leftovers_of_another_configuration_are_drift_and_get_removed() {
+        let rs = tiny();
+        let with_leftover = LIVE.replace(
+            "-A OUTPUT -j ISTIO_OUTPUT\n",
+            "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -o eth9 -j RETURN\n",
+        );
+        let live = parse_save(&with_leftover);
+        let canon = canon_from_scratch(&live, &rs, &sc());
+        assert!(matches!(compare(&rs, &canon, &live), Verdict::Different(_)));
+        let text = converge_text(&rs, &canon, &live, &sc());
+        assert!(text.contains("-D OUTPUT -o eth9 -j RETURN\n"), "{text}");
+        assert!(!text.contains("198.18.9.9"), "{text}");
+        let text = cleanup_text(&live, &Canon::new());
+        assert!(text.contains("-D OUTPUT -o eth9 -j RETURN\n"), "{text}");
+    }
+
+    #[test]
+    fn error_line_numbers_in_every_form() {
+        for (stderr, want) in [
+            (
+                "iptables-nft-restore: line 2 failed: Chain already exists.\n",
+                Some(2),
+            ),
+            ("iptables-restore: line 10 failed\n", Some(10)),
+            (
+                "iptables-restore v1.8.9 (legacy): Port `99999' not valid\nError occurred at line: 8\nTry `iptables-restore -h'\n",
+                Some(8),
+            ),
+            (
+                "iptables-nft-restore v1.8.9 (nf_tables): \nline 8: RULE_APPEND failed (Invalid argument): rule in chain ISTIO_B\n",
+                Some(8),
+            ),
+            ("Another app is currently holding the xtables lock.\n", None),
+        ] {
+            assert_eq!(failed_line(stderr), want, "{stderr}");
+        }
+    }
+
+    #[test]
+    fn layout_knows_what_was_committed() {
+        let l = Layout::of("*mangle\n-N A\nCOMMIT\n*nat\n-N B\nCOMMIT\n");
+        assert_eq!(l.committed_before(5), ["mangle"]);
+        assert!(l.committed_before(3).is_empty());
+        assert_eq!(l.committed_before(7), ["mangle", "nat"]);
+    }
+}
