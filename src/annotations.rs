@@ -10,7 +10,7 @@ use std::fmt;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::config::{ConfigError, Override, PodOverrides, Source, quote};
+use crate::config::{ConfigError, Override, PodOverrides, Source, printable, quote};
 
 /// Annotation keys the injector reads when it renders the init container.
 pub mod key {
@@ -160,7 +160,7 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
                     'u' => (4, 16, false),
                     'U' => (8, 16, false),
                     '0'..='7' => (3, 8, true),
-                    _ => return Err(format!("unknown escape '\\{e}'")),
+                    _ => return Err(format!("unknown escape '\\{}'", e.escape_debug())),
                 };
                 let mut text = String::new();
                 if radix == 8 {
@@ -170,7 +170,10 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
                     text.push(chars.next().ok_or("escape cut short")?);
                 }
                 let n = u32::from_str_radix(&text, radix).map_err(|_| {
-                    format!("bad escape '\\{e}{}'", &text[usize::from(radix == 8)..])
+                    format!(
+                        "bad escape '\\{e}{}'",
+                        printable(&text[usize::from(radix == 8)..])
+                    )
                 })?;
                 if is_byte {
                     let b = u8::try_from(n)
@@ -191,6 +194,39 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "the value is not valid UTF-8".to_owned())
 }
 
+/// The deepest nesting of sequences and mappings accepted in YAML input. A pod manifest is
+/// about ten levels deep; the limit keeps the recursive `Yaml` tree (its drop, clone and
+/// formatting recurse) far from the stack's end.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// `YamlLoader::load_from_str`, after a pass over the parser's events (an iterative state
+/// machine) that refuses nesting deeper than [`MAX_YAML_DEPTH`]. Without it, a few MiB of
+/// `- - - - …` (a pod author can put that in `proxy.istio.io/config`) built a tree a million
+/// levels deep and the process died of a stack overflow instead of exiting 2.
+fn load_yaml(text: &str) -> Result<Vec<Yaml>, yaml_rust2::ScanError> {
+    use yaml_rust2::Event;
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        let (event, mark) = parser.next_token()?;
+        match event {
+            Event::StreamEnd => break,
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Err(yaml_rust2::ScanError::new_string(
+                        mark,
+                        format!("nested deeper than {MAX_YAML_DEPTH} levels"),
+                    ));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    YamlLoader::load_from_str(text)
+}
+
 /// Workload kinds whose pod template sits at `spec.template`.
 const TEMPLATE_KINDS: &[&str] = &[
     "Deployment",
@@ -205,7 +241,7 @@ const TEMPLATE_KINDS: &[&str] = &[
 /// A `List` holding exactly one item, a workload's pod template (Deployment, Job, CronJob, …)
 /// and a bare pod object without `kind` are accepted too.
 pub fn parse_manifest(text: &str) -> Result<Pod, ParseError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| {
+    let docs = load_yaml(text).map_err(|e| {
         let m = e.marker();
         ParseError {
             at: format!("line {} column {}", m.line(), m.col() + 1),
@@ -320,7 +356,10 @@ fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
         Some(k) => {
             return Err(ParseError {
                 at: join_path(&path, "kind"),
-                reason: format!("{k} is not a Pod (nor a workload with a pod template)"),
+                reason: format!(
+                    "{} is not a Pod (nor a workload with a pod template)",
+                    printable(k)
+                ),
             });
         }
     }
@@ -330,8 +369,8 @@ fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
         expect_mapping(meta, &meta_path)?;
     }
     let name = match (field(meta, "namespace"), field(meta, "name")) {
-        (Yaml::String(ns), Yaml::String(n)) => format!("{ns}/{n}"),
-        (_, Yaml::String(n)) => n.clone(),
+        (Yaml::String(ns), Yaml::String(n)) => format!("{}/{}", printable(ns), printable(n)),
+        (_, Yaml::String(n)) => printable(n).into_owned(),
         _ => "pod".to_owned(),
     };
     let spec = field(doc, "spec");
@@ -367,7 +406,7 @@ fn template(doc: &Yaml, t: &Yaml, path: String) -> Result<Pod, ParseError> {
     if let (Yaml::String(k), Yaml::String(n)) =
         (field(doc, "kind"), field(field(doc, "metadata"), "name"))
     {
-        pod.name = format!("{k}/{n}");
+        pod.name = format!("{}/{}", printable(k), printable(n));
     }
     Ok(pod)
 }
@@ -425,7 +464,7 @@ fn parse_proxy_config(value: &str) -> Result<ProxyConfig, ConfigError> {
         source: Source::Annotation(key::PROXY_CONFIG.into()),
         reason,
     };
-    let docs = YamlLoader::load_from_str(value).map_err(|e| {
+    let docs = load_yaml(value).map_err(|e| {
         let m = e.marker();
         err(format!(
             "line {} column {}: {}",
@@ -472,7 +511,8 @@ fn parse_proxy_config(value: &str) -> Result<ProxyConfig, ConfigError> {
                     Yaml::Null => String::new(),
                     other => {
                         return Err(err(format!(
-                            "proxyMetadata.{k}: expected a string, found {}",
+                            "proxyMetadata.{}: expected a string, found {}",
+                            printable(k),
                             type_name(other)
                         )));
                     }
@@ -607,7 +647,8 @@ fn translate_inner(
             .map(|known| format!(" (did you mean {known}?)"))
             .unwrap_or_default();
         out.warnings.push(format!(
-            "ignoring unknown annotation {k}{hint}: the sidecar injector does not read it"
+            "ignoring unknown annotation {}{hint}: the sidecar injector does not read it",
+            printable(k)
         ));
     }
     Ok(out)
@@ -616,6 +657,55 @@ fn translate_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hardening regression: deep block nesting (`- - - …`, a few MiB) crashed with a stack
+    /// overflow instead of a one-line error.
+    #[test]
+    fn deep_yaml_is_refused() {
+        let deep = format!("{}a", "- ".repeat(1_000_000));
+        let e = parse_manifest(&deep).unwrap_err().to_string();
+        assert_eq!(e, "line 1 column 129: nested deeper than 64 levels");
+        let pc = format!("{}a", "- ".repeat(100_000));
+        let e = translate(&ann(&[(key::PROXY_CONFIG, &pc)])).unwrap_err();
+        assert!(
+            e.reason
+                .ends_with("line 1 column 129: nested deeper than 64 levels"),
+            "{e}"
+        );
+        let ok = format!("{}a", "- ".repeat(MAX_YAML_DEPTH));
+        assert!(load_yaml(&ok).is_ok());
+    }
+
+    /// Fuzzing regressions (fuzz/corpus/annotations/regression-escape-nul and
+    /// fuzz/corpus/pod_manifest/regression-kind-control): messages and warnings showed control
+    /// characters from the input raw, so one error could span several log lines.
+    #[test]
+    fn messages_never_carry_control_characters() {
+        let e = parse_downward("k=\"\\\u{0}\"").unwrap_err().to_string();
+        assert_eq!(e, r"line 1: value of k: unknown escape '\\0'");
+        let e = parse_manifest("kind: \"Lis\\u0001t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            r"kind: Lis\u{1}t is not a Pod (nor a workload with a pod template)"
+        );
+        let pod = parse_manifest(
+            "metadata:\n  name: \"a\\nb\"\n  annotations:\n    \"traffic.sidecar.istio.io/x\\ny\": \"1\"\nspec:\n  hostNetwork: true\n",
+        )
+        .unwrap();
+        let s = translate_pod(&pod).unwrap();
+        let texts = s.warnings.iter().chain(s.nothing_to_do.iter());
+        for t in texts {
+            assert!(!t.chars().any(char::is_control), "{t:?}");
+        }
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.nothing_to_do
+                .unwrap()
+                .starts_with(r"a\nb uses hostNetwork")
+        );
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> Annotations {
         pairs

@@ -5,7 +5,8 @@
 //! `"*"` different meanings; `config.rs` resolves them (with env vars) into typed settings.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 
 use clap::{Arg, ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -536,6 +537,25 @@ pub fn find(long: &str) -> Option<&'static Opt> {
     OPTIONS.iter().find(|o| o.long == long)
 }
 
+/// Env vars read outside the option table: by `lib::run` (the dry-run file) and by the apply
+/// path (where the iptables programs and their modules are, the legacy lock file).
+pub const OTHER_ENV: &[&str] = &[
+    "DRY_RUN_FILE_PATH",
+    "PATH",
+    "XTABLES_LIBDIR",
+    "XTABLES_LOCKFILE",
+];
+
+/// Every environment variable istio-init reads: the options' env vars, the env-only settings
+/// and [`OTHER_ENV`]. `main` checks that each one that is set is valid UTF-8.
+pub fn env_names() -> impl Iterator<Item = &'static str> {
+    OPTIONS
+        .iter()
+        .flat_map(|o| o.env.iter().copied())
+        .chain(ENV_ONLY.iter().map(|e| e.name))
+        .chain(OTHER_ENV.iter().copied())
+}
+
 /// Which defaults apply: Istio's (after a leading `istio-iptables`) or the standard sidecar's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Defaults {
@@ -689,6 +709,7 @@ where
     T: Into<OsString> + Clone,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    check_utf8(&args)?;
     // Help texts are only built when help is asked for: parsing runs on every pod start.
     let wants_help = args
         .iter()
@@ -719,6 +740,63 @@ where
         action,
         flags,
     })
+}
+
+/// Refuses a command line with a word that is not UTF-8, naming the option the bytes belong to
+/// (clap's own message names neither the option nor the value). argv\[0\] is not checked.
+fn check_utf8(args: &[OsString]) -> Result<(), clap::Error> {
+    for (i, arg) in args.iter().enumerate().skip(1) {
+        if crate::net::utf8(arg).is_ok() {
+            continue;
+        }
+        let bytes = arg.as_bytes();
+        let (opt, value): (Option<&'static Opt>, &[u8]) =
+            if let Some(rest) = bytes.strip_prefix(b"--") {
+                let (name, value) = match rest.iter().position(|&c| c == b'=') {
+                    Some(at) => (&rest[..at], &rest[at + 1..]),
+                    None => (rest, &rest[rest.len()..]),
+                };
+                let opt = std::str::from_utf8(name).ok().and_then(find);
+                (opt, if opt.is_some() { value } else { bytes })
+            } else if bytes.len() >= 2 && bytes[0] == b'-' {
+                let opt = OPTIONS
+                    .iter()
+                    .find(|o| o.short.is_some_and(|s| s as u32 == u32::from(bytes[1])));
+                let value = bytes[2..].strip_prefix(b"=").unwrap_or(&bytes[2..]);
+                (opt, if opt.is_some() { value } else { bytes })
+            } else {
+                let prev = args[i - 1].to_str().unwrap_or_default();
+                let opt = OPTIONS.iter().find(|o| {
+                    o.kind == Kind::Value
+                        && (prev.strip_prefix("--") == Some(o.long)
+                            || o.short.is_some_and(|s| prev == format!("-{s}")))
+                });
+                (opt, bytes)
+            };
+        let value = OsStr::from_bytes(value);
+        let (value, reason) = match crate::net::utf8(value) {
+            Err(reason) => (value, reason),
+            // The bad byte is in the option name, not in its value: show the whole word.
+            Ok(_) => (
+                arg.as_os_str(),
+                crate::net::utf8(arg).err().unwrap_or_default(),
+            ),
+        };
+        let source = match opt {
+            Some(o) => crate::config::Source::Flag {
+                long: o.long,
+                short: o.short,
+            }
+            .to_string(),
+            None => format!("argument {i}"),
+        };
+        let msg = format!(
+            "invalid value {} in {source}: {reason}\n",
+            crate::config::quote(&value.to_string_lossy())
+        );
+        return Err(clap::Error::raw(clap::error::ErrorKind::InvalidUtf8, msg));
+    }
+    Ok(())
 }
 
 fn given(m: &ArgMatches, id: &str) -> Option<String> {

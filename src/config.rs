@@ -83,6 +83,28 @@ pub fn quote(value: &str) -> String {
     format!("{:?}… ({} bytes)", &value[..cut], value.len())
 }
 
+/// Refuses an environment variable istio-init reads ([`cli::env_names`]) whose value is not
+/// UTF-8, naming the variable and the first bad byte. `var_os` looks a variable up as raw
+/// bytes; the check runs before anything else reads the environment, so a value is never
+/// half-understood through a lossy conversion.
+pub fn check_env_encoding(
+    var_os: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), ConfigError> {
+    for name in cli::env_names() {
+        if let Some(raw) = var_os(name) {
+            if let Err(reason) = crate::net::utf8(&raw) {
+                return Err(ConfigError {
+                    what: "value".into(),
+                    value: raw.to_string_lossy().into_owned(),
+                    source: Source::Env(name.to_owned()),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Inbound interception mode (`-m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interception {
@@ -578,6 +600,7 @@ impl Config {
                 None => OutboundCidrs::All,
                 Some(v) => OutboundCidrs::Only(v),
             };
+        let include_source = r.raw("istio-service-cidr").source;
         let raw = r.raw("istio-service-exclude-cidr");
         if raw.value.trim() == "*" {
             return Err(raw.err(
@@ -618,6 +641,26 @@ impl Config {
             },
             &raw.source,
         );
+        // IPv6 ranges while IPv6 rules are off. `Off` is always explicit (flag or env; the
+        // default is auto). An IPv6 range to *capture* contradicts it: the pod would silently
+        // get less capture than it asks for, so that is refused. IPv6 ranges to *exclude* agree
+        // with it (no IPv6 traffic is captured at all) and are accepted, and in auto mode a pod
+        // without IPv6 only gets a warning (`lib::gather_facts`): mesh-wide defaults written
+        // for dual-stack pods must not stop IPv4-only pods from starting.
+        if ipv6 == Ipv6Mode::Off {
+            if let Some(c) = outbound_include.of(Family::V6).first() {
+                return Err(ConfigError {
+                    what: "CIDR".into(),
+                    value: c.to_string(),
+                    source: include_source,
+                    reason: format!(
+                        "an IPv6 range to capture, but IPv6 rules are disabled by {}; remove \
+                         the IPv6 ranges or set --ipv6=auto",
+                        raw.source
+                    ),
+                });
+            }
+        }
         let dual_stack = r.flag("dual-stack", "DUAL_STACK")?;
         let redirect_dns = r.flag("redirect-dns", "DNS_CAPTURE")?;
         let drop_invalid = r.flag("drop-invalid", "DROP_INVALID")?;
@@ -745,18 +788,44 @@ impl Config {
     }
 
     /// The effective configuration as `KEY=value` lines (Istio's `Istio config:` dump).
+    /// Values are written with control characters escaped, so that a path or a raw list
+    /// holding a newline cannot forge log lines: always one line per setting.
     pub fn dump(&self) -> String {
         let mut out = String::new();
         for p in &self.provenance {
             out.push_str(p.key);
             out.push('=');
-            out.push_str(&p.value);
+            push_escaped(&mut out, &p.value);
             if p.source != Source::Default {
-                out.push_str(&format!("  # from {}", p.source));
+                out.push_str("  # from ");
+                push_escaped(&mut out, &p.source.to_string());
             }
             out.push('\n');
         }
         out
+    }
+}
+
+/// `s` with its control characters escaped, for messages that show text from an input file
+/// (one line per message, whatever the input holds).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        let mut out = String::new();
+        push_escaped(&mut out, s);
+        std::borrow::Cow::Owned(out)
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// Appends `s` with its control characters escaped (`\n`, `\u{1b}`, …).
+fn push_escaped(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
 }
 
@@ -947,6 +1016,19 @@ fn resolve_log(r: &Resolver<'_>) -> Result<LogSettings, ConfigError> {
             Some((s, l)) => (s, l),
             None => ("default", item),
         };
+        // Scopes other than `default` are ignored, but still must look like scope names:
+        // a NUL or a newline in one would otherwise pass unnoticed.
+        if scope.is_empty()
+            || !scope
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return Err(raw.err_item(
+                "log level",
+                item,
+                "the scope name must be letters, digits, '_', '.' or '-'",
+            ));
+        }
         let parsed = match lvl {
             "debug" => log::LevelFilter::Debug,
             "info" => log::LevelFilter::Info,
@@ -1187,6 +1269,16 @@ pub(crate) mod tests {
                 r#"invalid mark "0x10" in --istio-inbound-tproxy-mark (-t): not a decimal number"#,
             ),
             (
+                &["--log_output_level=ads:debug,a\0b:info"],
+                &[],
+                r#"invalid log level "a\0b:info" in --log_output_level: the scope name must be letters, digits, '_', '.' or '-'"#,
+            ),
+            (
+                &["--log_output_level=:debug"],
+                &[],
+                r#"invalid log level ":debug" in --log_output_level: the scope name must be letters, digits, '_', '.' or '-'"#,
+            ),
+            (
                 &["--log_output_level=default:verbose"],
                 &[],
                 r#"invalid log level "default:verbose" in --log_output_level: expected debug, info, warn, error, fatal or none"#,
@@ -1403,6 +1495,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn ipv6_ranges_with_ipv6_off() {
+        let d = Defaults::Native;
+        let err = resolve(d, &["--ipv6=false", "-i", "10.0.0.0/8,2001:db8::/32"], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid CIDR "2001:db8::/32" in --istio-service-cidr (-i): an IPv6 range to capture, but IPv6 rules are disabled by --ipv6; remove the IPv6 ranges or set --ipv6=auto"#
+        );
+        let err = resolve(
+            d,
+            &[],
+            &[
+                ("ISTIO_INIT_IPV6", "0"),
+                ("ISTIO_SERVICE_CIDR", "2001:db8::/32"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            err.reason.contains("disabled by env ISTIO_INIT_IPV6"),
+            "{err}"
+        );
+        // Excluding IPv6 ranges agrees with IPv6 off; auto mode and '*' are never refused.
+        assert!(resolve(d, &["--ipv6=false", "-x", "2001:db8::/32"], &[]).is_ok());
+        assert!(resolve(d, &["--ipv6=false", "-i", "*"], &[]).is_ok());
+        assert!(resolve(d, &["-i", "2001:db8::/32"], &[]).is_ok());
+    }
+
+    #[test]
     fn owner_groups() {
         let d = Defaults::Native;
         let c = resolve(d, &[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
@@ -1430,6 +1549,34 @@ pub(crate) mod tests {
         let msg = err.to_string();
         assert!(msg.contains("10000 items; at most 5000"), "{msg}");
         assert!(msg.len() < 400, "{msg}");
+    }
+
+    /// Fuzzing regression (fuzz/corpus/resolve/regression-dump-newline): a newline in a
+    /// path or a raw list value made the config dump forge extra log lines.
+    #[test]
+    fn dump_is_one_line_per_setting() {
+        let c = resolve(
+            Defaults::Native,
+            &["--resolv-conf=/etc/resolv.conf\n-A OUTPUT -j ACCEPT"],
+            &[
+                ("NETWORK_NAMESPACE", "/var/run/netns/x\nforged"),
+                ("ISTIO_OUTBOUND_OWNER_GROUPS", "java"),
+                ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "a,\r\nb"),
+            ],
+        )
+        .unwrap();
+        let dump = c.dump();
+        assert_eq!(dump.lines().count(), c.provenance.len(), "{dump}");
+        assert!(
+            dump.contains(
+                "RESOLV_CONF=/etc/resolv.conf\\n-A OUTPUT -j ACCEPT  # from --resolv-conf\n"
+            ),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("OUTBOUND_OWNER_GROUPS_EXCLUDE=a,\\r\\nb  # from env"),
+            "{dump}"
+        );
     }
 
     #[test]

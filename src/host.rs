@@ -142,17 +142,68 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<IpAddr>, Vec<String>) {
     (servers, skipped)
 }
 
+/// resolv.conf is a few hundred bytes; anything above this is not a resolv.conf.
+pub const MAX_RESOLV_CONF: u64 = 1 << 20;
+
+/// Annotations files and pod manifests: Kubernetes caps a pod's annotations at 256 KiB; a
+/// manifest with managed fields stays far below this.
+pub const MAX_POD_FILE: u64 = 4 << 20;
+
+/// Reads standard input up to `max` bytes (`--pod -`).
+pub fn read_stdin(max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads a small configuration file the tool is pointed at. It must be a regular file (a FIFO
+/// or a device would block or never end: the open is non-blocking and the type is checked on
+/// the open handle, so there is no race) of at most `max` bytes.
+pub fn read_config_file(path: &str, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads the DNS servers to capture. A missing or unreadable file is an input error: DNS
 /// capture was asked for and cannot be configured.
 pub fn dns_servers(cfg: &Config, ipv6: bool) -> anyhow::Result<Vec<IpAddr>> {
     let path = &cfg.resolv_conf;
-    let text = std::fs::read_to_string(path)
+    let bytes = read_config_file(path, MAX_RESOLV_CONF)
         .map_err(|e| {
             UsageError(format!(
                 "cannot read {path} for --redirect-dns: {e}; set --resolv-conf or --capture-all-dns"
             ))
         })
         .with_context(|| "reading the DNS servers")?;
+    // Nameservers are ASCII; a stray non-UTF-8 byte elsewhere (a comment, a search domain)
+    // must not fail the pod, and one inside a nameserver value makes it unparsable (skipped).
+    let text = String::from_utf8_lossy(&bytes);
     let (servers, skipped) = parse_resolv_conf(&text);
     for s in skipped {
         log::warn!("ignoring nameserver {s:?} in {path}: not a plain IP address");

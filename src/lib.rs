@@ -83,13 +83,20 @@ fn path_option(inv: &cli::Invocation, env: &Env<'_>, long: &'static str) -> Opti
 pub fn pod_settings(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<PodSettings> {
     let annotations = path_option(inv, env, "annotations");
     let pod = path_option(inv, env, "pod");
+    // A regular file (or stdin) of bounded size: a FIFO or a device must not hang the pod.
     let read = |path: &str, what: &str| -> Result<String, UsageError> {
-        let r = if path == "-" {
-            std::io::read_to_string(std::io::stdin())
+        let bytes = if path == "-" {
+            host::read_stdin(host::MAX_POD_FILE)
         } else {
-            std::fs::read_to_string(path)
+            host::read_config_file(path, host::MAX_POD_FILE)
         };
-        r.map_err(|e| UsageError(format!("cannot read the {what} {path}: {e}")))
+        bytes
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                use std::os::unix::ffi::OsStrExt;
+                net::utf8(std::ffi::OsStr::from_bytes(&b)).map(str::to_owned)
+            })
+            .map_err(|e| UsageError(format!("cannot read the {what} {path}: {e}")))
     };
     match (annotations, pod) {
         (None, None) => Ok(PodSettings::default()),
@@ -121,6 +128,16 @@ pub fn gather_facts(cfg: &Config) -> anyhow::Result<Facts> {
         if v6.enabled { "enabled" } else { "disabled" },
         v6.reason
     );
+    // Auto mode in a namespace without IPv6: IPv6 ranges to capture (typically mesh-wide
+    // defaults written for dual-stack pods) cannot apply. A warning, not an error: see the
+    // `Ipv6Mode::Off` check in `Config::resolve` for the explicit case, which is refused.
+    let v6_ranges = cfg.outbound_include.of(net::Family::V6);
+    if !v6.enabled && !v6_ranges.is_empty() {
+        log::warn!(
+            "ignoring the IPv6 ranges to capture ({}): IPv6 rules are disabled",
+            config::join(&v6_ranges)
+        );
+    }
     let dns_servers = if cfg.needs_dns_servers() {
         host::dns_servers(cfg, v6.enabled)?
     } else {

@@ -17,6 +17,10 @@ fn main() -> ExitCode {
             });
         }
     };
+    if let Err(e) = istio_init::config::check_env_encoding(&|name| std::env::var_os(name)) {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let var = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     match istio_init::run(&inv, &Env { var: &var }) {
         Ok(()) => ExitCode::from(exit::SUCCESS),

@@ -19,6 +19,20 @@ pub fn split_list(raw: &str) -> impl Iterator<Item = &str> {
     raw.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// Checks that raw OS bytes (an argv word or an env var value) are UTF-8. On failure the
+/// reason names the first bad byte and its offset, so the one-line error pinpoints it.
+pub fn utf8(raw: &std::ffi::OsStr) -> Result<&str, Reason> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = raw.as_bytes();
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        format!(
+            "not valid UTF-8 (byte 0x{:02x} at offset {at})",
+            bytes.get(at).copied().unwrap_or_default()
+        )
+    })
+}
+
 /// The IP family of a ruleset: IPv4 goes to `iptables-restore`, IPv6 to `ip6tables-restore`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
@@ -582,6 +596,20 @@ mod tests {
         assert!("0x539".parse::<Mark>().is_err());
         assert!("133".parse::<RouteTable>().is_ok());
         assert!("254".parse::<RouteTable>().is_err());
+    }
+
+    #[test]
+    fn utf8_names_the_bad_byte() {
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(utf8(std::ffi::OsStr::new("80")), Ok("80"));
+        assert_eq!(
+            utf8(std::ffi::OsStr::from_bytes(b"8\xff0")),
+            Err("not valid UTF-8 (byte 0xff at offset 1)".to_owned())
+        );
+        assert_eq!(
+            utf8(std::ffi::OsStr::from_bytes(b"\xc3")),
+            Err("not valid UTF-8 (byte 0xc3 at offset 0)".to_owned())
+        );
     }
 
     #[test]

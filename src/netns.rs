@@ -29,7 +29,15 @@ impl Netns {
     /// Opens a namespace file. A missing file is an input error (exit 2); a file the caller
     /// may not open is a privilege error.
     pub fn open(path: &str) -> anyhow::Result<Netns> {
-        match File::open(path) {
+        // Non-blocking, so that a FIFO given as the path fails at setns instead of hanging.
+        let opened = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(path)
+        };
+        match opened {
             Ok(file) => Ok(Netns {
                 path: path.to_owned(),
                 file,

@@ -6,13 +6,17 @@
 
 mod annotations;
 mod apply;
+mod bad_input;
+mod checks;
 mod cli;
 mod conformance;
 mod faults;
 mod golden;
 mod image;
+mod injection;
 mod kubernetes;
 mod layout;
+mod properties;
 mod readme;
 mod trace;
 mod util;
