@@ -682,6 +682,8 @@ fn rows(scratch: &Scratch) -> Vec<Row> {
         Row { shape: Shape::Last, ..row("netns PID that does not exist", &[], &[("ISTIO_INIT_NETNS", "4294967295")], r#"invalid network namespace "/proc/4294967295/ns/net" in --netns: no such file (give /proc/PID/ns/net, /var/run/netns/NAME or a PID)"#) },
         Row { shape: Shape::Last, ..row("netns file that is not a namespace", &["--netns", "/etc/hostname"], &[], r#"invalid network namespace "/etc/hostname" in --netns: not a network namespace file"#) },
         row("negative xtables wait", &["--xtables-wait=-1"], &[], r#"invalid wait "-1" in --xtables-wait: expected whole seconds from 0 to 3600"#),
+        row("restore timeout without a unit", &["--restore-timeout=5"], &[], r#"invalid duration "5" in --restore-timeout: not a duration (expected e.g. 5s, 500ms, 1m30s): missing unit"#),
+        row("zero restore timeout", &[], &[("ISTIO_INIT_RESTORE_TIMEOUT", "0s")], r#"invalid duration "0s" in env ISTIO_INIT_RESTORE_TIMEOUT: must be longer than 0"#),
         row("xtables wait over an hour", &[], &[("ISTIO_INIT_XTABLES_WAIT", "3601")], r#"invalid wait "3601" in env ISTIO_INIT_XTABLES_WAIT: expected whole seconds from 0 to 3600"#),
     ]);
     rows.push(Row {

@@ -108,6 +108,10 @@ static FIELDS: &[Field] = &[
     },
     Field {
         rendered: false,
+        ..field("restore-timeout", "duration", false, "45s")
+    },
+    Field {
+        rendered: false,
         ..field("force-iptables-binary", "iptables backend", false, "nft")
     },
     Field {
