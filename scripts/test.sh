@@ -30,6 +30,20 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked --lib --tests 2>&1 | tee "$log"
+read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
 echo "== static build"
 scripts/build-static.sh
+# Every fuzz target briefly (fuzz/run.sh; the long runs are local, see fuzz/README.md).
+# cargo-fuzz is installed when missing; nightly is needed (fuzz/run.sh fails under CI=true
+# without it, and skips loudly elsewhere).
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "== installing cargo-fuzz"
+  cargo install --locked cargo-fuzz >/dev/null 2>&1 || echo "warning: cargo install cargo-fuzz failed"
+fi
+echo "== fuzz (${FUZZ_SECONDS:-15}s per target)"
+fuzz/run.sh "${FUZZ_SECONDS:-15}"
+echo
+echo "tests: ${passed} passed, ${failed} failed"
