@@ -533,6 +533,17 @@ pub static ENV_ONLY: &[EnvOpt] = &[
     },
 ];
 
+/// Env vars a pod's `proxyMetadata` must not set: they choose *where* istio-init acts or what
+/// it reads (another network namespace, other files). A pod's annotations are written by
+/// whoever deploys the pod; reading them from a privileged debug container must never let
+/// them point istio-init at another namespace.
+pub const NOT_FROM_POD: &[&str] = &[
+    "ISTIO_INIT_NETNS",
+    "ISTIO_INIT_RESOLV_CONF",
+    "ISTIO_INIT_ANNOTATIONS",
+    "ISTIO_INIT_POD",
+];
+
 pub fn find(long: &str) -> Option<&'static Opt> {
     OPTIONS.iter().find(|o| o.long == long)
 }

@@ -356,7 +356,13 @@ impl Resolver<'_> {
     /// An env var of the container: `proxyMetadata` from the pod's annotations first, then
     /// the process environment.
     fn env(&self, name: &str) -> Option<(String, Source)> {
-        if let Some(o) = self.inputs.pod.env.get(name) {
+        if let Some(o) = self
+            .inputs
+            .pod
+            .env
+            .get(name)
+            .filter(|_| !cli::NOT_FROM_POD.contains(&name))
+        {
             return Some((
                 o.value.clone(),
                 Source::Annotation(format!("{} (proxyMetadata.{name})", o.key)),
@@ -1286,6 +1292,30 @@ pub(crate) mod tests {
         ] {
             let err = resolve(d, args, env).unwrap_err();
             assert_eq!(err.to_string(), want, "{args:?} {env:?}");
+        }
+    }
+
+    #[test]
+    fn proxy_metadata_cannot_choose_the_namespace_or_files() {
+        let c = resolve_pod(
+            &[],
+            &[],
+            &[],
+            &[
+                ("ISTIO_INIT_NETNS", "/proc/1/ns/net"),
+                ("ISTIO_INIT_RESOLV_CONF", "/etc/shadow"),
+                ("ISTIO_META_DNS_CAPTURE", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.netns, None);
+        assert_eq!(c.resolv_conf, "/etc/resolv.conf");
+        assert!(c.redirect_dns, "other proxyMetadata still applies");
+        for name in cli::NOT_FROM_POD {
+            assert!(
+                cli::OPTIONS.iter().any(|o| o.env.contains(name)),
+                "{name} is not an env var of any option"
+            );
         }
     }
 
