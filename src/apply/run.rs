@@ -466,6 +466,11 @@ mod tests {
             slow.abnormal().as_deref(),
             Some("did not finish within 300ms (test); it was killed; its output so far: started")
         );
+        // SIGKILL is delivered asynchronously: give the kernel a moment to finish the exit.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !gone(&slow.stdout) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(gone(&slow.stdout), "the sleep it started survived");
         let quick = ended[1].as_ref().unwrap();
         assert!(quick.success() && quick.killed.is_none());
