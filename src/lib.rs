@@ -315,19 +315,28 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             apply::cleanup(&nf, &rulesets)?;
             return Ok(());
         } else {
-            log_summary(cfg, &facts);
             let rulesets = build_all(cfg, &facts);
-            log_rulesets(&rulesets);
             let plan = route::RoutePlan::new(cfg, &facts);
             let opts = apply::Options {
                 reconcile: cfg.reconcile,
                 force_apply: cfg.force_apply,
                 force_backend: cfg.force_backend,
             };
-            // The routes go in at the last moment before the rules (see apply::apply).
-            apply::apply(&nf, &opts, &rulesets, &mut || {
+            // What the rules do is logged while the restores start up (they load their
+            // libraries meanwhile), so it costs no time on the way to the rules; the routes
+            // go in at the last moment before the rules (see apply::apply).
+            let mut logged = false;
+            let applied = apply::apply(&nf, &opts, &rulesets, &mut || {
+                log_summary(cfg, &facts);
+                log_rulesets(&rulesets);
+                logged = true;
                 route::configure(&plan).context("configuring TPROXY routing")
-            })?;
+            });
+            if !logged {
+                log_summary(cfg, &facts);
+                log_rulesets(&rulesets);
+            }
+            applied?;
         }
         // The namespace is consistent: a deferred SIGTERM may end the run from here on.
         if let Some(s) = &section {
