@@ -15,6 +15,7 @@ const PURE: &[&str] = &[
     "annotations.rs",
     "explain.rs",
     "trace.rs",
+    "state.rs",
 ];
 
 /// Paths whose use means an effect.
