@@ -316,25 +316,37 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             return Ok(());
         } else {
             let rulesets = build_all(cfg, &facts);
-            let plan = route::RoutePlan::new(cfg, &facts);
+            // Routing is read and checked now, before any program starts; only the additions
+            // are left for the last moment before the rules (see apply::apply).
+            let mut routes = Some(
+                route::prepare(&route::RoutePlan::new(cfg, &facts))
+                    .context("configuring TPROXY routing")?,
+            );
+            let mut added: Option<route::Added> = None;
             let opts = apply::Options {
                 reconcile: cfg.reconcile,
                 force_apply: cfg.force_apply,
                 force_backend: cfg.force_backend,
             };
             // What the rules do is logged while the restores start up (they load their
-            // libraries meanwhile), so it costs no time on the way to the rules; the routes
-            // go in at the last moment before the rules (see apply::apply).
+            // libraries meanwhile), so it costs no time on the way to the rules.
             let mut logged = false;
             let applied = apply::apply(&nf, &opts, &rulesets, &mut || {
                 log_summary(cfg, &facts);
                 log_rulesets(&rulesets);
                 logged = true;
-                route::configure(&plan).context("configuring TPROXY routing")
+                if let Some(r) = routes.take() {
+                    added = Some(r.commit().context("configuring TPROXY routing")?);
+                }
+                Ok(())
             });
             if !logged {
                 log_summary(cfg, &facts);
                 log_rulesets(&rulesets);
+            }
+            if let (Err(_), Some(added)) = (&applied, added) {
+                // The rules were rolled back: so are the routes this run added.
+                added.undo();
             }
             applied?;
         }

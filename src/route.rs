@@ -6,6 +6,12 @@
 //! Every object is idempotent: an identical existing rule, route or address is success, and
 //! a conflicting one (another default route in the table) is a clear error.
 //!
+//! Two steps, so that a failure never leaves routing half-changed: [`prepare`] reads the
+//! current rules and routes and finds any conflict before anything is changed (it runs before
+//! the iptables programs start); [`Prepared::commit`] only sends the additions (it runs in the
+//! last moment before the rules are written) and undoes its own additions when one fails; and
+//! [`Added::undo`] removes exactly what this run added when the rules then fail.
+//!
 //! Effects: one `NETLINK_ROUTE` socket in the current thread's network namespace. The
 //! message encoding and decoding are pure functions with unit tests.
 
@@ -26,9 +32,12 @@ use crate::ruleset::Facts;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
 const RTM_GETRULE: u16 = 34;
 
 const NLM_F_REQUEST: u16 = 0x1;
@@ -218,7 +227,8 @@ fn table_byte(table: u32) -> u8 {
     u8::try_from(table).unwrap_or(0)
 }
 
-fn rule_request(family: Family, mark: u32, table: u32, seq: u32) -> Vec<u8> {
+/// `RTM_NEWRULE` (exclusive create) or `RTM_DELRULE` of the same rule.
+fn rule_request(add: bool, family: Family, mark: u32, table: u32, seq: u32) -> Vec<u8> {
     let hdr = [
         af(family),
         0,
@@ -233,18 +243,16 @@ fn rule_request(family: Family, mark: u32, table: u32, seq: u32) -> Vec<u8> {
         0,
         0,
     ];
-    Request::new(
-        RTM_NEWRULE,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        seq,
-    )
-    .bytes(&hdr)
-    .attr(FRA_FWMARK, &mark.to_ne_bytes())
-    .attr(FRA_TABLE, &table.to_ne_bytes())
-    .finish()
+    let (kind, flags) = change(add, RTM_NEWRULE, RTM_DELRULE);
+    Request::new(kind, flags, seq)
+        .bytes(&hdr)
+        .attr(FRA_FWMARK, &mark.to_ne_bytes())
+        .attr(FRA_TABLE, &table.to_ne_bytes())
+        .finish()
 }
 
-fn route_request(family: Family, table: u32, oif: u32, seq: u32) -> Vec<u8> {
+/// `RTM_NEWROUTE` (exclusive create) or `RTM_DELROUTE` of the `local` default route.
+fn route_request(add: bool, family: Family, table: u32, oif: u32, seq: u32) -> Vec<u8> {
     let hdr = [
         af(family),
         0,
@@ -259,29 +267,33 @@ fn route_request(family: Family, table: u32, oif: u32, seq: u32) -> Vec<u8> {
         0,
         0,
     ];
-    Request::new(
-        RTM_NEWROUTE,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        seq,
-    )
-    .bytes(&hdr)
-    .attr(RTA_TABLE, &table.to_ne_bytes())
-    .attr(RTA_OIF, &oif.to_ne_bytes())
-    .finish()
+    let (kind, flags) = change(add, RTM_NEWROUTE, RTM_DELROUTE);
+    Request::new(kind, flags, seq)
+        .bytes(&hdr)
+        .attr(RTA_TABLE, &table.to_ne_bytes())
+        .attr(RTA_OIF, &oif.to_ne_bytes())
+        .finish()
 }
 
-fn addr6_request(addr: Ipv6Addr, prefix: u8, ifindex: u32, seq: u32) -> Vec<u8> {
+/// `RTM_NEWADDR` (exclusive create) or `RTM_DELADDR` of an IPv6 address.
+fn addr6_request(add: bool, addr: Ipv6Addr, prefix: u8, ifindex: u32, seq: u32) -> Vec<u8> {
     let mut hdr = vec![AF_INET6, prefix, IFA_F_NODAD, 0];
     hdr.extend_from_slice(&ifindex.to_ne_bytes());
-    Request::new(
-        RTM_NEWADDR,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        seq,
-    )
-    .bytes(&hdr)
-    .attr(IFA_LOCAL, &addr.octets())
-    .attr(IFA_ADDRESS, &addr.octets())
-    .finish()
+    let (kind, flags) = change(add, RTM_NEWADDR, RTM_DELADDR);
+    Request::new(kind, flags, seq)
+        .bytes(&hdr)
+        .attr(IFA_LOCAL, &addr.octets())
+        .attr(IFA_ADDRESS, &addr.octets())
+        .finish()
+}
+
+/// The message type and flags of an addition (exclusive create) or a removal.
+fn change(add: bool, new: u16, del: u16) -> (u16, u16) {
+    if add {
+        (new, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+    } else {
+        (del, NLM_F_REQUEST | NLM_F_ACK)
+    }
 }
 
 fn dump_request(kind: u16, family: Family, seq: u32) -> Vec<u8> {
@@ -399,60 +411,184 @@ impl RoutePlan {
     }
 }
 
-/// Applies the plan in the current thread's namespace.
-pub fn configure(plan: &RoutePlan) -> anyhow::Result<()> {
+/// One change to routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `::6/128` on `lo`.
+    Passthrough,
+    /// `fwmark <mark> lookup <table>`.
+    Rule {
+        family: Family,
+        mark: u32,
+        table: u32,
+    },
+    /// `local default dev lo table <table>`.
+    Route { family: Family, table: u32 },
+}
+
+impl Step {
+    fn describe(self) -> String {
+        match self {
+            Step::Passthrough => "::6/128 on lo".into(),
+            Step::Rule {
+                family,
+                mark,
+                table,
+            } => format!("{family} policy rule `fwmark {mark} lookup {table}`"),
+            Step::Route { family, table } => {
+                let dst = match family {
+                    Family::V4 => "0.0.0.0/0",
+                    Family::V6 => "::/0",
+                };
+                format!("{family} route `local {dst} dev lo table {table}`")
+            }
+        }
+    }
+
+    fn request(self, add: bool, lo: u32, seq: u32) -> Vec<u8> {
+        match self {
+            Step::Passthrough => {
+                addr6_request(add, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6), 128, lo, seq)
+            }
+            Step::Rule {
+                family,
+                mark,
+                table,
+            } => rule_request(add, family, mark, table, seq),
+            Step::Route { family, table } => route_request(add, family, table, lo, seq),
+        }
+    }
+}
+
+/// The routing changes a plan still needs, found without changing anything.
+#[derive(Debug)]
+pub struct Prepared {
+    nl: Option<Netlink>,
+    lo: u32,
+    steps: Vec<Step>,
+}
+
+/// What [`Prepared::commit`] added (objects that already existed are not in it).
+#[derive(Debug)]
+pub struct Added {
+    nl: Option<Netlink>,
+    lo: u32,
+    steps: Vec<Step>,
+}
+
+/// Reads the current policy rules and routes of the calling thread's namespace and works out
+/// what the plan still needs. A conflict (another default route in the table) is an error
+/// here, before anything has changed.
+pub fn prepare(plan: &RoutePlan) -> anyhow::Result<Prepared> {
     if plan.is_empty() {
-        return Ok(());
+        return Ok(Prepared {
+            nl: None,
+            lo: 0,
+            steps: Vec::new(),
+        });
     }
     let mut nl = Netlink::open()?;
     let lo = nix::net::if_::if_nametoindex("lo").context("looking up the lo interface")?;
+    let mut steps = Vec::new();
     if plan.passthrough_v6 {
-        let addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-        match nl.request(|seq| addr6_request(addr, 128, lo, seq)) {
-            Ok(()) => log::info!("added ::6/128 on lo"),
-            Err(Errno::EEXIST) => log::info!("::6 is already on lo"),
-            Err(e) => bail!("adding ::6/128 on lo: {e}"),
-        }
+        // Whether it exists is learnt from EEXIST when adding: no dump needed.
+        steps.push(Step::Passthrough);
     }
     if let Some((mark, table, families)) = &plan.tproxy {
         for &family in families {
-            add_rule(&mut nl, family, *mark, *table)?;
-            add_local_route(&mut nl, family, *table, lo)?;
+            let (mark, table) = (*mark, *table);
+            if !rule_exists(&mut nl, family, mark, table)? {
+                steps.push(Step::Rule {
+                    family,
+                    mark,
+                    table,
+                });
+            }
+            if !local_route_exists(&mut nl, family, table, lo)? {
+                steps.push(Step::Route { family, table });
+            }
         }
     }
-    Ok(())
+    Ok(Prepared {
+        nl: Some(nl),
+        lo,
+        steps,
+    })
 }
 
-fn add_rule(nl: &mut Netlink, family: Family, mark: u32, table: u32) -> anyhow::Result<()> {
-    let what = format!("{family} policy rule `fwmark {mark} lookup {table}`");
+impl Prepared {
+    /// Sends the additions. An object that appeared meanwhile (EEXIST) is success and is not
+    /// recorded as ours; when an addition fails, the ones made before it are removed again.
+    pub fn commit(self) -> anyhow::Result<Added> {
+        let Prepared { nl, lo, steps } = self;
+        let mut added = Added {
+            nl,
+            lo,
+            steps: Vec::new(),
+        };
+        let Some(nl) = added.nl.as_mut() else {
+            return Ok(added);
+        };
+        for step in steps {
+            let what = step.describe();
+            match nl.request(|seq| step.request(true, lo, seq)) {
+                Ok(()) => {
+                    log::info!("added the {what}");
+                    added.steps.push(step);
+                }
+                Err(Errno::EEXIST) => log::info!("the {what} already exists"),
+                Err(e) => {
+                    added.undo();
+                    bail!("adding the {what}: {e}");
+                }
+            }
+        }
+        Ok(added)
+    }
+}
+
+impl Added {
+    /// Removes what this run added, newest first (after the rules failed). Failures are
+    /// logged: there is nothing better to do with them at that point.
+    pub fn undo(mut self) {
+        let lo = self.lo;
+        let Some(nl) = self.nl.as_mut() else { return };
+        for step in self.steps.drain(..).rev() {
+            match nl.request(|seq| step.request(false, lo, seq)) {
+                Ok(()) | Err(Errno::ENOENT | Errno::ESRCH | Errno::EADDRNOTAVAIL) => {
+                    log::info!("removed the {} again", step.describe());
+                }
+                Err(e) => log::error!("could not remove the {}: {e}", step.describe()),
+            }
+        }
+    }
+}
+
+/// Applies the plan in the current thread's namespace: [`prepare`] then [`Prepared::commit`].
+pub fn configure(plan: &RoutePlan) -> anyhow::Result<Added> {
+    prepare(plan)?.commit()
+}
+
+fn rule_exists(nl: &mut Netlink, family: Family, mark: u32, table: u32) -> anyhow::Result<bool> {
     let rules = nl
         .dump(RTM_GETRULE, RTM_NEWRULE, family)
         .map_err(|e| anyhow!("listing the {family} policy rules: {e}"))?;
-    let same = rules.iter().filter_map(|p| parse_rule(p)).any(|r| {
+    Ok(rules.iter().filter_map(|p| parse_rule(p)).any(|r| {
         r.action == FR_ACT_TO_TBL
             && r.table == table
             && r.fwmark == Some(mark)
             && r.fwmask.is_none_or(|m| m == u32::MAX)
             && !r.selectors
-    });
-    if same {
-        log::info!("{what} already exists");
-        return Ok(());
-    }
-    match nl.request(|seq| rule_request(family, mark, table, seq)) {
-        Ok(()) => log::info!("added the {what}"),
-        Err(Errno::EEXIST) => log::info!("{what} already exists"),
-        Err(e) => bail!("adding the {what}: {e}"),
-    }
-    Ok(())
+    }))
 }
 
-fn add_local_route(nl: &mut Netlink, family: Family, table: u32, lo: u32) -> anyhow::Result<()> {
-    let dst = match family {
-        Family::V4 => "0.0.0.0/0",
-        Family::V6 => "::/0",
-    };
-    let what = format!("{family} route `local {dst} dev lo table {table}`");
+fn local_route_exists(
+    nl: &mut Netlink,
+    family: Family,
+    table: u32,
+    lo: u32,
+) -> anyhow::Result<bool> {
+    let what = Step::Route { family, table }.describe();
     let routes = nl
         .dump(RTM_GETROUTE, RTM_NEWROUTE, family)
         .map_err(|e| anyhow!("listing the {family} routes: {e}"))?;
@@ -461,22 +597,15 @@ fn add_local_route(nl: &mut Netlink, family: Family, table: u32, lo: u32) -> any
         .filter_map(|p| parse_route(p))
         .find(|r| r.table == table && r.dst_len == 0 && !r.has_dst);
     match default {
-        Some(r) if r.kind == RTN_LOCAL && r.oif == Some(lo) => {
-            log::info!("{what} already exists");
-            return Ok(());
-        }
+        Some(r) if r.kind == RTN_LOCAL && r.oif == Some(lo) => Ok(true),
         Some(r) => bail!(
             "adding the {what}: table {table} already has a different default route (type {}, \
              interface index {}); choose another table with --istio-inbound-tproxy-route-table",
             r.kind,
             r.oif.map_or("none".into(), |i| i.to_string())
         ),
-        None => {}
+        None => Ok(false),
     }
-    nl.request(|seq| route_request(family, table, lo, seq))
-        .map_err(|e| anyhow!("adding the {what}: {e}"))?;
-    log::info!("added the {what}");
-    Ok(())
 }
 
 #[cfg(test)]
@@ -485,7 +614,7 @@ mod tests {
 
     #[test]
     fn rule_request_layout() {
-        let r = rule_request(Family::V4, 1337, 133, 7);
+        let r = rule_request(true, Family::V4, 1337, 133, 7);
         assert_eq!(r.len(), 16 + 12 + 8 + 8);
         assert_eq!(u32_at(&r, 0), Some(44));
         assert_eq!(u16_at(&r, 4), Some(RTM_NEWRULE));
@@ -500,7 +629,7 @@ mod tests {
 
     #[test]
     fn big_tables_go_in_the_attribute() {
-        let r = route_request(Family::V6, 1000, 1, 1);
+        let r = route_request(true, Family::V6, 1000, 1, 1);
         let info = parse_route(&r[16..]).unwrap();
         assert_eq!(r[16 + 4], 0);
         assert_eq!(info.table, 1000);
@@ -511,7 +640,7 @@ mod tests {
 
     #[test]
     fn messages_split_on_aligned_boundaries() {
-        let mut buf = addr6_request(Ipv6Addr::LOCALHOST, 128, 1, 1);
+        let mut buf = addr6_request(true, Ipv6Addr::LOCALHOST, 128, 1, 1);
         buf.extend(dump_request(RTM_GETROUTE, Family::V4, 2));
         let msgs = parse_messages(&buf);
         assert_eq!(msgs.len(), 2);

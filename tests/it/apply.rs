@@ -415,9 +415,28 @@ fn a_failing_ip6tables_restore_leaves_no_ipv4_rule_behind() {
         "cat >/dev/null\necho 'ip6tables-nft-restore: line 9 failed: simulated failure' >&2\nexit 1",
     );
     let before = ns.rules("iptables-nft-save");
+    // TPROXY with IPv6 adds policy rules, local routes and ::6 on lo before the rules are
+    // written: they must be gone again too.
+    let routing = || {
+        [
+            &["ip", "-4", "rule"][..],
+            &["ip", "-6", "rule"],
+            &["ip", "-4", "route", "show", "table", "all"],
+            &["ip", "-6", "route", "show", "table", "all"],
+            &["ip", "-6", "addr", "show", "dev", "lo"],
+        ]
+        .map(|argv| ns.ok(argv))
+    };
+    let routing_before = routing();
     let path = shim.path_env();
     let o = ns.istio_init(&["-m", "TPROXY", "--ipv6=true"], &[("PATH", &path)]);
     assert_code(&o, 1);
+    assert!(
+        stderr(&o).contains("added the IPv4 policy rule `fwmark 1337 lookup 133`"),
+        "the routes were not added, so their removal proves nothing: {}",
+        stderr(&o)
+    );
+    assert_eq!(routing(), routing_before, "routing changed");
     let e = error_line(&o);
     assert!(
         e.starts_with(
