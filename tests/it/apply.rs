@@ -3,45 +3,15 @@
 //! namespaces (deleted on drop) and never touches the host's.
 
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use crate::util::{
-    Netns, ShimDir, accept_within, bin, connect_as, istio_init, original_dst, output, privileged,
-    stderr, stdout, udp_bind, udp_recv, udp_send_as, veth, which,
+    Netns, ShimDir, accept_within, assert_code, assert_ok, bin, connect_as, error_line, istio_init,
+    original_dst, output, privileged, stderr, stdout, udp_bind, udp_recv, udp_send_as, veth, which,
 };
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("ip"), port)
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "istio-init failed ({}):\n{}",
-        o.status,
-        stderr(o)
-    );
-}
-
-#[track_caller]
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "unexpected exit status; stderr:\n{}",
-        stderr(o)
-    );
-}
-
-/// The last line of stderr: the error `main` prints.
-fn error_line(o: &Output) -> String {
-    stderr(o)
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// A pod namespace and a peer namespace joined by a veth pair, dual stack.

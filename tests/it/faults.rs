@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{Netns, ShimDir, bin, privileged, stderr, which};
+use crate::util::{Netns, ShimDir, assert_ok, bin, error_line, privileged, stderr, which};
 
 // ---- Fixtures ----
 
@@ -102,25 +102,6 @@ fn run_istio_init(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Output {
     istio_init_cmd(ns, args, env)
         .output()
         .expect("running istio-init")
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "istio-init failed ({}):\n{}",
-        o.status,
-        stderr(o)
-    );
-}
-
-fn error_line(o: &Output) -> String {
-    stderr(o)
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_default()
-        .to_owned()
 }
 
 // ---- Namespace state ----

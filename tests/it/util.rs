@@ -39,6 +39,38 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts a successful exit, showing stderr otherwise.
+#[track_caller]
+pub fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "istio-init failed ({}):\n{}",
+        o.status,
+        stderr(o)
+    );
+}
+
+/// Asserts an exit code, showing stderr otherwise.
+#[track_caller]
+pub fn assert_code(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "unexpected exit status; stderr:\n{}",
+        stderr(o)
+    );
+}
+
+/// The last `error: ` line of stderr: the error `main` prints.
+pub fn error_line(o: &Output) -> String {
+    stderr(o)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// The shared conformance directory (`../shared/conformance` beside the repo), if present.
 /// Under `CI=true` its absence is a failure.
 pub fn shared_conformance() -> Option<PathBuf> {
