@@ -1073,6 +1073,15 @@ pub(crate) mod tests {
             argv.push("istio-iptables");
         }
         argv.extend_from_slice(args);
+        resolve_argv(argv, env, &NO_POD)
+    }
+
+    /// Parses `argv` and resolves it with `env` (a map, not the process env) and `pod`.
+    fn resolve_argv(
+        argv: Vec<&str>,
+        env: &[(&str, &str)],
+        pod: &PodOverrides,
+    ) -> Result<Config, ConfigError> {
         let inv = cli::parse(argv).unwrap();
         let env: BTreeMap<String, String> = env
             .iter()
@@ -1084,7 +1093,7 @@ pub(crate) mod tests {
             flags: &inv.flags,
             env: &lookup,
             user_uid: &|_| None,
-            pod: &NO_POD,
+            pod,
         })
     }
 
@@ -1326,14 +1335,6 @@ pub(crate) mod tests {
         opts: &[(&'static str, &str, &str)],
         pod_env: &[(&str, &str)],
     ) -> Result<Config, ConfigError> {
-        let mut argv = vec!["istio-init"];
-        argv.extend_from_slice(args);
-        let inv = cli::parse(argv).unwrap();
-        let env: BTreeMap<String, String> = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        let lookup = move |k: &str| env.get(k).cloned();
         let mut pod = PodOverrides::default();
         for (long, value, key) in opts {
             pod.opts.insert(
@@ -1353,13 +1354,9 @@ pub(crate) mod tests {
                 },
             );
         }
-        Config::resolve(&Inputs {
-            defaults: inv.defaults,
-            flags: &inv.flags,
-            env: &lookup,
-            user_uid: &|_| None,
-            pod: &pod,
-        })
+        let mut argv = vec!["istio-init"];
+        argv.extend_from_slice(args);
+        resolve_argv(argv, env, &pod)
     }
 
     const EX: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
