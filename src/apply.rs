@@ -87,12 +87,14 @@ use crate::net::Family;
 use crate::ruleset::{Ruleset, Table};
 use crate::state::{self, Layout, Saved, Verdict};
 
+mod fast;
 mod guard;
 mod messages;
 mod run;
 mod system;
 
-pub use guard::{CriticalSection, DEFERRED, LOCK_DIRS, NetnsLock, lock_name};
+pub use fast::{Handover, Plain, handover};
+pub use guard::{CriticalSection, DEFERRED, LOCK_NAME, NetnsLock};
 pub use messages::{describe, iptables_message};
 pub use system::{DEFAULT_PATH, System};
 

@@ -377,6 +377,16 @@ pub static OPTIONS: &[Opt] = &[
          (Go duration; legacy-backend programs get --xtables-wait on top)",
     )),
     ext(opt(
+        "handover",
+        None,
+        &["ISTIO_INIT_HANDOVER"],
+        Bool,
+        same("true"),
+        "On a fresh namespace where one iptables-restore does all the work, become it (exec) \
+         instead of waiting for it: the least CPU per pod start; false: stay its parent, so its \
+         failure is explained in istio-init's own error and a timeout is named",
+    )),
+    ext(opt(
         "ipv6",
         None,
         &["ISTIO_INIT_IPV6"],
@@ -726,6 +736,12 @@ where
         .iter()
         .skip(1)
         .any(|a| a == "-h" || a == "--help" || a == "help");
+    if !wants_help && args.get(1).is_some_and(|a| a == "istio-iptables") {
+        if let Some(inv) = parse_plain_options(&args[2..]) {
+            return Ok(inv);
+        }
+        return parse_istio_iptables(args);
+    }
     let matches = command_with(wants_help).try_get_matches_from(args)?;
     let skeleton = Skeleton::from_arg_matches(&matches)?;
     let (defaults, action, sub_matches) = match (&skeleton.command, matches.subcommand()) {
@@ -810,6 +826,67 @@ fn check_utf8(args: &[OsString]) -> Result<(), clap::Error> {
     Ok(())
 }
 
+/// The sidecar injector's arguments after `istio-iptables` when they are nothing but options
+/// of [`OPTIONS`] in the plain forms (`--long VALUE`, `--long=VALUE`, `-s VALUE`, a boolean's
+/// `--long`, `--long=VALUE` or `-s`), read without building the clap command (a pod start
+/// spends most of its own CPU there otherwise). Anything else — an unknown or malformed
+/// option, a missing value, a positional, `--` — returns `None`, and clap parses (and
+/// reports) it. Where it answers, it answers as clap does: `tests::
+/// plain_options_parse_as_clap_does` compares the two on the injector's lists and on
+/// generated command lines.
+fn parse_plain_options(args: &[OsString]) -> Option<Invocation> {
+    let mut flags = BTreeMap::new();
+    let mut rest = args.iter().map(|a| a.to_str());
+    while let Some(arg) = rest.next() {
+        let arg = arg?;
+        let (o, inline) = if let Some(long) = arg.strip_prefix("--") {
+            let (name, value) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (long, None),
+            };
+            (OPTIONS.iter().find(|o| o.long == name)?, value)
+        } else {
+            let mut chars = arg.strip_prefix('-')?.chars();
+            let (Some(c), None) = (chars.next(), chars.next()) else {
+                return None;
+            };
+            (OPTIONS.iter().find(|o| o.short == Some(c))?, None)
+        };
+        let value = match (o.kind, inline) {
+            (_, Some(v)) => v,
+            (Kind::Bool, None) => "true",
+            (Kind::Value, None) => rest.next()??,
+        };
+        flags.insert(o.long, value.to_owned());
+    }
+    Some(Invocation {
+        defaults: Defaults::Istio,
+        action: Action::Run,
+        flags,
+    })
+}
+
+/// `istio-init istio-iptables ARGS`, the sidecar injector's form, parsed on every pod start:
+/// the same options without the sub-command tree, whose global options clap would first copy
+/// into every sub-command (most of the parse's cost). What it accepts and how it reads it are
+/// the same as [`parse`]'s sub-command path (`tests::the_injector_form_parses_as_the_full_tree_does`).
+fn parse_istio_iptables(mut args: Vec<OsString>) -> Result<Invocation, clap::Error> {
+    args.remove(1);
+    let matches = clap::Command::new("istio-init istio-iptables")
+        .args(OPTIONS.iter().map(|o| to_arg(o, false)))
+        .args_override_self(true)
+        .try_get_matches_from(args)?;
+    let flags = OPTIONS
+        .iter()
+        .filter_map(|o| Some((o.long, given(&matches, o.long)?)))
+        .collect();
+    Ok(Invocation {
+        defaults: Defaults::Istio,
+        action: Action::Run,
+        flags,
+    })
+}
+
 fn given(m: &ArgMatches, id: &str) -> Option<String> {
     match m.value_source(id) {
         Some(clap::parser::ValueSource::CommandLine) => m.get_one::<String>(id).cloned(),
@@ -820,6 +897,111 @@ fn given(m: &ArgMatches, id: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    /// The light parser and clap agree wherever the light one answers.
+    fn agrees(args: &[&str]) -> bool {
+        let Some(plain) = parse_plain_options(&os(args)) else {
+            return false;
+        };
+        let mut argv = vec!["istio-init", "istio-iptables"];
+        argv.extend_from_slice(args);
+        match parse_istio_iptables(os(&argv)) {
+            Ok(full) => assert_eq!(plain.flags, full.flags, "{args:?}"),
+            Err(e) => panic!("{args:?}: the light parser accepted what clap rejects: {e}"),
+        }
+        true
+    }
+
+    #[test]
+    fn plain_options_parse_as_clap_does() {
+        // The injector's default list and typical variants all take the light path.
+        for args in [
+            &[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,15020",
+                "--log_output_level=default:info",
+            ][..],
+            &[
+                "-p",
+                "15001",
+                "-u",
+                "1337",
+                "-m",
+                "TPROXY",
+                "-i",
+                "10.0.0.0/8",
+                "-n",
+            ],
+            &[
+                "--redirect-dns",
+                "--capture-all-dns=false",
+                "-q",
+                "-b",
+                "-d",
+                "-x",
+            ],
+            &["--envoy-port=1", "--envoy-port", "2", "-p", "3"],
+        ] {
+            assert!(agrees(args), "{args:?} did not take the light path");
+        }
+        // Forms left to clap.
+        for args in [
+            &["--help"][..],
+            &["positional"],
+            &["--"],
+            &["-p"],
+            &["-p15001"],
+            &["--nope"],
+            &["-Z", "1"],
+            &["--dry-run", "false"],
+        ] {
+            assert!(parse_plain_options(&os(args)).is_none(), "{args:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        #[test]
+        fn generated_command_lines_parse_as_clap_does(
+            picks in proptest::collection::vec((0..OPTIONS.len(), 0usize..4, 0usize..9), 0..8)
+        ) {
+            const VALUES: [&str; 9] = ["", "x", "-b", "15001", "true", "false", "a=b", "*", "--p"];
+            let mut args: Vec<String> = Vec::new();
+            for (i, form, v) in picks {
+                let o = &OPTIONS[i];
+                let value = VALUES[v];
+                match (form, o.short) {
+                    (0, _) => args.push(format!("--{}", o.long)),
+                    (1, _) => args.push(format!("--{}={value}", o.long)),
+                    (2, Some(c)) => args.push(format!("-{c}")),
+                    _ => {
+                        args.push(format!("--{}", o.long));
+                        args.push(value.to_owned());
+                    }
+                }
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            agrees(&args);
+        }
+    }
 
     fn flags(args: &[&str]) -> BTreeMap<&'static str, String> {
         let mut argv = vec!["istio-init"];

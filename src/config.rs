@@ -231,6 +231,8 @@ pub struct Config {
     pub xtables_wait: u32,
     /// `--restore-timeout`: how long one iptables program may run before it is killed.
     pub restore_timeout: Duration,
+    /// `--handover`: exec the single restore of a fresh namespace instead of supervising it.
+    pub handover: bool,
     pub reconcile: bool,
     pub cleanup_only: bool,
     pub force_apply: bool,
@@ -714,6 +716,7 @@ impl Config {
             &raw.source,
         );
 
+        let handover = r.flag("handover", "HANDOVER")?;
         let reconcile = r.flag("reconcile", "RECONCILE")?;
         let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
         let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
@@ -775,6 +778,7 @@ impl Config {
             netns,
             xtables_wait,
             restore_timeout,
+            handover,
             reconcile,
             cleanup_only,
             force_apply,

@@ -286,15 +286,12 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     // No termination signal between the first change and a consistent namespace, and one
     // run at a time per namespace (see apply/guard.rs; a signal still ends a lock wait).
     let section = programs.then(apply::CriticalSection::enter).transpose()?;
-    if let Some(s) = &section {
-        let limit = cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
-        match apply::NetnsLock::acquire(cfg.netns.as_deref(), limit) {
-            Ok(lock) => s.hold(lock),
-            Err(e) => return Err(s.before_leaving(e)),
-        }
-    }
     let result = netns::run_in(ns.as_ref(), || {
-        if programs {
+        if let Some(s) = &section {
+            // In the target namespace: the lock belongs to it (apply/guard.rs).
+            let limit =
+                cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
+            s.hold(apply::NetnsLock::acquire(limit)?);
             caps::restrict()?;
         }
         let facts = gather_facts(cfg)?;
@@ -316,18 +313,27 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             return Ok(());
         } else {
             let rulesets = build_all(cfg, &facts);
-            // Routing is read and checked now, before any program starts; only the additions
-            // are left for the last moment before the rules (see apply::apply).
-            let mut routes = Some(
-                route::prepare(&route::RoutePlan::new(cfg, &facts))
-                    .context("configuring TPROXY routing")?,
-            );
-            let mut added: Option<route::Added> = None;
+            let plan = route::RoutePlan::new(cfg, &facts);
             let opts = apply::Options {
                 reconcile: cfg.reconcile,
                 force_apply: cfg.force_apply,
                 force_backend: cfg.force_backend,
             };
+            let plain = apply::Plain {
+                enabled: cfg.handover,
+                rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
+            };
+            if let Some(h) = apply::handover(&nf, &opts, &rulesets, plain, cfg.restore_timeout) {
+                log_summary(cfg, &facts);
+                log_rulesets(&rulesets);
+                log_resource_use();
+                // Returns only if the program could not be started.
+                return Err(h.exec(&nf));
+            }
+            // Routing is read and checked now, before any program starts; only the additions
+            // are left for the last moment before the rules (see apply::apply).
+            let mut routes = Some(route::prepare(&plan).context("configuring TPROXY routing")?);
+            let mut added: Option<route::Added> = None;
             // What the rules do is logged while the restores start up (they load their
             // libraries meanwhile), so it costs no time on the way to the rules.
             let mut logged = false;

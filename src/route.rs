@@ -40,11 +40,11 @@ const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
 const RTM_GETRULE: u16 = 34;
 
-const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -74,12 +74,12 @@ fn af(family: Family) -> u8 {
 
 /// Builds one netlink request.
 #[derive(Debug)]
-struct Request {
+pub(crate) struct Request {
     buf: Vec<u8>,
 }
 
 impl Request {
-    fn new(kind: u16, flags: u16, seq: u32) -> Request {
+    pub(crate) fn new(kind: u16, flags: u16, seq: u32) -> Request {
         let mut buf = Vec::with_capacity(64);
         buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
         buf.extend_from_slice(&kind.to_ne_bytes());
@@ -89,7 +89,7 @@ impl Request {
         Request { buf }
     }
 
-    fn bytes(mut self, b: &[u8]) -> Request {
+    pub(crate) fn bytes(mut self, b: &[u8]) -> Request {
         self.buf.extend_from_slice(b);
         self
     }
@@ -105,7 +105,7 @@ impl Request {
         self
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
         self.buf[..4].copy_from_slice(&len.to_ne_bytes());
         self.buf
@@ -302,20 +302,24 @@ fn dump_request(kind: u16, family: Family, seq: u32) -> Vec<u8> {
         .finish()
 }
 
-/// A `NETLINK_ROUTE` socket.
+/// A netlink socket (`NETLINK_ROUTE` here; `apply::fast` opens a `NETLINK_NETFILTER` one).
 #[derive(Debug)]
-struct Netlink {
+pub(crate) struct Netlink {
     fd: OwnedFd,
     seq: u32,
 }
 
 impl Netlink {
     fn open() -> anyhow::Result<Netlink> {
+        Self::open_protocol(SockProtocol::NetlinkRoute)
+    }
+
+    pub(crate) fn open_protocol(protocol: SockProtocol) -> anyhow::Result<Netlink> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
             SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkRoute,
+            protocol,
         )
         .context("opening a netlink socket")?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding the netlink socket")?;
@@ -332,7 +336,9 @@ impl Netlink {
     }
 
     fn receive(&self) -> Result<Vec<Message>, Errno> {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Dump answers come in pieces no larger than the receive buffer the socket has seen
+        // (at least a page); 16 KiB holds any of them and costs 4 zeroed pages, not 16.
+        let mut buf = vec![0u8; 16 * 1024];
         let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
         Ok(parse_messages(&buf[..n]))
     }
@@ -358,8 +364,18 @@ impl Netlink {
 
     /// Dumps objects and returns the payloads of the messages of type `kind`.
     fn dump(&mut self, get: u16, kind: u16, family: Family) -> Result<Vec<Vec<u8>>, Errno> {
+        self.dump_with(|seq| dump_request(get, family, seq), kind)
+    }
+
+    /// Sends the dump request `build` makes for a sequence number and returns the payloads of
+    /// the answers of type `kind`.
+    pub(crate) fn dump_with(
+        &mut self,
+        build: impl FnOnce(u32) -> Vec<u8>,
+        kind: u16,
+    ) -> Result<Vec<Vec<u8>>, Errno> {
         let seq = self.next_seq();
-        self.send(&dump_request(get, family, seq))?;
+        self.send(&build(seq))?;
         let mut out = Vec::new();
         loop {
             for m in self.receive()? {

@@ -2,40 +2,35 @@
 //! network namespace never interleave, and a critical section in which termination signals
 //! wait until the namespace is consistent again.
 //!
-//! Effects: creates, locks and unlinks a file in `/run` or `/tmp`; changes the calling
-//! thread's signal mask; reads `/proc/thread-self/status`.
+//! Effects: binds an abstract Unix socket in the current thread's network namespace; changes
+//! the calling thread's signal mask; reads `/proc/thread-self/status`.
 //!
 //! # The namespace lock
 //!
 //! iptables-restore commits table by table, so a second run that starts while a first one is
 //! between two tables sees half a configuration: it would report drift, or "complete" tables
 //! the first run is about to commit. A bounded re-check loop could only guess when the first
-//! run is done; an advisory lock knows. [`NetnsLock`] is an exclusive `flock` on
-//! `istio-init-netns-<inode>.lock`, named after the inode of the target network namespace
-//! (unique while the namespace exists), in the first of `/run` and `/tmp` where it can be
-//! created — so it works with a read-only root filesystem where only those are writable
-//! mounts, and needs no privilege beyond writing there. The file is unlinked when the run
-//! ends; a waiter that then locks an unlinked file notices (its inode is no longer the one at
-//! the path) and starts over, so removing the file never lets two runs in.
+//! run is done; a lock knows. [`NetnsLock`] is an abstract Unix socket, `@istio-init/netns-lock`,
+//! bound in the target network namespace. Abstract socket names belong to the network
+//! namespace, so every run against that namespace finds the same lock, whatever its mount
+//! namespace, container or filesystem: an init container and a debug container at the same
+//! moment are serialised, a read-only root filesystem needs nothing, no privilege is needed,
+//! and nothing is left behind — the name is free again the moment the last descriptor closes,
+//! even after SIGKILL.
 //!
-//! The lock file descriptor is deliberately inherited by the iptables programs istio-init
-//! starts: if istio-init is SIGKILLed while a restore is committing, the orphaned restore
-//! still holds the lock, and the next run waits for that transaction to finish instead of
-//! reading it half-done. The wait is bounded (`--restore-timeout` plus `--xtables-wait`, the
-//! longest one program may run), a termination signal ends it at once (nothing has been
-//! changed yet), and a timeout names the lock file.
-//!
-//! The lock serialises istio-init runs that share `/run` (or `/tmp`): runs in one container,
-//! or on one host. Runs in different containers with private `/run` and `/tmp` against the
-//! same namespace (an init container and a debug container at the same moment) are not
-//! serialised; nor are other tools. When neither directory is writable the run goes on
-//! without the lock and says so: the init container is normally the namespace's only writer,
-//! and failing the pod over a missing lock would be worse.
+//! The socket is deliberately inherited by the iptables programs istio-init starts (and by
+//! the one it hands over to with `exec` on the fast path): if istio-init is SIGKILLed while a
+//! restore is committing, the orphaned restore still holds the lock, and the next run waits
+//! for that transaction to finish instead of reading it half-done. The wait is bounded
+//! (`--restore-timeout` plus `--xtables-wait`, the longest one program may run), a termination
+//! signal ends it at once (nothing has been changed yet), and a timeout names the socket and
+//! how to find its holder. Any process in the pod's network namespace could bind the name
+//! first; the worst it achieves is that wait and its error (docs/threat-model.md).
 //!
 //! # The critical section
 //!
 //! SIGTERM, SIGINT and SIGHUP are blocked (`pthread_sigmask`) from before the namespace lock
-//! is taken — so no signal can fall between creating the lock file and holding it — until
+//! is taken — so no signal can fall between binding the lock and holding it — until
 //! the rules are complete or rolled back (the section ends before `--run-validation`, which
 //! changes nothing). The mask is set on the calling thread before the worker thread that
 //! enters the namespace is spawned, so every thread of the process — the worker and the
@@ -51,176 +46,88 @@
 //! `--restore-timeout`. SIGKILL cannot be blocked: see `run.rs` and the module doc
 //! of `apply` for how its windows are kept narrow and repaired by the next run.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
-use nix::fcntl::{FcntlArg, FdFlag, Flock, FlockArg, fcntl};
+use anyhow::{Context, bail};
+use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
 
-/// Where the lock file may go, in order.
-pub const LOCK_DIRS: [&str; 2] = ["/run", "/tmp"];
+/// The abstract Unix socket name that is the namespace lock (`ss -xa` shows it as
+/// `@istio-init/netns-lock`).
+pub const LOCK_NAME: &str = "istio-init/netns-lock";
 
-/// An exclusive lock on the target network namespace, released (and its file removed) on drop.
+/// An exclusive lock on the calling thread's network namespace: a bound abstract Unix socket,
+/// released when the last process holding it (istio-init, or a restore that inherited it)
+/// ends.
 #[derive(Debug)]
 pub struct NetnsLock {
-    path: PathBuf,
-    lock: Flock<File>,
-}
-
-/// The lock file's name for the namespace with inode `ino`.
-pub fn lock_name(ino: u64) -> String {
-    format!("istio-init-netns-{ino}.lock")
+    _sock: OwnedFd,
 }
 
 impl NetnsLock {
-    /// Locks the network namespace `ns` (a namespace file; `None`: this thread's own),
-    /// waiting at most `limit` for another run to finish. `Ok(None)`: no lock file could be
-    /// created anywhere, and the run goes on without one (logged as a warning).
-    pub fn acquire(ns: Option<&str>, limit: Duration) -> anyhow::Result<Option<NetnsLock>> {
-        Self::acquire_in(&LOCK_DIRS.map(Path::new), ns, limit)
+    /// Locks the calling thread's network namespace, waiting at most `limit` for another run
+    /// to finish.
+    pub fn acquire(limit: Duration) -> anyhow::Result<NetnsLock> {
+        Self::acquire_named(LOCK_NAME, limit)
     }
 
-    /// [`NetnsLock::acquire`] with the lock file in the first usable directory of `dirs`.
-    pub fn acquire_in(
-        dirs: &[&Path],
-        ns: Option<&str>,
-        limit: Duration,
-    ) -> anyhow::Result<Option<NetnsLock>> {
-        let ns_file = ns.unwrap_or("/proc/thread-self/ns/net");
-        let ino = std::fs::metadata(ns_file)
-            .with_context(|| format!("reading the inode of network namespace {ns_file}"))?
-            .ino();
-        let name = lock_name(ino);
+    /// [`NetnsLock::acquire`] under another name (unit tests, which run in the host's
+    /// namespace).
+    pub fn acquire_named(name: &str, limit: Duration) -> anyhow::Result<NetnsLock> {
+        let addr = UnixAddr::new_abstract(name.as_bytes())
+            .with_context(|| format!("naming the namespace lock @{name}"))?;
+        // Not close-on-exec: inherited by the iptables programs (module doc).
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::empty(),
+            None,
+        )
+        .context("creating the namespace lock socket")?;
         let deadline = Instant::now() + limit;
-        let mut refused = Vec::new();
-        for dir in dirs {
-            let path = dir.join(&name);
-            match Self::lock_at(&path, deadline, limit)? {
-                Ok(lock) => {
-                    log::debug!(
-                        "locked network namespace {ns_file} (inode {ino}) with {}",
-                        path.display()
-                    );
-                    return Ok(Some(lock));
-                }
-                Err(e) => refused.push(format!("{}: {e}", path.display())),
-            }
-        }
-        log::warn!(
-            "cannot create a lock file for this network namespace ({}); going on without it: \
-             concurrent istio-init runs on this namespace are not serialised (mount a writable \
-             emptyDir at /run or /tmp)",
-            refused.join("; ")
-        );
-        Ok(None)
-    }
-
-    /// Locks `path`. The outer error ends the run (the wait timed out); the inner one means
-    /// this directory cannot hold the file.
-    fn lock_at(
-        path: &Path,
-        deadline: Instant,
-        limit: Duration,
-    ) -> anyhow::Result<Result<NetnsLock, std::io::Error>> {
         let mut announced = false;
         let mut pause = Duration::from_millis(1);
         loop {
-            let file = match open_lock_file(path) {
-                Ok(f) => f,
-                Err(e) => return Ok(Err(e)),
-            };
-            let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => lock,
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    // Waiting inside the critical section: a termination signal ends the
-                    // wait (nothing has been changed yet).
-                    let pending = pending_deferred();
-                    if !pending.is_empty() {
-                        bail!(
-                            "received {} while waiting for another istio-init run on this \
-                             network namespace (lock {}); nothing was changed",
-                            pending.join(" and "),
-                            path.display()
-                        );
-                    }
-                    if Instant::now() >= deadline {
-                        bail!(
-                            "another istio-init run (or an iptables program it started) has \
-                             held the lock on this network namespace, {}, for {limit:?} \
-                             (--restore-timeout plus --xtables-wait); find it with `fuser {}`",
-                            path.display(),
-                            path.display()
-                        );
-                    }
-                    if !announced {
-                        log::info!(
-                            "another istio-init run is changing this network namespace; \
-                             waiting for it to finish (lock {})",
-                            path.display()
-                        );
-                        announced = true;
-                    }
-                    std::thread::sleep(pause.min(deadline - Instant::now()));
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                    continue;
+            match bind(sock.as_raw_fd(), &addr) {
+                Ok(()) => {
+                    log::debug!("locked this network namespace (abstract socket @{name})");
+                    return Ok(NetnsLock { _sock: sock });
                 }
-                Err((_, e)) => return Ok(Err(e.into())),
-            };
-            // The holder we waited for may have unlinked the file: then this lock guards
-            // nothing, and the path must be opened again.
-            let same = match (lock.metadata(), std::fs::metadata(path)) {
-                (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
-                _ => false,
-            };
-            if !same {
-                continue;
+                Err(Errno::EADDRINUSE) => {}
+                Err(e) => bail!("binding the namespace lock socket @{name}: {e}"),
             }
-            // Inherited by the iptables programs: a transaction that outlives a killed
-            // istio-init keeps the namespace locked until it is committed.
-            fcntl(lock.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-                .map_err(|e| anyhow!("clearing close-on-exec on {}: {e}", path.display()))?;
-            return Ok(Ok(NetnsLock {
-                path: path.to_owned(),
-                lock,
-            }));
+            // Waiting inside the critical section: a termination signal ends the wait
+            // (nothing has been changed yet).
+            let pending = pending_deferred();
+            if !pending.is_empty() {
+                bail!(
+                    "received {} while waiting for another istio-init run on this network \
+                     namespace (lock @{name}); nothing was changed",
+                    pending.join(" and ")
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "another istio-init run (or an iptables program it started) has held the \
+                     lock on this network namespace, the abstract Unix socket @{name}, for \
+                     {limit:?} (--restore-timeout plus --xtables-wait); `ss -xap | grep {name}` \
+                     in the namespace shows the holder"
+                );
+            }
+            if !announced {
+                log::info!(
+                    "another istio-init run is changing this network namespace; waiting for \
+                     it to finish (lock @{name})"
+                );
+                announced = true;
+            }
+            std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
-    }
-
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-fn open_lock_file(path: &Path) -> std::io::Result<File> {
-    let created = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path);
-    match created {
-        // An existing file of another user in sticky /tmp cannot be opened for writing
-        // (fs.protected_regular); a read-only descriptor can be locked just the same.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            File::open(path).map_err(|_| e)
-        }
-        r => r,
-    }
-}
-
-impl Drop for NetnsLock {
-    fn drop(&mut self) {
-        // Unlinked while still locked; the lock itself is released when `lock` drops.
-        let _ = std::fs::remove_file(&self.path);
-        let _ = &self.lock;
     }
 }
 
@@ -254,8 +161,9 @@ impl CriticalSection {
     }
 
     /// Keeps `lock` until the section ends. Taking the lock inside the section means no
-    /// signal can end the process between creating the lock file and holding it here.
-    pub fn hold(&self, lock: Option<NetnsLock>) {
+    /// signal can end the process between binding the lock and holding it here.
+    pub fn hold(&self, lock: NetnsLock) {
+        let lock = Some(lock);
         match self.lock.lock() {
             Ok(mut l) => *l = lock,
             Err(poisoned) => *poisoned.into_inner() = lock,
@@ -276,7 +184,8 @@ impl CriticalSection {
     /// namespace is consistent again; dropping the section does the same on the thread that
     /// entered it.
     pub fn leave(&self) {
-        // Released first, so that a signal about to kill the process leaves no lock file.
+        // Released first, so that a waiting run goes on as soon as the namespace is
+        // consistent.
         let lock = match self.lock.lock() {
             Ok(mut l) => l.take(),
             Err(poisoned) => poisoned.into_inner().take(),
@@ -339,39 +248,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lock_names_follow_the_namespace_inode() {
-        assert_eq!(lock_name(4026532281), "istio-init-netns-4026532281.lock");
-    }
-
-    #[test]
-    fn a_second_lock_on_the_same_namespace_waits_and_times_out_naming_the_file() {
-        // A short wait shows the exclusion without depending on timing for the result.
-        let dir = std::env::temp_dir().join(format!("ii-lock-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let missing = dir.join("missing");
-        // The first directory does not exist: the lock goes to the next one.
-        let dirs = [missing.as_path(), dir.as_path()];
-        let acquire = |limit| NetnsLock::acquire_in(&dirs, None, limit);
-        let first = acquire(Duration::from_secs(1)).unwrap().unwrap();
-        assert!(first.path().starts_with(&dir), "{:?}", first.path());
+    fn a_second_lock_on_the_same_namespace_waits_and_times_out_naming_the_socket() {
+        // A name of this test's own: the real one belongs to real runs on this namespace.
+        let name = format!("istio-init-unit-{}", std::process::id());
+        let acquire = |limit| NetnsLock::acquire_named(&name, limit);
+        let first = acquire(Duration::from_secs(1)).unwrap();
         let e = std::thread::scope(|s| {
             s.spawn(|| acquire(Duration::from_millis(30)))
                 .join()
-                .unwrap_or_else(|_| Err(anyhow!("panicked")))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
         })
         .unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains(&first.path().display().to_string()), "{msg}");
+        assert!(msg.contains(&format!("@{name}")), "{msg}");
         assert!(msg.contains("--restore-timeout"), "{msg}");
-        let path = first.path().to_owned();
+        // Released with its socket; then free again.
         drop(first);
-        assert!(!path.exists(), "the lock file was not removed");
-        let again = acquire(Duration::from_secs(1)).unwrap();
-        assert!(again.is_some());
-        drop(again);
-        // Nowhere to put it: no lock, and no error.
-        let none = NetnsLock::acquire_in(&[missing.as_path()], None, Duration::from_secs(1));
-        assert!(none.unwrap().is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
+        drop(acquire(Duration::from_secs(1)).unwrap());
     }
 }

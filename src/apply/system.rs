@@ -167,6 +167,13 @@ impl System {
         }
     }
 
+    /// `bin --noflush` with the environment iptables needs and nothing else.
+    pub fn restore_command(&self, bin: &Path) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--noflush").env_clear().envs(self.envs());
+        cmd
+    }
+
     /// The restore command for one family, ready to run.
     fn restore_job(
         &self,
@@ -184,9 +191,7 @@ impl System {
             .tool(family, backend, "restore")
             .map_err(|e| fail(looked_for, format!("{e:#}")))?;
         let program = bin.display().to_string();
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--noflush");
-        cmd.env_clear().envs(self.envs());
+        let mut cmd = self.restore_command(&bin);
         if backend == Backend::Legacy {
             cmd.arg(format!("--wait={}", self.wait));
             match self.legacy_lockfile() {

@@ -525,6 +525,209 @@ fn a_fresh_namespace_costs_one_restore_per_family_and_no_other_process() {
     let mut calls: Vec<&str> = calls.lines().collect();
     calls.sort_unstable();
     assert_eq!(calls, ["ip6tables-nft-restore", "iptables-nft-restore"]);
+
+    // The injector's default arguments: one restore, which istio-init becomes.
+    std::fs::remove_file(&log).unwrap();
+    let ns = Netns::new("procs1");
+    assert_ok(&ns.istio_init(&INJECTED, &[("PATH", &path)]));
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(calls.lines().collect::<Vec<_>>(), ["iptables-nft-restore"]);
+}
+
+/// The sidecar injector's default arguments (the first list of injected-args.json).
+const INJECTED: [&str; 18] = [
+    "istio-iptables",
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "--log_output_level=default:info",
+];
+
+/// A shim for `iptables-nft-restore` that records the name of its parent process, then runs
+/// the real one: the parent is istio-init when istio-init supervises the restore, and
+/// whoever started istio-init when it handed over (became the restore).
+fn parent_recording_shim(tag: &str) -> (ShimDir, std::path::PathBuf) {
+    let real = which("iptables-nft-restore").expect("iptables-nft-restore");
+    let shim = ShimDir::new(tag);
+    let log = shim.path.join("parent");
+    shim.script(
+        "iptables-nft-restore",
+        &format!(
+            "cat /proc/$PPID/comm > {}\nexec {} \"$@\"",
+            log.display(),
+            real.display()
+        ),
+    );
+    (shim, log)
+}
+
+#[test]
+fn a_fresh_standard_run_hands_over_to_its_one_restore_and_a_rerun_is_supervised() {
+    if !privileged("a_fresh_standard_run_hands_over") {
+        return;
+    }
+    let (shim, log) = parent_recording_shim("handover");
+    let path = shim.path_env();
+    let parent = || {
+        std::fs::read_to_string(&log)
+            .expect("the shim ran")
+            .trim()
+            .to_owned()
+    };
+    let ns = Netns::new("handover");
+    let o = ns.istio_init(&INJECTED, &[("PATH", &path)]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("IPv4: applying 18 rules in 4 chains (nft backend, a fresh namespace) by handing over to"),
+        "{}",
+        stderr(&o)
+    );
+    assert_ne!(parent(), "istio-init", "istio-init did not hand over");
+    let jumps = |ns: &Netns| {
+        ns.rules("iptables-nft-save")
+            .iter()
+            .filter(|l| l.starts_with("nat: -A OUTPUT") && l.contains("-j ISTIO_OUTPUT"))
+            .count()
+    };
+    assert_eq!(jumps(&ns), 1);
+
+    // The same run again: nf_tables holds a table now, so istio-init supervises, recognises
+    // its rules and changes nothing.
+    let o = ns.istio_init(&INJECTED, &[("PATH", &path)]);
+    assert_ok(&o);
+    assert_eq!(parent(), "istio-init");
+    assert!(
+        stderr(&o).contains("the same Istio rules are already in place; nothing to do"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(jumps(&ns), 1);
+
+    // --handover=false (and ISTIO_INIT_HANDOVER=false) keep istio-init in charge.
+    for (args, env) in [
+        (vec!["--handover=false"], vec![]),
+        (vec![], vec![("ISTIO_INIT_HANDOVER", "false")]),
+    ] {
+        let ns = Netns::new("nohandover");
+        let mut env = env;
+        env.push(("PATH", path.as_str()));
+        let mut argv = INJECTED.to_vec();
+        argv.extend(args);
+        let o = ns.istio_init(&argv, &env);
+        assert_ok(&o);
+        assert_eq!(parent(), "istio-init");
+        assert!(
+            stderr(&o).contains("IPv4: applied 18 rules in 4 chains (nft)"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(jumps(&ns), 1);
+    }
+
+    // Dual stack, TPROXY routes, DNS capture's second table: more than one transaction or
+    // more than the rules, so istio-init supervises.
+    for extra in [&["--ipv6=true"][..], &["-m", "TPROXY"], &["--redirect-dns"]] {
+        let ns = Netns::new("supervised");
+        let mut argv = INJECTED.to_vec();
+        argv.extend(extra);
+        let o = ns.istio_init(&argv, &[("PATH", &path)]);
+        assert_ok(&o);
+        assert_eq!(parent(), "istio-init", "{extra:?}");
+    }
+}
+
+#[test]
+fn a_handed_over_restore_keeps_termination_signals_blocked_and_its_outcome_is_the_run_s() {
+    if !privileged("a_handed_over_restore_keeps_termination_signals_blocked") {
+        return;
+    }
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::os::unix::process::ExitStatusExt;
+
+    // A failing restore: its message and exit status are the run's, nothing is applied.
+    let ns = Netns::new("hofail");
+    let shim = ShimDir::new("hofail");
+    shim.script(
+        "iptables-nft-restore",
+        "cat >/dev/null\necho 'iptables-restore: line 7 failed' >&2\nexit 1",
+    );
+    let o = ns.istio_init(&INJECTED, &[("PATH", &shim.path_env())]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("by handing over to"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).ends_with("iptables-restore: line 7 failed\n"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
+
+    // A hanging restore: SIGTERM, SIGINT and SIGHUP stay blocked after the exec (the
+    // critical section's mask), and --restore-timeout ends it with SIGALRM.
+    let ns = Netns::new("hohang");
+    let shim = ShimDir::new("hohang");
+    shim.script("iptables-nft-restore", "exec sleep 1000");
+    let mut argv = INJECTED.to_vec();
+    argv.push("--restore-timeout=2s");
+    let mut cmd = ns.cmd(&["env", "-i", &format!("PATH={}", shim.path_env()), bin()]);
+    let child = cmd
+        .args(&argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` and `env` exec in place: the child is istio-init, then the shim, then
+    // sleep, all one process.
+    let pid = child.id();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default() != "sleep\n" {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "never handed over"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .expect("SigBlk");
+    let deferred = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
+        .iter()
+        .fold(0u64, |m, s| m | 1 << (*s as i32 - 1));
+    assert_eq!(blocked, deferred, "{status}");
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the handed-over restore outlived --restore-timeout=2s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.signal(),
+        Some(Signal::SIGALRM as i32),
+        "{}",
+        stderr(&o)
+    );
+    assert!(start.elapsed() >= std::time::Duration::from_millis(1500));
+    assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
 }
 
 #[test]
@@ -915,7 +1118,10 @@ fn a_kernel_without_nf_tables_falls_back_to_legacy() {
         "cat >/dev/null\necho 'iptables-nft-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Protocol not supported' >&2\nexit 1",
     );
     let path = shim.path_env();
-    let o = ns.istio_init(&["--ipv6=false"], &[("PATH", &path)]);
+    // A shim cannot take nf_tables out of the kernel, so the fresh-namespace check of the
+    // handover (a dump of the nf_tables tables, which fails on such a kernel) still passes
+    // here: --handover=false puts the run where a kernel without nf_tables puts it.
+    let o = ns.istio_init(&["--ipv6=false", "--handover=false"], &[("PATH", &path)]);
     assert_ok(&o);
     assert!(
         stderr(&o).contains("IPv4: nf_tables is not usable here (Could not fetch rule set generation id: Protocol not supported); falling back to the legacy backend"),

@@ -261,12 +261,6 @@ fn wait_until_empty(ns: &Netns) -> Duration {
     }
 }
 
-/// The lock file istio-init keeps for `ns` while it works on it, if it exists in `/run`.
-fn lock_file(ns: &Netns) -> std::path::PathBuf {
-    let ino = std::fs::metadata(ns.path()).expect("netns file").ino();
-    Path::new("/run").join(istio_init::apply::lock_name(ino))
-}
-
 /// A small deterministic generator (xorshift64*), seeded from `FAULTS_SEED` or the clock.
 struct Rng(u64);
 
@@ -496,9 +490,6 @@ fn one_kill(
     tally: &Mutex<Tally>,
 ) {
     let ns = pod(&format!("kill{i}"));
-    // Namespace inodes are recycled: a lock file an earlier SIGKILLed run left for this
-    // inode may still be there (the next run on it would remove it).
-    let stale_lock = lock_file(&ns).exists();
     let mut cmd = istio_init_cmd(&ns, args, &[]);
     // For a container kill, istio-init enters its cgroup before it starts (a shell that
     // moves itself, then execs it), so everything it starts is in the cgroup too.
@@ -574,8 +565,6 @@ fn one_kill(
         // it took effect at once nothing had been changed.
         Stop::Term => {
             assert!(trivial, "{}", context());
-            // A SIGTERM that ended the run leaves no lock file behind.
-            assert!(stale_lock || !lock_file(&ns).exists(), "{}", context());
         }
         // SIGKILL of istio-init alone: every restore that started has its whole input and
         // completes. What remains possible is exactly two windows: SIGKILL after some TPROXY
@@ -627,17 +616,11 @@ fn one_kill(
             context(),
             stderr(&o)
         );
-        assert!(!lock_file(&ns).exists(), "the next run left its lock file");
         let mut t = tally.lock().unwrap();
         t.reruns += 1;
         if !trivial {
             t.completed += 1;
         }
-    }
-    // A SIGKILLed run cannot remove its lock file; the next run on this inode would. Nothing
-    // holds it any more (every process of the namespace is gone).
-    if kind != Stop::Term {
-        let _ = std::fs::remove_file(lock_file(&ns));
     }
 }
 
@@ -1052,28 +1035,22 @@ fn an_ipv6_restore_hanging_after_ipv4_succeeded_rolls_ipv4_back() {
 
 // ---- The namespace lock itself ----
 
-/// Holds istio-init's lock on `ns` the way another run would.
-fn hold_lock(ns: &Netns) -> nix::fcntl::Flock<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_file(ns))
-        .unwrap();
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap()
+/// Holds istio-init's lock on `ns` the way another run would: its socket bound in `ns`.
+fn hold_lock(ns: &Netns) -> istio_init::apply::NetnsLock {
+    crate::util::in_netns(ns, || {
+        istio_init::apply::NetnsLock::acquire(Duration::from_secs(1)).unwrap()
+    })
 }
 
 #[test]
-fn a_run_waits_for_the_namespace_lock_and_says_which_file_when_it_gives_up() {
+fn a_run_waits_for_the_namespace_lock_and_names_it_when_it_gives_up() {
     if !privileged("a_run_waits_for_the_namespace_lock") {
         return;
     }
     let (_dir, resolv) = resolv_dir("lockwait");
     let args = sidecar_args(&resolv);
 
-    // Held past the bound: a clear error naming the lock file, nothing changed.
+    // Held past the bound: a clear error naming the lock, nothing changed.
     let ns = pod("lockheld");
     let lock = hold_lock(&ns);
     let mut short = args.clone();
@@ -1082,12 +1059,10 @@ fn a_run_waits_for_the_namespace_lock_and_says_which_file_when_it_gives_up() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(
         error_line(&o),
-        format!(
-            "error: another istio-init run (or an iptables program it started) has held the \
-             lock on this network namespace, {0}, for 1s (--restore-timeout plus \
-             --xtables-wait); find it with `fuser {0}`",
-            lock_file(&ns).display()
-        )
+        "error: another istio-init run (or an iptables program it started) has held the lock \
+         on this network namespace, the abstract Unix socket @istio-init/netns-lock, for 1s \
+         (--restore-timeout plus --xtables-wait); `ss -xap | grep istio-init/netns-lock` in the \
+         namespace shows the holder"
     );
     assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
 
@@ -1119,15 +1094,16 @@ fn a_run_waits_for_the_namespace_lock_and_says_which_file_when_it_gives_up() {
     );
     assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
 
-    // Released: the next run proceeds and removes the file when done.
+    // Released: the next run proceeds, and leaves nothing bound.
     drop(lock);
     assert_ok(&run_istio_init(&ns, &args, &[]));
     assert!(!ns.istio_anywhere().is_empty());
-    assert!(!lock_file(&ns).exists());
+    let sockets = ns.ok(&["ss", "-xa"]);
+    assert!(!sockets.contains("istio-init/netns-lock"), "{sockets}");
 }
 
 #[test]
-fn the_lock_works_with_a_read_only_root_where_only_run_or_tmp_is_writable() {
+fn the_lock_works_with_a_read_only_root_and_nothing_writable() {
     if !privileged("the_lock_works_with_a_read_only_root") {
         return;
     }
@@ -1136,46 +1112,45 @@ fn the_lock_works_with_a_read_only_root_where_only_run_or_tmp_is_writable() {
         eprintln!("skipped: the_lock_works_with_a_read_only_root: no unshare");
         return;
     }
-    // In a private mount namespace (never the host's): the root read-only, then tmpfs over
-    // the directories that should be writable.
-    for (mounts, want) in [
-        (
-            "mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /tmp",
-            "with /run/istio-init-netns-",
-        ),
-        ("mount -t tmpfs tmpfs /tmp", "with /tmp/istio-init-netns-"),
-        ("true", "going on without it"),
-    ] {
-        let ns = pod("rofs");
-        let script = format!(
-            "mount --make-rprivate / && mount -o remount,bind,ro / && {mounts} && exec \"$@\""
-        );
-        let mut argv = vec![
-            "unshare".to_owned(),
-            "-m".into(),
-            "sh".into(),
-            "-c".into(),
-            script,
-            "sh".into(),
-            bin().into(),
-            "--ipv6=false".into(),
-            "--log_output_level=default:debug".into(),
-        ];
-        argv.insert(0, "env".into());
-        argv.insert(1, "-i".into());
-        argv.insert(
-            2,
-            format!("PATH={}", std::env::var("PATH").unwrap_or_default()),
-        );
-        let o = ns.run(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    // In a private mount namespace (never the host's): the whole root read-only, not even
+    // /run or /tmp writable. The lock needs no file; the run locks, hands over, and a second
+    // run finds the rules in place.
+    let ns = pod("rofs");
+    let argv = [
+        "env".to_owned(),
+        "-i".into(),
+        format!("PATH={}", std::env::var("PATH").unwrap_or_default()),
+        "unshare".into(),
+        "-m".into(),
+        "sh".into(),
+        "-c".into(),
+        "mount --make-rprivate / && mount -o remount,bind,ro / && exec \"$@\"".into(),
+        "sh".into(),
+        bin().into(),
+        "--ipv6=false".into(),
+        "--log_output_level=default:debug".into(),
+    ];
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    for _ in 0..2 {
+        let o = ns.run(&argv);
         assert_ok(&o);
+        let want = "locked this network namespace (abstract socket @istio-init/netns-lock)";
         assert!(stderr(&o).contains(want), "{want}:\n{}", stderr(&o));
         assert!(
-            ns.rules("iptables-nft-save")
-                .iter()
-                .any(|l| l.contains("ISTIO_OUTPUT"))
+            !stderr(&o).lines().any(|l| l.starts_with("warn")),
+            "{}",
+            stderr(&o)
         );
     }
+    let rules = ns.rules("iptables-nft-save");
+    assert_eq!(
+        rules
+            .iter()
+            .filter(|l| l.contains("-j ISTIO_OUTPUT"))
+            .count(),
+        1,
+        "{rules:?}"
+    );
 }
 
 #[test]

@@ -1,0 +1,207 @@
+//! The handover: on a fresh namespace where a single `iptables-nft-restore --noflush` does all
+//! the work, istio-init becomes that program (`exec`) instead of starting it and waiting.
+//!
+//! Effects: one `NETLINK_NETFILTER` socket (a dump of the nf_tables tables of one family),
+//! reads `/proc/thread-self/net/ip{,6}_tables_names`, an anonymous in-memory file for the
+//! input, `alarm`, and `execve`.
+//!
+//! # Why
+//!
+//! Under a pod's CPU limit (Autopilot sets limits equal to requests) every millisecond of CPU
+//! an init container burns stretches the pod's start. Supervising the restore costs a second
+//! process image alive at the same time, a spawn, a wait and an exit; handing over costs one
+//! `execve`. On the standard sidecar configuration that is most of the difference between
+//! istio-init and a bare `iptables-nft-restore` of the same text (README, Performance).
+//!
+//! # When
+//!
+//! Only when nothing can need istio-init after the restore, which is exactly when one
+//! transaction either applies everything or nothing:
+//!
+//! * `--handover` is on (the default), and this is a plain apply: no `--netns`, no
+//!   `--run-validation`, `--reconcile`, `--force-apply` or `--cleanup-only`, and no TPROXY
+//!   route or `::6` address to add (their rollback needs istio-init);
+//! * exactly one family has rules, all in one table (iptables-restore commits table by table:
+//!   with two tables a failure in the second would leave the first for istio-init to undo);
+//! * the nft backend: not forced to legacy, no legacy table instantiated in this family (the
+//!   same test the backend choice makes), and nf_tables holds no table at all in this family
+//!   — a fresh namespace, so the restore cannot meet our chains from an earlier run (a re-run
+//!   goes the supervised way and is recognised as one) nor anything else's;
+//! * the restore program is on `PATH` and the input fits an in-memory file.
+//!
+//! # What stays the same
+//!
+//! The restore gets the same text, argv and scrubbed environment as when supervised. The
+//! namespace lock (an inherited socket) stays held until the restore exits, so a concurrent
+//! run waits for it. The critical section's blocked SIGTERM, SIGINT and SIGHUP survive
+//! `execve`, so only SIGKILL stops the transaction, and a single-table transaction is
+//! atomic in the kernel: untouched or complete. `--restore-timeout` becomes an `alarm`, which
+//! also survives `execve`: a restore still running then is ended by SIGALRM.
+//!
+//! # What differs
+//!
+//! The run's exit status is the restore's: 0 when the rules are in place, else iptables'
+//! own (1 for a failed line). Its error is iptables' own message on stderr, whose line numbers
+//! count lines of the family's `--dry-run` text; istio-init logs, just before handing over,
+//! which program, backend and ruleset it hands over to and how to read a failure. A timeout
+//! shows as death by SIGALRM. `--handover=false` keeps istio-init as the restore's parent for
+//! its own rewritten errors (which name the failing rule and the kernel modules to check).
+
+use std::io::{Seek, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
+use nix::sys::socket::SockProtocol;
+
+use crate::config::Backend;
+use crate::net::Family;
+use crate::route::{NLM_F_DUMP, NLM_F_REQUEST, Netlink, Request};
+use crate::ruleset::Ruleset;
+
+use super::{Netfilter, Options, System};
+
+/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE`, and the `NFT_MSG_NEWTABLE` answers.
+const NFT_GETTABLE: u16 = (10 << 8) | 1;
+const NFT_NEWTABLE: u16 = 10 << 8;
+
+/// Everything needed to hand over to the restore.
+#[derive(Debug)]
+pub struct Handover {
+    family: Family,
+    program: PathBuf,
+    input: std::fs::File,
+    rules: usize,
+    chains: usize,
+    timeout: Duration,
+}
+
+/// The run's facts the handover conditions need beyond the rulesets and options.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain {
+    /// `--handover` is on.
+    pub enabled: bool,
+    /// Nothing to do before or after the rules: no `--netns`, `--run-validation`, `--cleanup-only`,
+    /// TPROXY route or `::6` address.
+    pub rules_only: bool,
+}
+
+/// The number of nf_tables tables of `family` in this thread's network namespace.
+fn nft_tables(family: Family) -> anyhow::Result<usize> {
+    let nfproto: u8 = match family {
+        Family::V4 => 2,  // NFPROTO_IPV4
+        Family::V6 => 10, // NFPROTO_IPV6
+    };
+    let mut nl = Netlink::open_protocol(SockProtocol::NetlinkNetFilter)?;
+    let tables = nl
+        .dump_with(
+            |seq| {
+                // struct nfgenmsg: family, version (NFNETLINK_V0), resource id.
+                Request::new(NFT_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, seq)
+                    .bytes(&[nfproto, 0, 0, 0])
+                    .finish()
+            },
+            NFT_NEWTABLE,
+        )
+        .map_err(|e| anyhow!("listing nf_tables tables: {e}"))?;
+    Ok(tables.len())
+}
+
+/// Whether this run can hand over to its single restore (module doc), and if so, everything
+/// ready for [`Handover::exec`]. `None` means the supervised path; the reason is logged at
+/// debug level.
+pub fn handover(
+    sys: &System,
+    opts: &Options,
+    rulesets: &[Ruleset],
+    plain: Plain,
+    timeout: Duration,
+) -> Option<Handover> {
+    let why_not = |why: &str| {
+        log::debug!("supervising the restores: {why}");
+        None
+    };
+    if !plain.enabled {
+        return why_not("--handover=false");
+    }
+    if !plain.rules_only || opts.reconcile || opts.force_apply {
+        return why_not("the run has more to do than the rules");
+    }
+    if opts.force_backend == Some(Backend::Legacy) {
+        return why_not("the legacy backend is forced");
+    }
+    let mut with_rules = rulesets.iter().filter(|rs| !rs.tables.is_empty());
+    let (Some(rs), None) = (with_rules.next(), with_rules.next()) else {
+        return why_not("not exactly one family has rules");
+    };
+    if rs.tables.len() != 1 {
+        return why_not("the rules span more than one table");
+    }
+    let family = rs.family;
+    if !sys.legacy_tables(family).is_empty() {
+        return why_not("legacy tables exist");
+    }
+    match nft_tables(family) {
+        Ok(0) => {}
+        Ok(n) => return why_not(&format!("nf_tables already holds {n} {family} tables")),
+        Err(e) => return why_not(&format!("{e:#}")),
+    }
+    let program = match sys.tool(family, Backend::Nft, "restore") {
+        Ok(p) => p,
+        Err(e) => return why_not(&format!("{e:#}")),
+    };
+    let input = memfd_create(c"istio-init-rules", MemFdCreateFlag::MFD_CLOEXEC)
+        .map(std::fs::File::from)
+        .map_err(std::io::Error::from)
+        .and_then(|mut f| {
+            f.write_all(rs.to_string().as_bytes())?;
+            f.rewind()?;
+            Ok(f)
+        });
+    let input = match input {
+        Ok(f) => f,
+        Err(e) => return why_not(&format!("no in-memory file for the input: {e}")),
+    };
+    Some(Handover {
+        family,
+        program,
+        input,
+        rules: rs.rule_count(),
+        chains: rs.chain_count(),
+        timeout,
+    })
+}
+
+impl Handover {
+    /// Becomes the restore. Returns only when `execve` failed (nothing was applied).
+    pub fn exec(self, sys: &System) -> anyhow::Error {
+        let secs = u32::try_from(self.timeout.as_millis().div_ceil(1000))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        log::info!(
+            "{}: applying {} rules in {} chains (nft backend, a fresh namespace) by handing over \
+             to {} --noflush: its exit status is this run's, an error below is iptables' own \
+             (line numbers count lines of the --dry-run {} text), SIGALRM means it ran past \
+             --restore-timeout ({secs}s); --handover=false keeps istio-init in charge",
+            self.family,
+            self.rules,
+            self.chains,
+            self.program.display(),
+            self.family
+        );
+        nix::unistd::alarm::set(secs);
+        let e = sys
+            .restore_command(&self.program)
+            .stdin(Stdio::from(self.input))
+            .exec();
+        nix::unistd::alarm::cancel();
+        anyhow!(
+            "{}: cannot run {}: {e}; nothing was applied",
+            self.family,
+            self.program.display()
+        )
+    }
+}
