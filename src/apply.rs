@@ -28,17 +28,24 @@
 //! * **SIGTERM, SIGINT, SIGHUP** are deferred over the same span (`guard.rs`): a run they
 //!   interrupt leaves the namespace untouched (the signal arrived before the section) or
 //!   complete (it arrived inside, and takes effect at the end), never in between.
-//! * **SIGKILL** cannot be deferred, so the windows it could split are made as small as they
-//!   can be (`run.rs`): every restore is started before any receives its input, each then
-//!   gets its whole input in one write, and restores outlive istio-init, so an interrupted
-//!   run's restores still commit in full. The TPROXY routes are added (`before_rules` of
-//!   [`apply`]) after the restores started and just before their inputs are written. What
+//! * **SIGKILL** cannot be deferred, so it is kept from splitting anything it can be kept
+//!   from (`run.rs`): every restore is started before any receives its input, each then gets
+//!   its whole input in one write, and restores outlive istio-init, so an interrupted run's
+//!   restores still commit in full. The IPv4 and IPv6 restores share one process group,
+//!   stopped from before their inputs are written until one `killpg(SIGCONT)` releases both:
+//!   a SIGKILL of istio-init before that release leaves them stopped in an orphaned group,
+//!   which the kernel sends SIGHUP (ending both, nothing applied), and one after it finds
+//!   both with their whole input (both complete). The TPROXY routes are added
+//!   (`before_rules` of [`apply`]) while they are held, just before the release. What
 //!   remains: a SIGKILL during the route setup's few netlink round trips leaves some routes
-//!   and no rule, and one between the IPv4 and the IPv6 input writes (two system calls apart)
-//!   leaves IPv4 complete and IPv6 absent. A SIGKILL of the whole container also kills the
-//!   restores, which can leave some tables of a family committed. Every one of these is
-//!   completed by the next run (missing tables are added, routes are idempotent), as the
-//!   fault tests check.
+//!   and no rule (inert: nothing sets the mark they match); inputs too large for a pipe
+//!   cannot be held, and then a SIGKILL between the two spawns leaves IPv4 without IPv6; and
+//!   a SIGKILL of the whole container also kills the restores, which can leave some tables of
+//!   a family committed. Every one of these is completed by the next run (missing tables are
+//!   added, routes are idempotent), as the fault tests check. The held restores depend on the
+//!   kernel's orphaned-group rule, which needs their adopter to be outside istio-init's
+//!   session: true in Kubernetes, and whenever istio-init leads its session (`run.rs`
+//!   explains the exception).
 //! * **A hanging program** is killed (with anything it started) after `--restore-timeout`
 //!   (plus `--xtables-wait` for the legacy backend), and the run fails and rolls back like any
 //!   other failure, naming the program, the limit and the option.
@@ -114,10 +121,10 @@ pub trait Netfilter {
     /// Runs `*-restore --noflush` of `family` in `backend` with `input` on stdin.
     fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure>;
     /// Runs several restores (one per family) and returns their results in order, calling
-    /// `before_inputs` once just before the restores receive their input; when it fails, no
-    /// restore changes anything and its error is returned. The real programs all start
-    /// before any receives its input, then run concurrently; this default calls the hook
-    /// and runs them one after the other.
+    /// `before_inputs` once just before the restores can act on their input; when it fails,
+    /// no restore changes anything and its error is returned. The real programs all start
+    /// before any receives its input, are held until all have it and the hook has run, then
+    /// run concurrently; this default calls the hook and runs them one after the other.
     fn restore_all(
         &self,
         jobs: &[(Family, Backend, &str)],
@@ -265,9 +272,9 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
 /// removed again and the error says what failed and that it was rolled back.
 ///
 /// `before_rules` (the TPROXY routes) runs once, after the backends are chosen and the
-/// restores started, just before they receive their input: the smallest possible window
-/// between the routes and the rules. When it fails, no rule is applied and its error is
-/// returned.
+/// restores started, just before they are released to act on their input: the smallest
+/// possible window between the routes and the rules. When it fails, no rule is applied and
+/// its error is returned.
 pub fn apply(
     nf: &dyn Netfilter,
     opts: &Options,

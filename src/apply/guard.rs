@@ -3,7 +3,8 @@
 //! wait until the namespace is consistent again.
 //!
 //! Effects: binds an abstract Unix socket in the current thread's network namespace; changes
-//! the calling thread's signal mask; reads `/proc/thread-self/status`.
+//! the calling thread's signal mask (for the section, and around the spawns of held
+//! restores); reads `/proc/thread-self/status`.
 //!
 //! # The namespace lock
 //!
@@ -40,11 +41,39 @@
 //! (the process dies by it, as was asked), after a log line saying so; an error the run
 //! ended with is logged before that, since `main` will not get to print it. The iptables
 //! programs started inside the section inherit the mask (a blocked mask survives `exec`):
-//! a SIGTERM aimed at a restore, or at every process of the container, does not cut its
-//! transaction short either; only SIGKILL stops one, and that is what the timeout uses. The
-//! section lasts at most as long as the programs it waits for, each bounded by
-//! `--restore-timeout`. SIGKILL cannot be blocked: see `run.rs` and the module doc
-//! of `apply` for how its windows are kept narrow and repaired by the next run.
+//! a SIGTERM or SIGINT aimed at a restore, or at every process of the container, does not
+//! cut its transaction short either, nor does SIGHUP, except for held restores (below); only
+//! SIGKILL stops one, and that is what the timeout uses. The section lasts at most as long
+//! as the programs it waits for, each bounded by `--restore-timeout`. SIGKILL cannot be
+//! blocked: see `run.rs` and the module doc of `apply` for how the restores are held so that
+//! it cannot split the families, and what the next run repairs.
+//!
+//! # The held restores and SIGHUP
+//!
+//! The restores of a dual-stack run are held (stopped) until every one has its input, then
+//! released together (`run.rs`). If istio-init is SIGKILLed while they are held, the kernel
+//! sends their orphaned group SIGHUP then SIGCONT, and SIGHUP must end them: so they are
+//! spawned with SIGHUP (and SIGTSTP, which holds them) unblocked — [`GateUnblocked`] unblocks
+//! [`GATE`] on the spawning thread for the spawns only — while SIGTERM and SIGINT stay
+//! blocked in them.
+//!
+//! Just before, one read of `/proc/thread-self/status` ([`signal_state`]) checks that no
+//! deferred signal is pending — if one is, the run ends there, "nothing was changed", like
+//! the lock wait — and that neither SIGHUP nor SIGTSTP is ignored (an ignored disposition
+//! survives `exec`: then nothing is held, with a warning). A SIGHUP that arrives during the
+//! spawns themselves (a few hundred microseconds) goes to the one thread that does not block
+//! it, and its default action kills istio-init at once, without the log line (as a SIGKILL
+//! would; the lock is released with the process). That is safe because
+//! nothing has been changed yet: no route is added and no input written before the spawns
+//! end; the restores started so far are not stopped, so the kernel sends them nothing; and
+//! when istio-init's ends of their pipes close they read EOF and change nothing. A SIGTSTP in
+//! that window stops istio-init, as it would at any other moment (it is never deferred).
+//!
+//! The price: a SIGHUP aimed at a held restore itself, or at every process of the container,
+//! can end that restore between two tables. istio-init sees it fail and rolls back the other
+//! families (a SIGHUP meant for istio-init too is deferred until then, and ends it after);
+//! tables that restore had already committed stay, as after a restore killed at its deadline,
+//! until the next run completes them.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
@@ -220,27 +249,82 @@ impl Drop for CriticalSection {
     }
 }
 
-/// Deferred signals pending for the process or this thread, by name (from the `ShdPnd` and
-/// `SigPnd` masks in `/proc/thread-self/status`; nix has no `sigpending`).
+/// Deferred signals pending for the process or this thread, by name.
 fn pending_deferred() -> Vec<&'static str> {
-    let mut mask = 0u64;
-    if let Ok(text) = std::fs::read_to_string("/proc/thread-self/status") {
-        for key in ["ShdPnd:", "SigPnd:"] {
-            mask |= text
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .unwrap_or(0);
-        }
+    signal_state().pending
+}
+
+/// The signals that hold the restores of a run back together and end them if istio-init dies
+/// meanwhile (see "The held restores" in the module doc and `run.rs`): unblocked while those
+/// restores are spawned, so that they inherit them unblocked.
+pub const GATE: [Signal; 2] = [Signal::SIGHUP, Signal::SIGTSTP];
+
+/// What `run.rs` checks before it spawns restores that are held back together.
+#[derive(Debug, Default)]
+pub struct SignalState {
+    /// [`DEFERRED`] signals pending for the process or this thread.
+    pub pending: Vec<&'static str>,
+    /// [`GATE`] signals this process ignores (inherited from its parent: an ignored
+    /// disposition survives `exec`, so the restores would ignore them too).
+    pub ignored: Vec<&'static str>,
+}
+
+/// One read of `/proc/thread-self/status` (nix has no `sigpending`): the pending masks
+/// (`ShdPnd`, `SigPnd`) and the ignored one (`SigIgn`).
+pub fn signal_state() -> SignalState {
+    let Ok(text) = std::fs::read_to_string("/proc/thread-self/status") else {
+        return SignalState::default();
+    };
+    let mask = |keys: &[&str]| {
+        keys.iter()
+            .map(|key| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                    .unwrap_or(0)
+            })
+            .fold(0, |a, b| a | b)
+    };
+    let names = |signals: &[Signal], mask: u64| {
+        signals
+            .iter()
+            .filter(|s| {
+                let n = **s as i32;
+                (1..=64).contains(&n) && mask & (1u64 << (n - 1)) != 0
+            })
+            .map(|s| s.as_str())
+            .collect()
+    };
+    SignalState {
+        pending: names(&DEFERRED, mask(&["ShdPnd:", "SigPnd:"])),
+        ignored: names(&GATE, mask(&["SigIgn:"])),
     }
-    DEFERRED
-        .into_iter()
-        .filter(|s| {
-            let n = *s as i32;
-            (1..=64).contains(&n) && mask & (1u64 << (n - 1)) != 0
-        })
-        .map(Signal::as_str)
-        .collect()
+}
+
+/// While alive, the [`GATE`] signals are unblocked on the calling thread (the rest of the
+/// critical section's mask stays); dropping it restores the mask. Programs spawned meanwhile
+/// inherit SIGTERM and SIGINT blocked and SIGHUP and SIGTSTP not.
+#[derive(Debug)]
+pub struct GateUnblocked {
+    old: SigSet,
+}
+
+impl GateUnblocked {
+    pub fn enter() -> nix::Result<GateUnblocked> {
+        let mut set = SigSet::empty();
+        for s in GATE {
+            set.add(s);
+        }
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), Some(&mut old))?;
+        Ok(GateUnblocked { old })
+    }
+}
+
+impl Drop for GateUnblocked {
+    fn drop(&mut self) {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
+    }
 }
 
 #[cfg(test)]

@@ -1,28 +1,107 @@
 //! Running the iptables programs: several at once, each input delivered whole and only once
-//! every program has started, each program bounded by a deadline after which it is killed.
+//! every program has started, several programs held back and released together, each program
+//! bounded by a deadline after which it is killed.
 //!
-//! Effects: creates pipes and anonymous in-memory files, spawns processes, waits for them on
-//! helper threads, kills them.
+//! Effects: creates pipes and anonymous in-memory files, spawns processes, stops, continues
+//! and kills them, waits for them on helper threads, changes the spawning thread's signal
+//! mask around spawns and reads `/proc/thread-self/status`.
 //!
 //! * **Inputs after every start.** Each program's stdin is a pipe made large enough for its
 //!   whole input (`F_SETPIPE_SZ`). All programs are spawned first, reading empty pipes; only
 //!   then is each input written — one `write` that cannot block or stop halfway, since the
 //!   pipe has room for all of it — and the pipe closed. So if istio-init is SIGKILLed before
 //!   the writes, every restore reads an empty input and changes nothing; after a write, that
-//!   restore has its complete input and commits every table on its own. The only moment
-//!   that splits the families is between the IPv4 write and the IPv6 write: two system calls.
-//!   An input larger than a pipe can hold (about 1 MiB: tens of thousands of rules) goes into
-//!   an anonymous in-memory file (`memfd_create`) before its program is spawned instead:
-//!   still complete, but then the split moment is one program spawn.
+//!   restore has its complete input and commits every table on its own. Between two writes
+//!   the families would be split: that is what holding them (next point) closes.
+//! * **Held, then released together.** When two or more inputs go through pipes (the IPv4
+//!   and IPv6 restores of a dual-stack run), those programs share one process group (the
+//!   first spawned leads it, the others join it) and are held from their start until every
+//!   one has its input:
+//!   1. once all are spawned, one `killpg(SIGTSTP)` stops the group, and istio-init polls
+//!      `waitid(WSTOPPED | WEXITED | WNOWAIT | WNOHANG)` (yielding, then sleeping a few
+//!      microseconds) until each one has stopped, or exited;
+//!   2. each input is written whole and its pipe closed, then `before_inputs` runs (the
+//!      TPROXY routes, the log of what the rules do);
+//!   3. one `killpg(SIGCONT)` releases them all: the single moment at which every family's
+//!      input takes effect. When `before_inputs` failed, `killpg(SIGKILL)` instead: they die
+//!      without acting on any input.
+//!
+//!   Why no SIGKILL of istio-init alone can split the families:
+//!   - *Before step 1* the pipes are empty: istio-init's death closes them, every program
+//!     reads EOF and changes nothing.
+//!   - *Between `killpg(SIGTSTP)` and a program stopping*: no input has been written yet (the
+//!     wait is what guarantees it: `kill` only makes SIGTSTP pending, and a program acts on it
+//!     at its next return to user mode). If istio-init dies first, the program's group is
+//!     orphaned by the time it handles SIGTSTP, and the kernel discards job-control stops in
+//!     an orphaned group: it goes on, reads EOF and changes nothing. This is why SIGTSTP and
+//!     not SIGSTOP, which would stop it for good with nobody left to continue it. (The kernel
+//!     checks for orphaning and then stops the process without holding one lock across
+//!     both; a death landing exactly in between, nanoseconds wide, leaves it stopped: see
+//!     the hazard below for what that costs.)
+//!   - *While they are stopped* (step 2, the hook included): a stopped process runs no user
+//!     code, so none acts on its input. If istio-init dies now, its children are
+//!     adopted by init or the container's first process, in another session, so their group
+//!     becomes orphaned with stopped members, and the kernel sends it SIGHUP, then SIGCONT.
+//!     SIGHUP is not blocked in them (they are spawned with it unblocked, see `guard.rs`) and
+//!     its default action ends them before they return to user mode: netfilter untouched.
+//!   - *After `killpg(SIGCONT)`*: SIGCONT's effect (clearing the stop, discarding pending
+//!     stop signals) is applied by the sender to every member inside the one system call,
+//!     and istio-init cannot die in the middle of a system call; once it returns, none is
+//!     stopped, so orphaning sends nothing, and each has its whole input and completes.
+//!
+//!   Why wait for the stop rather than write right after `kill`: a program can consume its
+//!   input only through `read`, whose return to user mode handles the pending stop first, so
+//!   without the wait no input would be acted on before the release either — but istio-init
+//!   dying while a stop is still only pending would be noticed by nobody: the kernel sends
+//!   SIGHUP only to a group with members already stopped, so SIGTSTP would then be discarded
+//!   (orphaned group) and the program would act on its input alone, or SIGSTOP would stop it
+//!   for good. Waiting until every program has stopped closes both.
+//!
+//!   Before spawning them (one read of `/proc/thread-self/status`): a deferred signal
+//!   already pending ends the run there, nothing started and nothing changed, as in the lock
+//!   wait; and if istio-init ignores SIGHUP or SIGTSTP (inherited from its parent: an ignored
+//!   disposition survives `exec`, so the programs would ignore it too), they cannot be held
+//!   and are run as before, with a warning. Likewise when one has not stopped 100 ms after
+//!   SIGTSTP: it blocks, ignores or handles SIGTSTP, or it is a script waiting in `vfork` for
+//!   a child that SIGTSTP stopped before its `exec` (a parent cannot stop in that wait, and
+//!   SIGSTOP would not help); iptables does none of these. The group is then continued at
+//!   once, nothing having been written, and the inputs go out after the hook as for programs
+//!   that are not held, with a warning. The cost: two `pthread_sigmask`, the `/proc` read,
+//!   two `killpg` and one `waitid` per program (plus a yield or a short sleep when one has
+//!   not stopped yet), and the programs load their libraries after the hook instead of
+//!   during it. One program alone — a single-family run, every `*-save`, every rollback —
+//!   pays none of it.
+//!
+//!   **Hazard: an adopter in istio-init's session.** The SIGHUP comes only if the group is
+//!   orphaned, that is if the process that adopts the programs is in another session (or is
+//!   the machine's init). When istio-init leads its session this always holds: a session
+//!   holds only descendants of its leader, and the adopter is an ancestor. In Kubernetes
+//!   istio-init is the first process of its container, which runc starts as a session leader
+//!   (`setsid`), and without a shared PID namespace its death kills every process of the
+//!   container anyway. Otherwise, an adopter in istio-init's session that outlives it — a
+//!   shell running `istio-init …; other` as a container's PID 1, or a
+//!   `PR_SET_CHILD_SUBREAPER` process — leaves the held programs stopped for good: netfilter
+//!   untouched, but they keep the namespace lock's descriptor, so the next run waits for the
+//!   lock and fails naming it (`fuser` finds them; `kill -CONT` or `kill` ends them). Nothing
+//!   cheap tells in advance who the adopter will be (any ancestor may be a subreaper); a
+//!   wrapper can start istio-init with `setsid` to rule it out.
+//! * **Inputs too large for a pipe** (about 1 MiB: tens of thousands of rules) go into an
+//!   anonymous in-memory file (`memfd_create`) before their program is spawned, complete, and
+//!   such a program cannot be held (it may act on its input as soon as it runs). When any
+//!   input is that large, nothing is held: `before_inputs` runs before the first spawn, and
+//!   the moment that splits the families is between two spawns.
 //! * **Output into files.** stdout and stderr are in-memory files, read after the program
 //!   ended: nothing deadlocks on a full pipe however large the output, and a program killed
 //!   at its deadline (or anything it started) cannot keep istio-init waiting for an EOF.
 //!   Without `memfd_create` (an old kernel, a strict seccomp profile) an unlinked `O_TMPFILE`
 //!   in `/dev/shm`, `/tmp` or `/run` does the same job.
-//! * **Own process group.** Each program leads its own process group, so a signal sent to
-//!   istio-init's group (a shell's Ctrl-C, `kill -- -PGID`) does not cut a transaction short,
-//!   and a program istio-init dies without waiting for finishes its transaction; on a timeout
-//!   the whole group is killed, including anything a wrapper script started.
+//! * **Process groups.** Each program leads its own process group, or shares the one of the
+//!   held programs — never istio-init's — so a signal sent to istio-init's group (a shell's
+//!   Ctrl-C, `kill -- -PGID`) does not cut a transaction short, and a program istio-init dies
+//!   without waiting for finishes its transaction. On a timeout the whole group is killed,
+//!   including anything a wrapper script started — for held programs, every one of them still
+//!   running: they are reported as killed with the program that reached its deadline, and the
+//!   run fails and rolls back like any other failure.
 //! * **Deadlines.** Each program is watched by a small helper thread blocked in
 //!   `waitid(WNOWAIT)`, which reports the exit without reaping, so the process cannot be
 //!   reaped and its PID reused before the deadline check decides whether to kill it. The
@@ -39,15 +118,25 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use anyhow::bail;
+use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sched::sched_yield;
 use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
 use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::{Pid, pipe2};
+
+use super::guard::{GateUnblocked, signal_state};
 
 /// How long a killed program may take to disappear before it is given up on (a process in an
 /// uninterruptible kernel wait cannot die at once).
 const REAP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long programs get to stop on SIGTSTP before they are given up on holding (module doc).
+/// A program stops within microseconds of running unless it blocks, ignores or handles
+/// SIGTSTP, or waits in `vfork` for a child that stopped (iptables does none of these).
+const STOP_PATIENCE: Duration = Duration::from_millis(100);
 
 /// One program to run.
 #[derive(Debug)]
@@ -72,15 +161,25 @@ pub struct Ended {
     pub status: Option<ExitStatus>,
     pub stdout: String,
     pub stderr: String,
-    /// Set when it was killed at its deadline: the limit and what set it.
+    /// Set when it was killed at its deadline: the limit and what set it (with `killed_with`:
+    /// that program's limit).
     pub killed: Option<String>,
+    /// Set when it was killed because another program of its process group reached its
+    /// deadline: that program.
+    pub killed_with: Option<String>,
 }
 
 impl Ended {
     /// Why the program did not end by itself, if it did not.
     pub fn abnormal(&self) -> Option<String> {
         let limit = self.killed.as_ref()?;
-        let mut why = format!("did not finish within {limit}; it was killed");
+        let mut why = match &self.killed_with {
+            None => format!("did not finish within {limit}; it was killed"),
+            Some(other) => format!(
+                "was killed with {other}, which shares its process group and did not finish \
+                 within {limit}"
+            ),
+        };
         if self.status.is_none() {
             why.push_str(", but had not exited after a further ");
             why.push_str(&format!("{REAP_GRACE:?}"));
@@ -194,7 +293,11 @@ fn prepare_input(input: Option<Vec<u8>>) -> Result<Input, String> {
 /// A started program.
 struct Started {
     child: Child,
+    pid: Pid,
+    /// Its process group: its own, or the one the held programs share (module doc).
     pgid: Pid,
+    /// As named in errors.
+    program: String,
     /// Its input, still to be written.
     feed: Option<(File, Vec<u8>)>,
     stdout: Option<File>,
@@ -204,6 +307,8 @@ struct Started {
     /// Reported exited by its watcher (not reaped yet).
     exited: bool,
     killed: bool,
+    /// Killed with the group of this program, which reached its deadline.
+    killed_with: Option<String>,
     /// Its watcher could not be started: waited for without a deadline.
     unwatched: bool,
 }
@@ -243,7 +348,8 @@ fn prepare(mut job: Job) -> Result<Prepared, String> {
     })
 }
 
-fn start(p: Prepared) -> Result<Started, String> {
+/// Spawns a prepared program into process group `group` (0: a new group it leads).
+fn start(p: Prepared, group: i32) -> Result<Started, String> {
     let Prepared {
         mut job,
         whole_file: _,
@@ -266,13 +372,19 @@ fn start(p: Prepared) -> Result<Started, String> {
             None => Stdio::null(),
         })
         .stderr(clone(&stderr)?)
-        .process_group(0)
+        .process_group(group)
         .spawn()
         .map_err(|e| format!("cannot run it: {e}"))?;
-    let pgid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
+    let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
     Ok(Started {
         child,
-        pgid,
+        pid,
+        pgid: if group == 0 {
+            pid
+        } else {
+            Pid::from_raw(group)
+        },
+        program: std::mem::take(&mut job.program),
         feed,
         stdout,
         stderr,
@@ -280,15 +392,133 @@ fn start(p: Prepared) -> Result<Started, String> {
         limit_source: std::mem::take(&mut job.limit_source),
         exited: false,
         killed: false,
+        killed_with: None,
         unwatched: false,
     })
 }
 
+/// Writes every program's input (when `deliver`) and closes its pipe: the program reads its
+/// whole input, or nothing, then EOF.
+fn feed(started: &mut [Result<Started, String>], deliver: bool) {
+    for s in started.iter_mut().flatten() {
+        if let Some((mut pipe, data)) = s.feed.take() {
+            if deliver {
+                // A program that exits without reading closes its end: its error explains.
+                let _ = pipe.write_all(&data);
+            }
+        }
+    }
+}
+
+/// Whether the programs about to be spawned may be held back together (module doc). `Err`
+/// when a deferred signal is already pending: then nothing is started, nothing was changed,
+/// and the run ends with the signal as the lock wait does.
+fn may_hold() -> anyhow::Result<bool> {
+    let state = signal_state();
+    if !state.pending.is_empty() {
+        bail!(
+            "received {} before the iptables programs were started; nothing was changed",
+            state.pending.join(" and ")
+        );
+    }
+    if !state.ignored.is_empty() {
+        log::warn!(
+            "{} {} ignored by this process (inherited from its parent, and so by the programs it \
+             starts): the iptables programs cannot be held until every one has its input, so a \
+             SIGKILL between two inputs can leave one family applied without the other (the next \
+             run completes it)",
+            state.ignored.join(" and "),
+            if state.ignored.len() == 1 {
+                "is"
+            } else {
+                "are"
+            }
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Stops every program of group `pgid` (one `killpg`) and waits until each of `programs`
+/// has stopped or exited (module doc: why waiting matters). `Err`: why they cannot be held.
+fn hold<'a>(pgid: Pid, programs: impl Iterator<Item = (Pid, &'a str)>) -> Result<(), String> {
+    killpg(pgid, Signal::SIGTSTP).map_err(|e| format!("SIGTSTP to group {pgid} failed: {e}"))?;
+    let give_up = Instant::now() + STOP_PATIENCE;
+    let mut pause = Duration::ZERO;
+    let flags =
+        WaitPidFlag::WSTOPPED | WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+    for (pid, program) in programs {
+        loop {
+            match waitid(Id::Pid(pid), flags) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                // Stopped; or exited, and then it needs no holding.
+                Ok(_) => break,
+                Err(e) => return Err(format!("waiting for {program} to stop failed: {e}")),
+            }
+            if Instant::now() >= give_up {
+                return Err(format!(
+                    "{program} did not stop on SIGTSTP within {STOP_PATIENCE:?} (it blocks, \
+                     ignores or handles it, or waits for a child that stopped)"
+                ));
+            }
+            if pause.is_zero() {
+                let _ = sched_yield();
+            } else {
+                std::thread::sleep(pause);
+            }
+            pause = (pause * 2).clamp(Duration::from_micros(20), Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
+/// The gate (module doc): holds the programs of group `pgid`, hands each its whole input,
+/// runs `before_inputs`, then releases them all with one `killpg(SIGCONT)` — or, when the
+/// hook failed, kills them before any could act on its input. When they cannot be held,
+/// they are continued at once and run like programs that are not held.
+fn hold_and_release(
+    pgid: Pid,
+    started: &mut [Result<Started, String>],
+    before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let members = started
+        .iter()
+        .flatten()
+        .filter(|s| s.pgid == pgid)
+        .map(|s| (s.pid, s.program.as_str()));
+    if let Err(why) = hold(pgid, members) {
+        let _ = killpg(pgid, Signal::SIGCONT);
+        log::warn!(
+            "the iptables programs cannot be held until every one has its input: {why}; they \
+             get their inputs one after the other, so a SIGKILL between two can leave one \
+             family applied without the other (the next run completes it)"
+        );
+        let hook = before_inputs();
+        feed(started, hook.is_ok());
+        return hook;
+    }
+    feed(started, true);
+    let hook = before_inputs();
+    let release = if hook.is_ok() {
+        Signal::SIGCONT
+    } else {
+        Signal::SIGKILL
+    };
+    if let Err(e) = killpg(pgid, release) {
+        // Cannot happen to our own children; they would then be killed at their deadline.
+        log::warn!("sending {release} to the iptables programs (group {pgid}) failed: {e}");
+    }
+    hook
+}
+
 /// Runs every job at once and returns how each ended, in order; a job that cannot be started
 /// is an `Err` with the reason. `before_inputs` runs once every program has started and
-/// before any receives its input (or, when an input is too large for a pipe, before any is
-/// started): if it fails, no program receives any input, so none changes anything, and its
-/// error is returned once they have all ended.
+/// before any can act on its input: held programs (module doc) have their inputs written and
+/// are released after it, a lone piped program gets its input after it, and when an input
+/// is too large for a pipe it runs before any program is started. If it fails, no program
+/// acts on any input (held ones are killed, the others read nothing), so none changes
+/// anything, and its error is returned once they have all ended. A deferred signal already
+/// pending when programs are about to be held is an `Err` before anything is started.
 pub fn run_all(
     jobs: Vec<Job>,
     before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
@@ -299,23 +529,53 @@ pub fn run_all(
     if !piped {
         before_inputs()?;
     }
-    let mut started: Vec<Result<Started, String>> =
-        prepared.into_iter().map(|p| p.and_then(start)).collect();
-    let hook = if piped { before_inputs() } else { Ok(()) };
-    for s in started.iter_mut().flatten() {
-        if let Some((mut pipe, data)) = s.feed.take() {
-            if hook.is_ok() {
-                // A program that exits without reading closes its end: its error explains.
-                let _ = pipe.write_all(&data);
+    // Two or more inputs through pipes: those programs are held back together (module doc).
+    // One program alone (the fast path) costs no system call for it.
+    let pipes = prepared
+        .iter()
+        .flatten()
+        .filter(|p| p.feed.is_some())
+        .count();
+    let unblocked = if piped && pipes >= 2 && may_hold()? {
+        GateUnblocked::enter()
+            .map_err(|e| log::warn!("cannot unblock SIGHUP to start the iptables programs: {e}"))
+            .ok()
+    } else {
+        None
+    };
+    let mut group: Option<Pid> = None;
+    let mut started: Vec<Result<Started, String>> = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        started.push(p.and_then(|p| {
+            let held = unblocked.is_some() && p.feed.is_some();
+            let s = start(
+                p,
+                if held {
+                    group.map_or(0, Pid::as_raw)
+                } else {
+                    0
+                },
+            )?;
+            if held && group.is_none() {
+                group = Some(s.pgid);
             }
-            // Closed here: the program reads its whole input, or nothing, then EOF.
-        }
+            Ok(s)
+        }));
     }
+    drop(unblocked);
+    let hook = match group {
+        Some(pgid) => hold_and_release(pgid, &mut started, before_inputs),
+        None => {
+            let hook = if piped { before_inputs() } else { Ok(()) };
+            feed(&mut started, hook.is_ok());
+            hook
+        }
+    };
     let (tx, rx) = mpsc::channel::<usize>();
     for (i, s) in started.iter_mut().enumerate() {
         let Ok(s) = s else { continue };
         let tx = tx.clone();
-        let pid = s.pgid;
+        let pid = s.pid;
         let watcher = std::thread::Builder::new()
             .name("istio-init-wait".into())
             .stack_size(64 * 1024)
@@ -334,12 +594,14 @@ pub fn run_all(
 
     loop {
         let now = Instant::now();
-        let waiting = started
-            .iter_mut()
-            .filter_map(|s| s.as_mut().ok())
-            .filter(|s| !s.exited && !s.unwatched);
         let mut next: Option<Instant> = None;
-        for s in waiting {
+        for i in 0..started.len() {
+            let Some(Ok(s)) = started.get_mut(i) else {
+                continue;
+            };
+            if s.exited || s.unwatched {
+                continue;
+            }
             if s.deadline <= now {
                 if s.killed {
                     // Killed and still there after the grace period: give up on it.
@@ -350,8 +612,20 @@ pub fn run_all(
                 let _ = killpg(s.pgid, Signal::SIGKILL);
                 s.killed = true;
                 s.deadline = now + REAP_GRACE;
+                let (pgid, program, limit) = (s.pgid, s.program.clone(), s.limit_source.clone());
+                // The held programs share a group: the others still running died with it.
+                for o in started.iter_mut().flatten() {
+                    if o.pgid == pgid && !o.killed && !o.exited {
+                        o.killed = true;
+                        o.killed_with = Some(program.clone());
+                        o.limit_source.clone_from(&limit);
+                        o.deadline = now + REAP_GRACE;
+                    }
+                }
             }
-            next = Some(next.map_or(s.deadline, |n| n.min(s.deadline)));
+            if let Some(Ok(s)) = started.get(i) {
+                next = Some(next.map_or(s.deadline, |n| n.min(s.deadline)));
+            }
         }
         let Some(next) = next else { break };
         match rx.recv_timeout(next.saturating_duration_since(now)) {
@@ -382,6 +656,7 @@ pub fn run_all(
                 stdout: s.stdout.map(read_all).unwrap_or_default(),
                 stderr: read_all(s.stderr),
                 killed: s.killed.then_some(s.limit_source),
+                killed_with: s.killed_with,
             })
         })
         .collect();
@@ -474,6 +749,198 @@ mod tests {
         assert!(gone(&slow.stdout), "the sleep it started survived");
         let quick = ended[1].as_ref().unwrap();
         assert!(quick.success() && quick.killed.is_none());
+    }
+
+    /// Whether this test process was started with SIGHUP or SIGTSTP ignored: then its
+    /// programs cannot be held (and are not).
+    fn cannot_hold() -> bool {
+        let ignored = signal_state().ignored;
+        if !ignored.is_empty() {
+            eprintln!("skipped: {ignored:?} ignored by the test process: nothing is held");
+        }
+        !ignored.is_empty()
+    }
+
+    #[test]
+    fn piped_programs_share_one_process_group_and_each_gets_its_whole_input() {
+        // Each prints its process group (field 5 of /proc/PID/stat) on stderr, then its input,
+        // without starting another process.
+        let script = "read -r _ _ _ _ group _ < /proc/$$/stat; echo $group >&2; exec cat";
+        let inputs = [b"first\n".to_vec(), b"second\n".to_vec()];
+        let ended = run_all(
+            inputs
+                .iter()
+                .map(|i| job(&["sh", "-c", script], Some(i.clone()), LONG))
+                .collect(),
+            &mut || Ok(()),
+        )
+        .unwrap();
+        let ended: Vec<&Ended> = ended.iter().map(|e| e.as_ref().unwrap()).collect();
+        for (e, input) in ended.iter().zip(&inputs) {
+            assert!(e.success(), "{e:?}");
+            assert_eq!(e.stdout.as_bytes(), input.as_slice());
+        }
+        let ours = nix::unistd::getpgrp().to_string();
+        let groups: Vec<&str> = ended.iter().map(|e| e.stderr.trim()).collect();
+        assert!(
+            groups.iter().all(|g| *g != ours),
+            "{groups:?} vs ours {ours}"
+        );
+        if !cannot_hold() {
+            assert_eq!(groups[0], groups[1], "not one group");
+        }
+    }
+
+    #[test]
+    fn held_programs_whose_hook_fails_are_killed_before_acting_on_their_input() {
+        let dir = std::env::temp_dir().join(format!("ii-run-held-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = |i: usize| dir.join(format!("received{i}"));
+        let jobs = (0..2)
+            .map(|i| {
+                let script = format!("exec cat > {}", out(i).display());
+                job(&["sh", "-c", &script], Some(b"-A X\n".to_vec()), LONG)
+            })
+            .collect();
+        let r = run_all(jobs, &mut || anyhow::bail!("no routes"));
+        assert_eq!(format!("{:#}", r.unwrap_err()), "no routes");
+        // Held, they had their input in their pipe; killed, they never wrote it out (the
+        // shell may have created the file before it was stopped). Unheld, they read nothing.
+        for i in 0..2 {
+            let got = std::fs::read(out(i)).unwrap_or_default();
+            assert_eq!(got, b"", "program {i} acted on its input");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_held_program_past_its_deadline_takes_its_group_with_it_and_says_so() {
+        if cannot_hold() {
+            return;
+        }
+        let script = "cat >/dev/null; exec sleep 100";
+        let ended = run_all(
+            vec![
+                job(
+                    &["sh", "-c", script],
+                    Some(b"a\n".to_vec()),
+                    Duration::from_millis(300),
+                ),
+                job(&["sh", "-c", script], Some(b"b\n".to_vec()), LONG),
+            ],
+            &mut || Ok(()),
+        )
+        .unwrap();
+        let first = ended[0].as_ref().unwrap();
+        assert_eq!(first.killed.as_deref(), Some("300ms (test)"));
+        assert_eq!(
+            first.abnormal().as_deref(),
+            Some("did not finish within 300ms (test); it was killed")
+        );
+        let second = ended[1].as_ref().unwrap();
+        assert_eq!(second.status.and_then(|s| s.signal()), Some(9));
+        assert_eq!(
+            second.abnormal().as_deref(),
+            Some(
+                "was killed with sh, which shares its process group and did not finish within \
+                 300ms (test)"
+            )
+        );
+    }
+
+    #[test]
+    fn scripts_that_fork_while_being_held_still_get_their_inputs_promptly() {
+        // dash runs `cut` with vfork: stopped by SIGTSTP before it execs, it keeps its parent
+        // from stopping; then the programs are not held, but they run at once all the same.
+        let script = "cut -d' ' -f1 /proc/$$/stat >/dev/null; exec cat";
+        let t = Instant::now();
+        let ended = run_all(
+            (0..2)
+                .map(|i| job(&["sh", "-c", script], Some(vec![b'a' + i; 3]), LONG))
+                .collect(),
+            &mut || Ok(()),
+        )
+        .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        for (i, e) in ended.iter().enumerate() {
+            let e = e.as_ref().unwrap();
+            assert!(e.success(), "{e:?}");
+            assert_eq!(e.stdout.as_bytes(), [b'a' + i as u8; 3]);
+        }
+    }
+
+    #[test]
+    fn a_program_that_does_not_stop_is_not_held_and_still_gets_its_input() {
+        // A shell that ignores SIGTSTP once it is ready (a shell in `vfork` waiting for a
+        // stopped child cannot stop either): holding it gives up after STOP_PATIENCE, and
+        // the group is continued.
+        let mut child = Command::new("sh")
+            .args(["-c", "trap '' TSTP; echo ready; exec cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut ready = [0u8; 6];
+        out.read_exact(&mut ready).unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let t = Instant::now();
+        let e = hold(pid, [(pid, "sh")].into_iter()).unwrap_err();
+        assert!(t.elapsed() >= STOP_PATIENCE);
+        assert_eq!(
+            e,
+            "sh did not stop on SIGTSTP within 100ms (it blocks, ignores or handles it, or \
+             waits for a child that stopped)"
+        );
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+    }
+
+    #[test]
+    fn programs_that_cannot_be_held_are_continued_and_get_their_inputs_after_the_hook() {
+        if cannot_hold() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("ii-run-nohold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = dir.join("ready");
+        // The first ignores SIGTSTP before the second is even spawned: it cannot be held.
+        let first = format!("trap '' TSTP; touch {}; exec cat", ready.display());
+        let p = prepare(job(&["sh", "-c", &first], Some(b"one".to_vec()), LONG)).unwrap();
+        let a = start(p, 0).unwrap();
+        let t = Instant::now();
+        while !ready.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the first never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let p = prepare(job(&["cat"], Some(b"two".to_vec()), LONG)).unwrap();
+        let b = start(p, a.pgid.as_raw()).unwrap();
+        assert_eq!(b.pgid, a.pgid);
+        let mut started = vec![Ok(a), Ok(b)];
+        let mut calls = 0;
+        let t = Instant::now();
+        hold_and_release(started[0].as_ref().unwrap().pgid, &mut started, &mut || {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert!(t.elapsed() >= STOP_PATIENCE);
+        assert_eq!(calls, 1);
+        // Continued (the second had stopped) and fed: both end with their input echoed.
+        let outputs: Vec<String> = started
+            .into_iter()
+            .map(|s| {
+                let mut s = s.unwrap();
+                assert!(s.child.wait().unwrap().success());
+                read_all(s.stdout.take().unwrap())
+            })
+            .collect();
+        assert_eq!(outputs, ["one", "two"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -249,9 +249,10 @@ impl Netfilter for System {
             .unwrap_or_else(|| unreachable!("one result per job, and no hook to fail"))
     }
 
-    /// Every restore is started before any receives its input, and each then receives all of
-    /// it at once (see `run.rs`): the families commit concurrently, and a restore that has
-    /// its input finishes even if istio-init dies.
+    /// Every restore is started before any receives its input, each then receives all of it
+    /// at once, and they are held until all have it, then released together (see `run.rs`):
+    /// the families commit concurrently, and once released a restore finishes even if
+    /// istio-init dies (killed before the release, none acts on its input).
     fn restore_all(
         &self,
         jobs: &[(Family, Backend, &str)],
