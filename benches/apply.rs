@@ -6,7 +6,8 @@
 //! Run as root with `benches/apply.sh` (builds the static release binary, which is what ships,
 //! then runs this file; `BENCH_ROUNDS=1000 benches/apply.sh` for more rounds). Plain
 //! `cargo bench --bench apply` measures the dynamically linked build instead, whose start-up
-//! is dominated by the dynamic loader. `ISTIO_INIT_BIN=/path` measures another binary.
+//! is dominated by the dynamic loader. `ISTIO_INIT_BIN=/path` measures another binary,
+//! `BENCH_ARGS="--handover=false"` another mode (appended to the injector's arguments).
 //!
 //! Each round creates two fresh namespaces with `unshare(CLONE_NEWNET)` on a new thread (no
 //! `ip` process, nothing left behind: a namespace dies with its thread) and runs both commands
@@ -110,6 +111,10 @@ const INJECTED: [&str; 18] = [
 fn istio_init(path: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(istio_init_bin());
     c.env_clear().env("PATH", path).args(INJECTED).args(extra);
+    // BENCH_ARGS="--handover=false" etc.: measure another mode.
+    if let Ok(more) = std::env::var("BENCH_ARGS") {
+        c.args(more.split_whitespace());
+    }
     c
 }
 

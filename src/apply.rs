@@ -10,7 +10,9 @@
 //!
 //! On a fresh namespace the only process per family is one `*-restore --noflush` fed the
 //! dry-run text: the backend is chosen from `/proc` (no legacy tables → nft), nothing is probed
-//! and nothing is saved.
+//! and nothing is saved. When that is a single restore that commits a single table and
+//! nothing else is to be done, istio-init does not even wait for it: it becomes it
+//! ([`handover`], `fast.rs`), and the rest of this module is not involved.
 //!
 //! # Never half-applied
 //!
