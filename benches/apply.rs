@@ -20,6 +20,7 @@
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
+use istio_init::cli::INJECTOR_DEFAULT_ARGS;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,32 +86,12 @@ fn run_fresh(mut cmd: Command, input: Option<&str>) -> (Duration, Duration, Stri
     })
 }
 
-/// What the sidecar injector passes by default (the first list of
-/// `../shared/conformance/injected-args.json`): the command line of every pod start.
-const INJECTED: [&str; 18] = [
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
-
 fn istio_init(path: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(istio_init_bin());
-    c.env_clear().env("PATH", path).args(INJECTED).args(extra);
+    c.env_clear()
+        .env("PATH", path)
+        .args(INJECTOR_DEFAULT_ARGS)
+        .args(extra);
     // BENCH_ARGS="--handover=false" etc.: measure another mode.
     if let Ok(more) = std::env::var("BENCH_ARGS") {
         c.args(more.split_whitespace());
@@ -159,7 +140,7 @@ fn main() {
     println!("istio-init binary: {bin} ({linkage})");
     let dry = Command::new(&bin)
         .env_clear()
-        .args(INJECTED)
+        .args(INJECTOR_DEFAULT_ARGS)
         // Run here, in the host's namespace: IPv6 off as in a fresh pod namespace (auto).
         .args(["--dry-run", "--ipv6=false"])
         .output()

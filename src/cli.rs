@@ -92,6 +92,30 @@ const fn not_yet(mut o: Opt) -> Opt {
 
 use Kind::{Bool, Value};
 
+/// The arguments the sidecar injector renders by default (the first list of the shared
+/// `conformance/injected-args.json`; a conformance test keeps them equal): the command line of
+/// every standard pod start, used by the benchmarks and tests.
+pub const INJECTOR_DEFAULT_ARGS: [&str; 18] = [
+    "istio-iptables",
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "--log_output_level=default:info",
+];
+
 /// Every option, in the order `--help` lists them.
 pub static OPTIONS: &[Opt] = &[
     opt(
@@ -920,25 +944,7 @@ mod tests {
     fn plain_options_parse_as_clap_does() {
         // The injector's default list and typical variants all take the light path.
         for args in [
-            &[
-                "-p",
-                "15001",
-                "-z",
-                "15006",
-                "-u",
-                "1337",
-                "-m",
-                "REDIRECT",
-                "-i",
-                "*",
-                "-x",
-                "",
-                "-b",
-                "*",
-                "-d",
-                "15090,15021,15020",
-                "--log_output_level=default:info",
-            ][..],
+            &INJECTOR_DEFAULT_ARGS[1..],
             &[
                 "-p",
                 "15001",

@@ -175,12 +175,7 @@ pub struct CriticalSection {
 impl CriticalSection {
     /// Blocks the deferred signals on this thread (and so on threads spawned from now on).
     pub fn enter() -> anyhow::Result<CriticalSection> {
-        let mut set = SigSet::empty();
-        for s in DEFERRED {
-            set.add(s);
-        }
-        let mut old = SigSet::empty();
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
+        let old = change_mask(SigmaskHow::SIG_BLOCK, &DEFERRED)
             .context("blocking termination signals during the apply")?;
         Ok(CriticalSection {
             old,
@@ -301,6 +296,17 @@ pub fn signal_state() -> SignalState {
     }
 }
 
+/// Blocks or unblocks `signals` on the calling thread; returns the mask it replaced.
+fn change_mask(how: SigmaskHow, signals: &[Signal]) -> nix::Result<SigSet> {
+    let mut set = SigSet::empty();
+    for s in signals {
+        set.add(*s);
+    }
+    let mut old = SigSet::empty();
+    pthread_sigmask(how, Some(&set), Some(&mut old))?;
+    Ok(old)
+}
+
 /// While alive, the [`GATE`] signals are unblocked on the calling thread (the rest of the
 /// critical section's mask stays); dropping it restores the mask. Programs spawned meanwhile
 /// inherit SIGTERM and SIGINT blocked and SIGHUP and SIGTSTP not.
@@ -311,12 +317,7 @@ pub struct GateUnblocked {
 
 impl GateUnblocked {
     pub fn enter() -> nix::Result<GateUnblocked> {
-        let mut set = SigSet::empty();
-        for s in GATE {
-            set.add(s);
-        }
-        let mut old = SigSet::empty();
-        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), Some(&mut old))?;
+        let old = change_mask(SigmaskHow::SIG_UNBLOCK, &GATE)?;
         Ok(GateUnblocked { old })
     }
 }

@@ -2,6 +2,7 @@
 //! and UDP, redirection checked with `SO_ORIGINAL_DST`. Every test creates its own
 //! namespaces (deleted on drop) and never touches the host's.
 
+use istio_init::cli::INJECTOR_DEFAULT_ARGS;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
@@ -529,32 +530,10 @@ fn a_fresh_namespace_costs_one_restore_per_family_and_no_other_process() {
     // The injector's default arguments: one restore, which istio-init becomes.
     std::fs::remove_file(&log).unwrap();
     let ns = Netns::new("procs1");
-    assert_ok(&ns.istio_init(&INJECTED, &[("PATH", &path)]));
+    assert_ok(&ns.istio_init(&INJECTOR_DEFAULT_ARGS, &[("PATH", &path)]));
     let calls = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(calls.lines().collect::<Vec<_>>(), ["iptables-nft-restore"]);
 }
-
-/// The sidecar injector's default arguments (the first list of injected-args.json).
-const INJECTED: [&str; 18] = [
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
 
 /// A shim for `iptables-nft-restore` that records the name of its parent process, then runs
 /// the real one: the parent is istio-init when istio-init supervises the restore, and
@@ -588,7 +567,7 @@ fn a_fresh_standard_run_hands_over_to_its_one_restore_and_a_rerun_is_supervised(
             .to_owned()
     };
     let ns = Netns::new("handover");
-    let o = ns.istio_init(&INJECTED, &[("PATH", &path)]);
+    let o = ns.istio_init(&INJECTOR_DEFAULT_ARGS, &[("PATH", &path)]);
     assert_ok(&o);
     assert!(
         stderr(&o).contains("IPv4: applying 18 rules in 4 chains (nft backend, a fresh namespace) by handing over to"),
@@ -606,7 +585,7 @@ fn a_fresh_standard_run_hands_over_to_its_one_restore_and_a_rerun_is_supervised(
 
     // The same run again: nf_tables holds a table now, so istio-init supervises, recognises
     // its rules and changes nothing.
-    let o = ns.istio_init(&INJECTED, &[("PATH", &path)]);
+    let o = ns.istio_init(&INJECTOR_DEFAULT_ARGS, &[("PATH", &path)]);
     assert_ok(&o);
     assert_eq!(parent(), "istio-init");
     assert!(
@@ -624,7 +603,7 @@ fn a_fresh_standard_run_hands_over_to_its_one_restore_and_a_rerun_is_supervised(
         let ns = Netns::new("nohandover");
         let mut env = env;
         env.push(("PATH", path.as_str()));
-        let mut argv = INJECTED.to_vec();
+        let mut argv = INJECTOR_DEFAULT_ARGS.to_vec();
         argv.extend(args);
         let o = ns.istio_init(&argv, &env);
         assert_ok(&o);
@@ -641,7 +620,7 @@ fn a_fresh_standard_run_hands_over_to_its_one_restore_and_a_rerun_is_supervised(
     // more than the rules, so istio-init supervises.
     for extra in [&["--ipv6=true"][..], &["-m", "TPROXY"], &["--redirect-dns"]] {
         let ns = Netns::new("supervised");
-        let mut argv = INJECTED.to_vec();
+        let mut argv = INJECTOR_DEFAULT_ARGS.to_vec();
         argv.extend(extra);
         let o = ns.istio_init(&argv, &[("PATH", &path)]);
         assert_ok(&o);
@@ -665,7 +644,7 @@ fn a_handed_over_restore_keeps_termination_signals_blocked_and_its_outcome_is_th
         "iptables-nft-restore",
         "cat >/dev/null\necho 'iptables-restore: line 7 failed' >&2\nexit 1",
     );
-    let o = ns.istio_init(&INJECTED, &[("PATH", &shim.path_env())]);
+    let o = ns.istio_init(&INJECTOR_DEFAULT_ARGS, &[("PATH", &shim.path_env())]);
     assert_code(&o, 1);
     assert!(stderr(&o).contains("by handing over to"), "{}", stderr(&o));
     assert!(
@@ -680,7 +659,7 @@ fn a_handed_over_restore_keeps_termination_signals_blocked_and_its_outcome_is_th
     let ns = Netns::new("hohang");
     let shim = ShimDir::new("hohang");
     shim.script("iptables-nft-restore", "exec sleep 1000");
-    let mut argv = INJECTED.to_vec();
+    let mut argv = INJECTOR_DEFAULT_ARGS.to_vec();
     argv.push("--restore-timeout=2s");
     let mut cmd = ns.cmd(&["env", "-i", &format!("PATH={}", shim.path_env()), bin()]);
     let child = cmd

@@ -173,6 +173,11 @@ fn injected_argument_lists_parse_and_dry_run() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("injected-args.json")).unwrap())
             .unwrap();
     assert_eq!(lists.len(), 19);
+    assert_eq!(
+        lists[0],
+        istio_init::cli::INJECTOR_DEFAULT_ARGS,
+        "cli::INJECTOR_DEFAULT_ARGS is not the injector's default list"
+    );
     let mut seen_override = false;
     for args in &lists {
         let o = output(istio_init().args(args).args(["--dry-run", "--ipv6=false"]));
