@@ -39,8 +39,11 @@
 //!   which the kernel sends SIGHUP (ending both, nothing applied), and one after it finds
 //!   both with their whole input (both complete). The TPROXY routes are added
 //!   (`before_rules` of [`apply`]) while they are held, just before the release. What
-//!   remains: a SIGKILL during the route setup's few netlink round trips leaves some routes
-//!   and no rule (inert: nothing sets the mark they match); inputs too large for a pipe
+//!   remains: the routes go in as one netlink batch, in one system call (`route.rs`), which
+//!   the kernel completes even when a SIGKILL arrives meanwhile — istio-init then dies before
+//!   the release, leaving every route and no rule (inert: nothing sets the mark they match;
+//!   about 1 in 100 random SIGKILLs of a dual-stack TPROXY run land in that system call);
+//!   rtnetlink and nf_tables share no transaction, so no order closes that; inputs too large for a pipe
 //!   cannot be held, and then a SIGKILL between the two spawns leaves IPv4 without IPv6; and
 //!   a SIGKILL of the whole container also kills the restores, which can leave some tables of
 //!   a family committed. Every one of these is completed by the next run (missing tables are

@@ -350,6 +350,9 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
                 log_summary(cfg, &facts);
                 log_rulesets(&rulesets);
             }
+            if let Some(a) = &added {
+                a.report();
+            }
             if let (Err(_), Some(added)) = (&applied, added) {
                 // The rules were rolled back: so are the routes this run added.
                 added.undo();

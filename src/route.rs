@@ -362,6 +362,27 @@ impl Netlink {
         }
     }
 
+    /// Waits for the acknowledgements of the requests numbered `seqs`, in that order.
+    fn acks(&mut self, seqs: &[u32]) -> Result<Vec<Result<(), Errno>>, Errno> {
+        let mut out: Vec<Option<Result<(), Errno>>> = vec![None; seqs.len()];
+        while out.iter().any(Option::is_none) {
+            for m in self.receive()? {
+                let Some(i) = seqs.iter().position(|&s| s == m.seq) else {
+                    continue;
+                };
+                if m.kind == NLMSG_ERROR {
+                    let code = u32_at(&m.payload, 0).map_or(0, |c| c as i32);
+                    out[i] = Some(if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(Errno::from_raw(-code))
+                    });
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
     /// Dumps objects and returns the payloads of the messages of type `kind`.
     fn dump(&mut self, get: u16, kind: u16, family: Family) -> Result<Vec<Vec<u8>>, Errno> {
         self.dump_with(|seq| dump_request(get, family, seq), kind)
@@ -490,6 +511,8 @@ pub struct Added {
     nl: Option<Netlink>,
     lo: u32,
     steps: Vec<Step>,
+    /// Objects found already in place when adding (EEXIST).
+    existed: Vec<Step>,
 }
 
 /// Reads the current policy rules and routes of the calling thread's namespace and works out
@@ -533,37 +556,75 @@ pub fn prepare(plan: &RoutePlan) -> anyhow::Result<Prepared> {
 }
 
 impl Prepared {
-    /// Sends the additions. An object that appeared meanwhile (EEXIST) is success and is not
-    /// recorded as ours; when an addition fails, the ones made before it are removed again.
+    /// Sends the additions, all in one batch: the kernel makes every one of them within one
+    /// system call, so nothing can stop istio-init between two (apply/run.rs sends them as the
+    /// last change before it releases the rules). An object that appeared meanwhile (EEXIST)
+    /// is success and is not recorded as ours; when an addition fails, the others are removed
+    /// again. Nothing is logged here ([`Added::report`]): this runs while the restores wait.
     pub fn commit(self) -> anyhow::Result<Added> {
         let Prepared { nl, lo, steps } = self;
         let mut added = Added {
             nl,
             lo,
             steps: Vec::new(),
+            existed: Vec::new(),
         };
         let Some(nl) = added.nl.as_mut() else {
             return Ok(added);
         };
-        for step in steps {
-            let what = step.describe();
-            match nl.request(|seq| step.request(true, lo, seq)) {
-                Ok(()) => {
-                    log::info!("added the {what}");
-                    added.steps.push(step);
-                }
-                Err(Errno::EEXIST) => log::info!("the {what} already exists"),
+        if steps.is_empty() {
+            return Ok(added);
+        }
+        let seqs: Vec<u32> = steps.iter().map(|_| nl.next_seq()).collect();
+        let batch: Vec<u8> = steps
+            .iter()
+            .zip(&seqs)
+            .flat_map(|(step, &seq)| step.request(true, lo, seq))
+            .collect();
+        nl.send(&batch)
+            .map_err(|e| anyhow!("adding the TPROXY routing: sending the netlink batch: {e}"))?;
+        let acks = nl.acks(&seqs).map_err(|e| {
+            anyhow!(
+                "adding the TPROXY routing: reading the kernel's answers: {e}; some of {} may \
+                 have been added (istio-init --cleanup-only leaves routing alone; check `ip \
+                 rule` and `ip route show table all`)",
+                steps
+                    .iter()
+                    .map(|s| s.describe())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let mut failed = None;
+        for (step, ack) in steps.into_iter().zip(acks) {
+            match ack {
+                Ok(()) => added.steps.push(step),
+                Err(Errno::EEXIST) => added.existed.push(step),
                 Err(e) => {
-                    added.undo();
-                    bail!("adding the {what}: {e}");
+                    failed.get_or_insert_with(|| format!("adding the {}: {e}", step.describe()));
                 }
             }
+        }
+        if let Some(why) = failed {
+            added.report();
+            added.undo();
+            bail!(why);
         }
         Ok(added)
     }
 }
 
 impl Added {
+    /// Logs what was added and what was found in place.
+    pub fn report(&self) {
+        for step in &self.steps {
+            log::info!("added the {}", step.describe());
+        }
+        for step in &self.existed {
+            log::info!("the {} already exists", step.describe());
+        }
+    }
+
     /// Removes what this run added, newest first (after the rules failed). Failures are
     /// logged: there is nothing better to do with them at that point.
     pub fn undo(mut self) {
@@ -580,9 +641,12 @@ impl Added {
     }
 }
 
-/// Applies the plan in the current thread's namespace: [`prepare`] then [`Prepared::commit`].
+/// Applies the plan in the current thread's namespace: [`prepare`] then [`Prepared::commit`],
+/// and logs what changed.
 pub fn configure(plan: &RoutePlan) -> anyhow::Result<Added> {
-    prepare(plan)?.commit()
+    let added = prepare(plan)?.commit()?;
+    added.report();
+    Ok(added)
 }
 
 fn rule_exists(nl: &mut Netlink, family: Family, mark: u32, table: u32) -> anyhow::Result<bool> {

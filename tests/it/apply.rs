@@ -710,6 +710,34 @@ fn a_handed_over_restore_keeps_termination_signals_blocked_and_its_outcome_is_th
 }
 
 #[test]
+fn a_routing_addition_that_fails_undoes_the_others_and_applies_no_rule() {
+    if !privileged("a_routing_addition_that_fails_undoes_the_others") {
+        return;
+    }
+    // IPv6 off on lo: the `::6/128` address cannot be added (EACCES), while the policy rules
+    // and the IPv4 route in the same netlink batch can.
+    let ns = Netns::new("routefail");
+    ns.ok(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+    let rules4 = ns.ok(&["ip", "rule"]);
+    let rules6 = ns.ok(&["ip", "-6", "rule"]);
+    let o = ns.istio_init(&["-m", "TPROXY", "--ipv6=true"], &[]);
+    assert_code(&o, 1);
+    assert_eq!(
+        error_line(&o),
+        "error: configuring TPROXY routing: adding the ::6/128 on lo: EACCES: Permission denied"
+    );
+    assert!(
+        stderr(&o).contains("removed the IPv4 policy rule `fwmark 1337 lookup 133` again"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(ns.ok(&["ip", "rule"]), rules4);
+    assert_eq!(ns.ok(&["ip", "-6", "rule"]), rules6);
+    assert_eq!(ns.ok(&["ip", "route", "show", "table", "133"]), "");
+    assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
+}
+
+#[test]
 fn programs_run_with_exactly_net_admin_and_net_raw() {
     if !privileged("programs_run_with_exactly_net_admin_and_net_raw") {
         return;

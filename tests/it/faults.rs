@@ -569,14 +569,15 @@ fn one_kill(
         // SIGKILL of istio-init alone: the restores are held (stopped) from before their
         // inputs are written until one SIGCONT releases them all; killed before that, they die
         // by the SIGHUP the kernel sends an orphaned stopped group, and after it every one has
-        // its whole input and completes. What remains possible is one window: SIGKILL after
-        // some TPROXY routes were added (just before the release) and before the release
-        // (routing only, inert without the mark rules), completed by the next run (checked
-        // below). IPv4 without IPv6 is no longer possible.
+        // its whole input and completes. What remains possible is one window: SIGKILL during
+        // the one system call that adds every TPROXY route (just before the release; the
+        // kernel finishes it, then istio-init dies unreleased): routing only, all of it, inert
+        // without the mark rules, completed by the next run (checked below). IPv4 without
+        // IPv6 is no longer possible, nor a part of the routes.
         Stop::Kill => {
             let routing_only = sh["iptables-nft"] == "untouched"
                 && sh["ip6tables-nft"] == "untouched"
-                && sh["routing"] != "untouched";
+                && sh["routing"] == "full";
             let legacy_clean =
                 sh["iptables-legacy"] == "unchanged" && sh["ip6tables-legacy"] == "unchanged";
             assert!(trivial || (legacy_clean && routing_only), "{}", context());
