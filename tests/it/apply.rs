@@ -679,16 +679,10 @@ fn a_handed_over_restore_keeps_termination_signals_blocked_and_its_outcome_is_th
         );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let blocked = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-        .expect("SigBlk");
-    let deferred = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
-        .iter()
-        .fold(0u64, |m, s| m | 1 << (*s as i32 - 1));
-    assert_eq!(blocked, deferred, "{status}");
+    assert_eq!(
+        crate::util::blocked_signals(&pid.to_string()),
+        crate::util::mask(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
+    );
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
     let mut child = child;
     while child.try_wait().unwrap().is_none() {

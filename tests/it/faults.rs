@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{Netns, ShimDir, assert_ok, bin, error_line, privileged, stderr, which};
+use crate::util::{
+    Netns, ShimDir, assert_ok, bin, blocked_signals, error_line, mask, privileged, stderr, which,
+};
 
 // ---- Fixtures ----
 
@@ -1154,20 +1156,6 @@ fn stat_fields(pid: &str) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
     Some(rest.split(' ').map(str::to_owned).collect())
-}
-
-/// The signals a process blocks (`SigBlk` of `/proc/PID/status`).
-fn blocked_signals(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-        .expect("SigBlk")
-}
-
-fn mask(signals: &[Signal]) -> u64 {
-    signals.iter().fold(0u64, |m, s| m | 1 << (*s as i32 - 1))
 }
 
 /// The PIDs of the processes in `ns` named `comm`, once there are `n` of them (10 s at most).

@@ -521,3 +521,18 @@ impl Drop for ShimDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// The signals a process blocks (`SigBlk` of `/proc/PID/status`).
+pub fn blocked_signals(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .expect("SigBlk")
+}
+
+/// `signals` as a kernel signal mask.
+pub fn mask(signals: &[nix::sys::signal::Signal]) -> u64 {
+    signals.iter().fold(0u64, |m, s| m | 1 << (*s as i32 - 1))
+}
