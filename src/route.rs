@@ -336,9 +336,9 @@ impl Netlink {
     }
 
     fn receive(&self) -> Result<Vec<Message>, Errno> {
-        // Dump answers come in pieces no larger than the receive buffer the socket has seen
-        // (at least a page); 16 KiB holds any of them and costs 4 zeroed pages, not 16.
-        let mut buf = vec![0u8; 16 * 1024];
+        // A dump answer comes in pieces no larger than NLMSG_GOODSIZE (under 8 KiB) unless
+        // the reader has shown a larger buffer: 8 KiB holds any of them, in two pages.
+        let mut buf = vec![0u8; 8 * 1024];
         let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
         Ok(parse_messages(&buf[..n]))
     }

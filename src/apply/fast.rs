@@ -2,8 +2,8 @@
 //! the work, istio-init becomes that program (`exec`) instead of starting it and waiting.
 //!
 //! Effects: one `NETLINK_NETFILTER` socket (a dump of the nf_tables tables of one family),
-//! reads `/proc/thread-self/net/ip{,6}_tables_names`, an anonymous in-memory file for the
-//! input, `alarm`, and `execve`.
+//! reads `/proc/thread-self/net/ip{,6}_tables_names`, a pipe (or, past a page, an anonymous
+//! in-memory file) for the input, `alarm`, and `execve`.
 //!
 //! # Why
 //!
@@ -27,7 +27,7 @@
 //!   same test the backend choice makes), and nf_tables holds no table at all in this family
 //!   — a fresh namespace, so the restore cannot meet our chains from an earlier run (a re-run
 //!   goes the supervised way and is recognised as one) nor anything else's;
-//! * the restore program is on `PATH` and the input fits an in-memory file.
+//! * the restore program is on `PATH` and its input could be prepared.
 //!
 //! # What stays the same
 //!
@@ -54,8 +54,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::anyhow;
+use nix::fcntl::OFlag;
 use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
 use nix::sys::socket::SockProtocol;
+use nix::unistd::pipe2;
 
 use crate::config::Backend;
 use crate::net::Family;
@@ -110,6 +112,26 @@ fn nft_tables(family: Family) -> anyhow::Result<usize> {
     Ok(tables.len())
 }
 
+/// The restore's stdin holding `text` whole: a pipe when it fits in one page, which every
+/// pipe holds even when the user's pipe-buffer quota is spent (the usual case: two system
+/// calls), else an anonymous in-memory file.
+fn input_for(text: &[u8]) -> std::io::Result<std::fs::File> {
+    if text.len() <= ONE_PAGE {
+        let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
+        std::fs::File::from(write).write_all(text)?;
+        return Ok(std::fs::File::from(read));
+    }
+    let mut f = std::fs::File::from(memfd_create(
+        c"istio-init-rules",
+        MemFdCreateFlag::MFD_CLOEXEC,
+    )?);
+    f.write_all(text)?;
+    f.rewind()?;
+    Ok(f)
+}
+
+const ONE_PAGE: usize = 4096;
+
 /// Whether this run can hand over to its single restore (module doc), and if so, everything
 /// ready for [`Handover::exec`]. `None` means the supervised path; the reason is logged at
 /// debug level.
@@ -153,17 +175,10 @@ pub fn handover(
         Ok(p) => p,
         Err(e) => return why_not(&format!("{e:#}")),
     };
-    let input = memfd_create(c"istio-init-rules", MemFdCreateFlag::MFD_CLOEXEC)
-        .map(std::fs::File::from)
-        .map_err(std::io::Error::from)
-        .and_then(|mut f| {
-            f.write_all(rs.to_string().as_bytes())?;
-            f.rewind()?;
-            Ok(f)
-        });
+    let input = input_for(rs.to_string().as_bytes());
     let input = match input {
         Ok(f) => f,
-        Err(e) => return why_not(&format!("no in-memory file for the input: {e}")),
+        Err(e) => return why_not(&format!("cannot prepare the input: {e}")),
     };
     Some(Handover {
         family,

@@ -616,6 +616,23 @@ fn a_fresh_standard_run_hands_over_to_its_one_restore_and_a_rerun_is_supervised(
         assert_eq!(jumps(&ns), 1);
     }
 
+    // An input larger than a page goes through an in-memory file instead of a pipe: the
+    // same handover, every rule in place.
+    let ns = Netns::new("handoverbig");
+    let cidrs: Vec<String> = (0..200).map(|i| format!("198.18.1.{i}/32")).collect();
+    let cidrs = cidrs.join(",");
+    let mut argv = INJECTOR_DEFAULT_ARGS.to_vec();
+    argv.extend(["-x", &cidrs]);
+    let o = ns.istio_init(&argv, &[("PATH", &path)]);
+    assert_ok(&o);
+    assert_ne!(parent(), "istio-init");
+    let excluded = ns
+        .rules("iptables-nft-save")
+        .iter()
+        .filter(|l| l.contains("-d 198.18.1.") && l.ends_with("-j RETURN"))
+        .count();
+    assert_eq!(excluded, 200);
+
     // Dual stack, TPROXY routes, DNS capture's second table: more than one transaction or
     // more than the rules, so istio-init supervises.
     for extra in [&["--ipv6=true"][..], &["-m", "TPROXY"], &["--redirect-dns"]] {
