@@ -180,6 +180,10 @@ pub fn handover(
         Ok(f) => f,
         Err(e) => return why_not(&format!("cannot prepare the input: {e}")),
     };
+    log::info!(
+        "{family}: using the nft backend: no legacy iptables tables and no nf_tables tables exist \
+         in this network namespace"
+    );
     Some(Handover {
         family,
         program,
