@@ -1065,6 +1065,16 @@ fn resolve_log(r: &Resolver<'_>) -> Result<LogSettings, ConfigError> {
 pub(crate) mod tests {
     use std::collections::BTreeMap;
 
+    /// Where the resolved setting `key` came from.
+    fn source_of(c: &Config, key: &str) -> Source {
+        c.provenance
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap()
+            .source
+            .clone()
+    }
+
     use super::*;
 
     pub(crate) fn resolve(
@@ -1177,14 +1187,7 @@ pub(crate) mod tests {
             &[("ISTIO_META_DNS_CAPTURE", "true")],
         )
         .unwrap();
-        let src = |k: &str| {
-            c.provenance
-                .iter()
-                .find(|p| p.key == k)
-                .unwrap()
-                .source
-                .clone()
-        };
+        let src = |k: &str| source_of(&c, k);
         assert_eq!(
             src("PROXY_PORT"),
             Source::Flag {
@@ -1407,14 +1410,7 @@ pub(crate) mod tests {
         assert_eq!(d(&[], &[(sp, "9", SP), (ex, "1", EX)]), "15090,15021,1,9");
         // The annotation is named as the source.
         let c = resolve_pod(&[], &[], &[(sp, "9", SP)], &[]).unwrap();
-        let src = |k: &str| {
-            c.provenance
-                .iter()
-                .find(|p| p.key == k)
-                .unwrap()
-                .source
-                .clone()
-        };
+        let src = |k: &str| source_of(&c, k);
         assert_eq!(src("INBOUND_PORTS_EXCLUDE"), Source::Annotation(SP.into()));
         assert_eq!(src("STATUS_PORT"), Source::Annotation(SP.into()));
     }
