@@ -10,8 +10,9 @@
 //!
 //! Encoding copies nft 1.0's, expression by expression and attribute by attribute, so that
 //! `nft list ruleset` and `nft --debug=netlink list ruleset` show the same as after `nft -f` of
-//! [`nft::render`]'s text (the only byte-level difference: nft numbers the nested attribute of
-//! each set element 1, 2, 3…, the crate writes 1 for all; the kernel ignores that number).
+//! [`nft::render`]'s text. The batch is byte for byte nft's (checked while developing by
+//! decoding nft's `sendmsg` under strace), except that every message asks for an
+//! acknowledgement (`NLM_F_ACK`), so that [`send`] knows each one was accepted.
 
 use netlink_packet_core::{
     DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
@@ -450,7 +451,10 @@ impl Encoder {
             SetAttribute::KeyType(raw::TYPE_INET_SERVICE),
             SetAttribute::KeyLen(2),
             SetAttribute::Id(id),
-            SetAttribute::Description(vec![SetDescription::Size(elems.len() as u32)]),
+            // nft counts an interval open to 65535 as two elements, though it sends one.
+            SetAttribute::Description(vec![SetDescription::Size(
+                (elems.len() + usize::from(elems.last().is_some_and(|e| e.2))) as u32,
+            )]),
             SetAttribute::UserData(set_udata(proto, dir, interval)),
         ];
         self.nft(
@@ -460,7 +464,8 @@ impl Encoder {
         );
         let elements = elems
             .into_iter()
-            .map(|(key, end, open)| {
+            .enumerate()
+            .map(|(i, (key, end, open))| {
                 let mut e = Vec::with_capacity(3);
                 if end {
                     e.push(SetElementAttribute::Flags(SetElementFlags::IntervalEnd));
@@ -473,7 +478,11 @@ impl Encoder {
                     u.extend(raw::SET_ELEM_F_INTERVAL_OPEN.to_ne_bytes());
                     e.push(SetElementAttribute::UserData(u));
                 }
-                ListAttribute::Element(e)
+                // nft numbers the nest of each element 1, 2, 3… (the kernel ignores the
+                // number; the crate's `ListAttribute::Element` always writes 1).
+                let mut body = vec![0; e.as_slice().buffer_len()];
+                e.as_slice().emit(&mut body);
+                ListAttribute::Other(DefaultNla::new((i + 1) as u16 | NLA_F_NESTED, body))
             })
             .collect();
         let attributes = vec![

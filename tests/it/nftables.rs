@@ -572,13 +572,7 @@ fn addr(dir: Dir, negate: bool, net: &str) -> Stmt {
     }
 }
 
-/// Port ranges (which Istio's nft mode cannot write), interval sets and prefixes of every
-/// kind, checked as the goldens are; the reference is the IR's own rendering.
-#[test]
-fn ranges_sets_and_prefixes_apply_as_nft_applies_them() {
-    if !ready("ranges_sets_and_prefixes_apply_as_nft_applies_them") {
-        return;
-    }
+fn ranges_tx() -> Transaction {
     use Dir::{Dst, Src};
     use L4::{Tcp, Udp};
     let r = Stmt::Verdict(Verdict::Return);
@@ -646,7 +640,17 @@ fn ranges_sets_and_prefixes_apply_as_nft_applies_them() {
         }),
     ];
     ops.extend(rules.into_iter().map(|s| rule("c", s)));
-    let tx = Transaction { ops };
+    Transaction { ops }
+}
+
+/// Port ranges (which Istio's nft mode cannot write), interval sets and prefixes of every
+/// kind, checked as the goldens are; the reference is the IR's own rendering.
+#[test]
+fn ranges_sets_and_prefixes_apply_as_nft_applies_them() {
+    if !ready("ranges_sets_and_prefixes_apply_as_nft_applies_them") {
+        return;
+    }
+    let tx = ranges_tx();
     let text = istio_init::nft::render(&tx);
     let trio = Trio::new(&group_file());
     let diffs = trio.compare("ranges", &text, &tx);
