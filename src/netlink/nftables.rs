@@ -11,12 +11,13 @@
 //! Encoding copies nft 1.0's, expression by expression and attribute by attribute, so that
 //! `nft list ruleset` and `nft --debug=netlink list ruleset` show the same as after `nft -f` of
 //! [`nft::render`]'s text. The batch is byte for byte nft's (checked while developing by
-//! decoding nft's `sendmsg` under strace), except that every message asks for an
-//! acknowledgement (`NLM_F_ACK`), so that [`send`] knows each one was accepted.
+//! decoding nft's `sendmsg` under strace for all 28 goldens and the range cases of the tests),
+//! except that its last message asks for an acknowledgement (`NLM_F_ACK`), so that [`send`]
+//! knows the kernel took the whole batch.
 
 use netlink_packet_core::{
     DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
@@ -134,6 +135,7 @@ pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
         seqs: Vec::with_capacity(tx.ops.len() + 4),
         seq: 1,
         set_id: 0,
+        last_offset: None,
     };
     let begin_seq = enc.seq;
     enc.control(ControlMessage::BatchBegin);
@@ -143,6 +145,14 @@ pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
             text: nft::render_op(op),
             reason,
         })?;
+    }
+    // Only the last message asks for an acknowledgement (errors are always reported): the
+    // kernel sends the answers after processing the whole batch, so that one acknowledgement
+    // confirms it, and thousands of answers cannot overflow the socket's receive buffer.
+    if let Some(off) = enc.last_offset {
+        let mut m = NetlinkBuffer::new(&mut enc.bytes[off..]);
+        let flags = m.flags();
+        m.set_flags(flags | NLM_F_ACK);
     }
     enc.control(ControlMessage::BatchEnd);
     Ok(Batch {
@@ -157,6 +167,8 @@ struct Encoder {
     seqs: Vec<(u32, usize)>,
     seq: u32,
     set_id: u32,
+    /// Where the last nf_tables message starts in `bytes`.
+    last_offset: Option<usize>,
 }
 
 impl Encoder {
@@ -189,14 +201,15 @@ impl Encoder {
         );
     }
 
-    /// One nf_tables message of op `op`, acknowledged one by one.
+    /// One nf_tables message of op `op`.
     fn nft(&mut self, op: usize, m: NfTablesMessage, flags: u16) {
         self.seqs.push((self.seq, op));
+        self.last_offset = Some(self.bytes.len());
         self.put(
             m.into(),
             NetfilterProtoFamily::Inet,
             0,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
+            NLM_F_REQUEST | flags,
         );
     }
 
@@ -663,24 +676,23 @@ fn data_nla(kind: u16, value: Vec<u8>) -> DefaultNla {
     DefaultNla::new(kind | NLA_F_NESTED, buf)
 }
 
-fn ct_load(key: u32) -> Expr {
+/// `ct load KEY => reg 1` (`reg` = NFTA_CT_DREG) or `ct set KEY with reg 1` (NFTA_CT_SREG).
+fn ct(key: u32, reg: u16) -> Expr {
     raw_expr(
         "ct",
         vec![
             u32_nla(raw::NFTA_CT_KEY, key),
-            u32_nla(raw::NFTA_CT_DREG, Register::Reg1.into()),
+            u32_nla(reg, Register::Reg1.into()),
         ],
     )
 }
 
+fn ct_load(key: u32) -> Expr {
+    ct(key, raw::NFTA_CT_DREG)
+}
+
 fn ct_set(key: u32) -> Expr {
-    raw_expr(
-        "ct",
-        vec![
-            u32_nla(raw::NFTA_CT_KEY, key),
-            u32_nla(raw::NFTA_CT_SREG, Register::Reg1.into()),
-        ],
-    )
+    ct(key, raw::NFTA_CT_SREG)
 }
 
 fn range_neq(first: u16, last: u16) -> Expr {
@@ -707,8 +719,9 @@ pub enum ApplyError {
     },
     /// The kernel refused the transaction.
     Refused(Refused),
-    /// The kernel answered fewer messages than were sent.
-    Unconfirmed { answered: usize, sent: usize },
+    /// No answer to the last message: the outcome is unknown (`overflow`: answers were lost
+    /// to a full receive buffer).
+    Unconfirmed { overflow: bool },
 }
 
 /// The kernel's refusal: the first message it refused, mapped back to its op.
@@ -724,6 +737,8 @@ pub struct Refused {
     pub features: Vec<&'static str>,
     /// How many other messages the kernel refused (often consequences of the first).
     pub others: usize,
+    /// Whether more refusals were lost to a full receive buffer.
+    pub lost: bool,
 }
 
 impl std::fmt::Display for ApplyError {
@@ -748,15 +763,21 @@ impl std::fmt::Display for ApplyError {
                         r.features.join(", ")
                     )?;
                 }
-                if r.others > 0 {
-                    write!(f, " ({} more messages refused)", r.others)?;
+                if r.others > 0 || r.lost {
+                    let more = if r.lost { " or more" } else { "" };
+                    write!(f, " ({}{more} more messages refused)", r.others)?;
                 }
                 write!(f, "; nothing was applied")
             }
-            ApplyError::Unconfirmed { answered, sent } => write!(
+            ApplyError::Unconfirmed { overflow } => write!(
                 f,
-                "the kernel confirmed {answered} of {sent} nf_tables messages; the transaction's \
-                 outcome is unknown"
+                "the kernel did not acknowledge the nf_tables transaction{}; its outcome is \
+                 unknown",
+                if *overflow {
+                    " (answers lost: receive buffer full)"
+                } else {
+                    ""
+                }
             ),
         }
     }
@@ -771,9 +792,9 @@ pub fn apply(tx: &Transaction) -> Result<(), ApplyError> {
 }
 
 /// Sends a batch in one `send` on a fresh `NETLINK_NETFILTER` socket of the calling thread's
-/// network namespace and reads every answer. The kernel processes the whole batch inside the
-/// `send`, so the answers are all queued when it returns; one error anywhere means the kernel
-/// applied nothing. `tx` is the transaction the batch was encoded from (to name a refused op).
+/// network namespace and reads every answer: the errors, and the acknowledgement of the last
+/// message. The kernel processes the whole batch inside the `send`, so the answers are all
+/// queued when it returns; one error anywhere means the kernel applied nothing. `tx` is the transaction the batch was encoded from (to name a refused op).
 pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     let sock = |what| move |error| ApplyError::Socket { what, error };
@@ -781,6 +802,15 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
     s.bind_auto().map_err(sock("bind"))?;
     // Answers carry only the header of the message they answer.
     s.set_cap_ack(true).map_err(sock("NETLINK_CAP_ACK"))?;
+    // A netlink message must fit the socket's send buffer (about 200 KiB by default); a
+    // larger batch gets a buffer its size (forced: CAP_NET_ADMIN is needed anyway).
+    if batch.bytes().len() > 128 * 1024 {
+        use nix::sys::socket::{setsockopt, sockopt::SndBufForce};
+        setsockopt(&s, SndBufForce, &batch.bytes().len()).map_err(|e| ApplyError::Socket {
+            what: "SO_SNDBUFFORCE",
+            error: e.into(),
+        })?;
+    }
     let n = s.send(batch.bytes(), 0).map_err(sock("send"))?;
     if n != batch.bytes().len() {
         return Err(ApplyError::Socket {
@@ -789,7 +819,9 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
         });
     }
     s.set_non_blocking(true).map_err(sock("O_NONBLOCK"))?;
-    let mut answered = 0;
+    let last_seq = batch.seqs.last().map(|&(seq, _)| seq);
+    let mut acked = false;
+    let mut overflow = false;
     let mut errors: Vec<(u32, i32)> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
@@ -797,6 +829,11 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
         match s.recv(&mut buf, 0) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // More errors than the receive buffer holds: the first ones are still queued.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
+                overflow = true;
+                continue;
+            }
             Err(e) => {
                 return Err(ApplyError::Socket {
                     what: "recv",
@@ -815,9 +852,9 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             let len = (m.header.length as usize).max(16);
             off += (len + 3) & !3;
             if let NetlinkPayload::Error(e) = m.payload {
-                answered += 1;
-                if let Some(code) = e.code {
-                    errors.push((m.header.sequence_number, -code.get()));
+                match e.code {
+                    Some(code) => errors.push((m.header.sequence_number, -code.get())),
+                    None => acked |= Some(m.header.sequence_number) == last_seq,
                 }
             }
         }
@@ -836,13 +873,11 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             errno: nix::errno::Errno::from_raw(errno),
             features: op_ref.map(nft::kernel_features).unwrap_or_default(),
             others: errors.len() - 1,
+            lost: overflow,
         }));
     }
-    if answered < batch.messages() {
-        return Err(ApplyError::Unconfirmed {
-            answered,
-            sent: batch.messages(),
-        });
+    if last_seq.is_some() && !acked {
+        return Err(ApplyError::Unconfirmed { overflow });
     }
     Ok(())
 }

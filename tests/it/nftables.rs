@@ -767,3 +767,63 @@ fn net_raw_alone_is_refused() {
     }
     assert_eq!(ns.ok(&["nft", "list", "ruleset"]), "");
 }
+
+/// A batch far beyond the socket's default send buffer still goes in one `send`.
+#[test]
+fn large_batch_is_applied() {
+    if !ready("large_batch_is_applied") {
+        return;
+    }
+    let mut ops = vec![
+        Op::AddTable("t".into()),
+        Op::AddChain(Chain {
+            table: "t".into(),
+            name: "c".into(),
+            base: None,
+        }),
+    ];
+    ops.extend((1..=3000u16).map(|p| {
+        rule(
+            "c",
+            vec![
+                ports(L4::Tcp, Dir::Dst, false, &[(p, p)]),
+                Stmt::Counter,
+                Stmt::Verdict(Verdict::Return),
+            ],
+        )
+    }));
+    let tx = Transaction { ops };
+    let size = nftables::encode(&tx).unwrap().bytes().len();
+    assert!(size > 256 * 1024, "only {size} bytes");
+    let ns = Netns::new("nftlarge");
+    apply_in(&ns, &tx).expect("a large batch");
+    let listed = listing(&ns);
+    assert_eq!(
+        listed.matches("counter packets N bytes N return").count(),
+        3000
+    );
+    assert!(listed.contains("tcp dport 3000 counter"), "{listed}");
+
+    // Without its chain every rule is refused: the first refusal is reported, nothing applied.
+    let mut orphans = tx.clone();
+    orphans.ops[0] = Op::AddTable("u".into());
+    orphans.ops.remove(1);
+    for op in &mut orphans.ops[1..] {
+        if let Op::AddRule(r) = op {
+            r.table = "u".into();
+        }
+    }
+    let fresh = Netns::new("nftlarge2");
+    match apply_in(&fresh, &orphans) {
+        Err(ApplyError::Refused(r)) => {
+            assert_eq!(
+                (r.op, r.errno),
+                (Some(1), nix::errno::Errno::ENOENT),
+                "{r:?}"
+            );
+            assert!(r.others > 0, "{r:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(fresh.ok(&["nft", "list", "ruleset"]), "");
+}
