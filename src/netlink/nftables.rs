@@ -886,6 +886,81 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
 mod tests {
     use super::*;
 
+    use crate::nft::{Chain, PortRange, Rule};
+
+    fn tx(stmts: Vec<Stmt>) -> Transaction {
+        Transaction {
+            ops: vec![
+                Op::DeleteTable("t".into()),
+                Op::AddTable("t".into()),
+                Op::AddChain(Chain {
+                    table: "t".into(),
+                    name: "c".into(),
+                    base: None,
+                }),
+                Op::AddRule(Rule {
+                    table: "t".into(),
+                    chain: "c".into(),
+                    stmts,
+                }),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_message_maps_back_to_its_op() {
+        let ports = vec![PortRange::port(53), PortRange::range(1000, 2000)];
+        let b = encode(&tx(vec![
+            Stmt::Port {
+                proto: L4::Tcp,
+                dir: Dir::Dst,
+                negate: true,
+                ports,
+            },
+            Stmt::Verdict(Verdict::Return),
+        ]))
+        .unwrap();
+        // add + delete table, add table, chain, set + elements + rule.
+        assert_eq!(b.messages(), 7);
+        let ops: Vec<Option<usize>> = (b.begin_seq..b.begin_seq + 9).map(|s| b.op_of(s)).collect();
+        let want = [
+            None,
+            Some(0),
+            Some(0),
+            Some(1),
+            Some(2),
+            Some(3),
+            Some(3),
+            Some(3),
+            None,
+        ];
+        assert_eq!(ops, want);
+        // Begin, the messages, end: every header's length adds up to the whole batch.
+        let mut off = 0;
+        let mut n = 0;
+        while off < b.bytes().len() {
+            off += NetlinkBuffer::new(&b.bytes()[off..]).length() as usize;
+            n += 1;
+        }
+        assert_eq!((off, n), (b.bytes().len(), 9));
+    }
+
+    #[test]
+    fn invalid_rules_are_not_encoded() {
+        let e = encode(&tx(vec![
+            Stmt::L4Proto(L4::Udp),
+            Stmt::Port {
+                proto: L4::Tcp,
+                dir: Dir::Dst,
+                negate: false,
+                ports: vec![PortRange::port(53)],
+            },
+        ]))
+        .unwrap_err();
+        assert_eq!(e.op, 3);
+        assert!(e.reason.contains("conflicting protocols"), "{e}");
+    }
+
     #[test]
     fn prefix_masks() {
         assert_eq!(prefix_mask(12, 4), [0xff, 0xf0, 0, 0]);
