@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use istio_init::capture::{Facts, build};
 use istio_init::cli;
 use istio_init::config::{Config, Inputs};
-use istio_init::ruleset::{Facts, build};
 
 /// Config → ruleset → text, from a parsed command line.
 fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
@@ -25,7 +25,7 @@ fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
     facts
         .families()
         .into_iter()
-        .map(|f| build(&cfg, facts, f).to_string().len())
+        .map(|f| istio_init::restore::ruleset_text(&build(&cfg, facts).family(f)).len())
         .sum()
 }
 

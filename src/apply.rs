@@ -94,9 +94,10 @@
 
 use anyhow::{Context, anyhow, bail};
 
+use crate::capture::{Ruleset, Table};
 use crate::config::Backend;
 use crate::net::Family;
-use crate::ruleset::{Ruleset, Table};
+use crate::restore;
 use crate::state::{self, Layout, Saved, Verdict};
 
 mod fast;
@@ -298,7 +299,7 @@ pub fn apply(
         );
         choices.push(choice);
     }
-    let texts: Vec<String> = rulesets.iter().map(ToString::to_string).collect();
+    let texts: Vec<String> = rulesets.iter().map(restore::ruleset_text).collect();
     let jobs: Vec<(Family, Backend, &str)> = rulesets
         .iter()
         .zip(&choices)
@@ -625,7 +626,7 @@ fn existing(
                 "{family}: completing an interrupted apply: adding tables {}",
                 names.join(", ")
             );
-            let text = part.to_string();
+            let text = restore::ruleset_text(&part);
             if let Err(fail) = nf.restore(family, backend, &text) {
                 undo_committed(nf, &part, backend, &text, &fail)?;
                 bail!(describe(family, backend, &text, &fail));
@@ -836,19 +837,15 @@ mod tests {
     }
 
     fn rulesets(args: &[&str]) -> Vec<Ruleset> {
+        use crate::capture::{Facts, build};
         use crate::cli::Defaults;
         use crate::config::tests::resolve;
-        use crate::ruleset::{Facts, build};
         let cfg = resolve(Defaults::Native, args, &[]).unwrap();
         let facts = Facts {
             ipv6: true,
             dns_servers: vec![],
         };
-        facts
-            .families()
-            .into_iter()
-            .map(|f| build(&cfg, &facts, f))
-            .collect()
+        build(&cfg, &facts).rulesets()
     }
 
     #[test]
@@ -862,8 +859,14 @@ mod tests {
         let reports = apply(&fake, &Options::default(), &rs, &mut || Ok(())).unwrap();
         let calls = fake.calls.borrow();
         assert_eq!(calls.len(), 2);
-        assert_eq!(calls[0], format!("restore IPv4 nft\n{}", rs[0]));
-        assert_eq!(calls[1], format!("restore IPv6 nft\n{}", rs[1]));
+        assert_eq!(
+            calls[0],
+            format!("restore IPv4 nft\n{}", restore::ruleset_text(&rs[0]))
+        );
+        assert_eq!(
+            calls[1],
+            format!("restore IPv6 nft\n{}", restore::ruleset_text(&rs[1]))
+        );
         assert!(reports.iter().all(|r| r.outcome == Outcome::Applied));
     }
 

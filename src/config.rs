@@ -792,6 +792,15 @@ impl Config {
         })
     }
 
+    /// The destinations the rules treat as local, per family: the configurable IPv4 loopback
+    /// range (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), and `::1/128`.
+    pub fn loopback_of(&self, family: Family) -> Cidr {
+        match family {
+            Family::V4 => self.loopback_cidr,
+            Family::V6 => Cidr::host(family.loopback()),
+        }
+    }
+
     /// Whether resolv.conf must be read: DNS capture for the listed servers only.
     pub fn needs_dns_servers(&self) -> bool {
         self.redirect_dns && !self.capture_all_dns

@@ -6,9 +6,9 @@
 
 use std::fmt::Write;
 
+use crate::capture::{DNS_PORT, Facts, dns_capture};
 use crate::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups, Source, join};
 use crate::net::Family;
-use crate::ruleset::{DNS_PORT, Facts, dns_capture};
 
 /// The settings table: `KEY  value  source`, aligned, one line per setting.
 pub fn settings(cfg: &Config) -> String {

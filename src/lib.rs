@@ -1,13 +1,15 @@
 //! istio-init: builds Istio's sidecar iptables ruleset in memory and applies it atomically.
 //!
 //! The pure core turns a command line (plus env vars) into a [`config::Config`], the
-//! [`ruleset::Ruleset`] of each IP family and its `iptables-restore` text. [`run`] is the only
+//! [`capture::Capture`] (the backend-neutral model of the rules) and each backend's rendering
+//! of it. [`run`] is the only
 //! place that sequences effects: read facts → build → print (dry run), or check capabilities →
 //! enter the namespace → drop capabilities → routes → apply → validate.
 
 pub mod annotations;
 pub mod apply;
 pub mod caps;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod exit;
@@ -18,7 +20,6 @@ pub mod net;
 pub mod netns;
 pub mod restore;
 pub mod route;
-pub mod ruleset;
 pub mod state;
 pub mod trace;
 pub mod validation;
@@ -28,9 +29,9 @@ use std::io::Write;
 use anyhow::Context;
 
 use crate::annotations::PodSettings;
+use crate::capture::{Facts, Ruleset};
 use crate::config::{Config, Inputs, Interception, PodOverrides};
 use crate::exit::UsageError;
-use crate::ruleset::{Facts, Ruleset};
 
 /// Everything a run needs from the outside world, so tests can call [`run`] in-process.
 pub struct Env<'a> {
@@ -147,7 +148,7 @@ pub fn gather_facts(cfg: &Config) -> anyhow::Result<Facts> {
         ipv6: v6.enabled,
         dns_servers,
     };
-    if cfg.redirect_dns && !ruleset::dns_capture(cfg, &facts) {
+    if cfg.redirect_dns && !capture::dns_capture(cfg, &facts) {
         log::warn!(
             "DNS capture was requested, but capture-all-dns is off and {} lists no usable \
              nameserver: DNS capture disabled",
@@ -172,11 +173,7 @@ pub fn target_facts(cfg: &Config) -> anyhow::Result<Facts> {
 
 /// Builds the ruleset of every enabled family.
 pub fn build_all(cfg: &Config, facts: &Facts) -> Vec<Ruleset> {
-    facts
-        .families()
-        .into_iter()
-        .map(|f| ruleset::build(cfg, facts, f))
-        .collect()
+    capture::build(cfg, facts).rulesets()
 }
 
 /// Writes a document to stdout (the only other writer is the dry run).
@@ -267,7 +264,11 @@ fn log_rulesets(rulesets: &[Ruleset]) {
             rs.rule_count(),
             rs.chain_count()
         );
-        log::debug!("{} restore input:\n{rs}", rs.family);
+        log::debug!(
+            "{} restore input:\n{}",
+            rs.family,
+            restore::ruleset_text(rs)
+        );
     }
 }
 

@@ -1,112 +1,118 @@
-//! Renders a [`Ruleset`] as `iptables-restore` input, exactly as istio-iptables writes it:
+//! Renders a family's [`Ruleset`] as `iptables-restore` input, exactly as istio-iptables writes it:
 //! `* table` headers in alphabetical order, `-N` declarations, the rules in emission order,
 //! `COMMIT`. No comments, no counters, no policies.
 //!
 //! Pure: formatting only. Every value type renders as one whitespace-free token.
 
-use std::fmt::{self, Write};
+use std::fmt::Write;
 
-use crate::ruleset::{Match, Owner, Rule, Ruleset, TableRules, Target};
+use crate::capture::{Match, Owner, Rule, Ruleset, TableRules, Target};
 
-impl fmt::Display for Match {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let not = |neg: bool| if neg { "! " } else { "" };
-        match self {
-            Match::Proto(p) => write!(f, "-p {}", p.name()),
-            Match::InIface(i) => write!(f, "-i {i}"),
-            Match::OutIface(i) => write!(f, "-o {i}"),
-            Match::Src(c) => write!(f, "-s {c}"),
-            Match::Dst { neg, net } => write!(f, "{}-d {net}", not(*neg)),
-            Match::Dport { neg, port } => write!(f, "{}--dport {port}", not(*neg)),
-            Match::Sport(p) => write!(f, "--sport {p}"),
-            Match::Dports { neg, ports } => {
-                write!(f, "-m multiport {}--dports ", not(*neg))?;
-                for (i, p) in ports.iter().enumerate() {
-                    if i > 0 {
-                        f.write_char(',')?;
-                    }
-                    write!(f, "{p}")?;
-                }
-                Ok(())
-            }
-            Match::Owner { neg, owner } => match owner {
-                Owner::Uid(u) => write!(f, "-m owner {}--uid-owner {u}", not(*neg)),
-                Owner::Gid(g) => write!(f, "-m owner {}--gid-owner {g}", not(*neg)),
-            },
-            Match::CtState(s) => write!(f, "-m conntrack --ctstate {s}"),
-            Match::Mark { neg, mark } => write!(f, "-m mark {}--mark {mark}", not(*neg)),
-            Match::Connmark(m) => write!(f, "-m connmark --mark {m}"),
+fn not(neg: bool) -> &'static str {
+    if neg { "! " } else { "" }
+}
+
+/// One match, as istio-iptables writes it (`-p tcp`, `! -d 127.0.0.1/32`, `-m owner …`).
+fn write_match(out: &mut String, m: &Match) {
+    let _ = match m {
+        Match::Proto(p) => write!(out, "-p {}", p.name()),
+        Match::InIface(i) => write!(out, "-i {i}"),
+        Match::OutIface(i) => write!(out, "-o {i}"),
+        Match::Src(c) => write!(out, "-s {c}"),
+        Match::Dst { neg, net } => write!(out, "{}-d {net}", not(*neg)),
+        Match::Dport { neg, port } => write!(out, "{}--dport {port}", not(*neg)),
+        Match::Sport(p) => write!(out, "--sport {p}"),
+        Match::Dports { neg, ports } => {
+            let list: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+            write!(out, "-m multiport {}--dports {}", not(*neg), list.join(","))
         }
+        Match::Owner { neg, owner } => match owner {
+            Owner::Uid(u) => write!(out, "-m owner {}--uid-owner {u}", not(*neg)),
+            Owner::Gid(g) => write!(out, "-m owner {}--gid-owner {g}", not(*neg)),
+        },
+        Match::CtState(s) => write!(out, "-m conntrack --ctstate {s}"),
+        Match::Mark { neg, mark } => write!(out, "-m mark {}--mark {mark}", not(*neg)),
+        Match::Connmark(m) => write!(out, "-m connmark --mark {m}"),
+    };
+}
+
+/// One match's text.
+pub fn match_text(m: &Match) -> String {
+    let mut s = String::new();
+    write_match(&mut s, m);
+    s
+}
+
+/// The target, with a user chain's name as `chain` gives it (see [`spec_renamed`]).
+fn write_target(out: &mut String, t: &Target, chain: &dyn Fn(&str) -> String) {
+    let _ = match t {
+        Target::Jump(c) => write!(out, "-j {}", chain(c)),
+        Target::Return => write!(out, "-j RETURN"),
+        Target::Accept => write!(out, "-j ACCEPT"),
+        Target::Drop => write!(out, "-j DROP"),
+        Target::Redirect { port, singular } => {
+            let opt = if *singular { "--to-port" } else { "--to-ports" };
+            write!(out, "-j REDIRECT {opt} {port}")
+        }
+        Target::Tproxy { mark, on_port } => write!(
+            out,
+            "-j TPROXY --tproxy-mark {mark}/0xffffffff --on-port {on_port}"
+        ),
+        Target::SetMark(m) => write!(out, "-j MARK --set-mark {m}"),
+        Target::ConnmarkSave => write!(out, "-j CONNMARK --save-mark"),
+        Target::ConnmarkRestore => write!(out, "-j CONNMARK --restore-mark"),
+        Target::CtZone(z) => write!(out, "-j CT --zone {z}"),
+    };
+}
+
+/// A rule's match and target part, as after `-A CHAIN`, with jump targets renamed by
+/// `chain` (the scratch chains of `state.rs`).
+pub fn spec_renamed(rule: &Rule, chain: &dyn Fn(&str) -> String) -> String {
+    let mut s = String::new();
+    for m in &rule.matches {
+        write_match(&mut s, m);
+        s.push(' ');
+    }
+    write_target(&mut s, &rule.target, chain);
+    s
+}
+
+/// A rule's match and target part, as after `-A CHAIN`.
+pub fn spec(rule: &Rule) -> String {
+    spec_renamed(rule, &str::to_owned)
+}
+
+/// A rule's line: `-A CHAIN spec` or `-I CHAIN n spec`, with every chain name (its own and
+/// its jump target's) given by `chain`.
+pub fn rule_line_renamed(rule: &Rule, chain: &dyn Fn(&str) -> String) -> String {
+    let spec = spec_renamed(rule, chain);
+    match rule.insert_at {
+        Some(n) => format!("-I {} {n} {spec}", chain(rule.chain)),
+        None => format!("-A {} {spec}", chain(rule.chain)),
     }
 }
 
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Jump(c) => write!(f, "-j {c}"),
-            Target::Return => f.write_str("-j RETURN"),
-            Target::Accept => f.write_str("-j ACCEPT"),
-            Target::Drop => f.write_str("-j DROP"),
-            Target::Redirect { port, singular } => {
-                let opt = if *singular { "--to-port" } else { "--to-ports" };
-                write!(f, "-j REDIRECT {opt} {port}")
-            }
-            Target::Tproxy { mark, on_port } => {
-                write!(
-                    f,
-                    "-j TPROXY --tproxy-mark {mark}/0xffffffff --on-port {on_port}"
-                )
-            }
-            Target::SetMark(m) => write!(f, "-j MARK --set-mark {m}"),
-            Target::ConnmarkSave => f.write_str("-j CONNMARK --save-mark"),
-            Target::ConnmarkRestore => f.write_str("-j CONNMARK --restore-mark"),
-            Target::CtZone(z) => write!(f, "-j CT --zone {z}"),
-        }
-    }
+/// A rule's line in the restore input.
+pub fn rule_line(rule: &Rule) -> String {
+    rule_line_renamed(rule, &str::to_owned)
 }
 
-impl Rule {
-    /// The rule's match and target part, as after `-A CHAIN`.
-    pub fn spec(&self) -> String {
-        let mut s = String::new();
-        for m in &self.matches {
-            let _ = write!(s, "{m} ");
-        }
-        let _ = write!(s, "{}", self.target);
-        s
+/// One table's transaction: `* table`, `-N` declarations, the rules, `COMMIT`.
+pub fn table_text(t: &TableRules) -> String {
+    let mut out = format!("* {}\n", t.table.name());
+    for c in &t.new_chains {
+        let _ = writeln!(out, "-N {c}");
     }
+    for r in &t.rules {
+        let _ = writeln!(out, "{}", rule_line(r));
+    }
+    out.push_str("COMMIT\n");
+    out
 }
 
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.insert_at {
-            Some(n) => write!(f, "-I {} {n} {}", self.chain, self.spec()),
-            None => write!(f, "-A {} {}", self.chain, self.spec()),
-        }
-    }
-}
-
-impl fmt::Display for TableRules {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "* {}", self.table.name())?;
-        for c in &self.new_chains {
-            writeln!(f, "-N {c}")?;
-        }
-        for r in &self.rules {
-            writeln!(f, "{r}")?;
-        }
-        writeln!(f, "COMMIT")
-    }
-}
-
-impl fmt::Display for Ruleset {
-    /// The complete `iptables-restore --noflush` input for this family.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for t in &self.tables {
-            write!(f, "{t}")?;
-        }
-        Ok(())
-    }
+/// The complete `iptables-restore --noflush` input of one family.
+pub fn ruleset_text(rs: &Ruleset) -> String {
+    rs.tables.iter().map(table_text).collect()
 }
 
 /// The dry-run document: for each family a `# IPv4` / `# IPv6` comment line followed by its
@@ -121,22 +127,22 @@ pub fn dry_run_text(rulesets: &[Ruleset]) -> String {
             rs.rule_count(),
             rs.chain_count()
         );
-        let _ = write!(out, "{rs}");
+        out.push_str(&ruleset_text(rs));
     }
     out
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::capture::{Facts, build};
     use crate::cli::Defaults;
     use crate::config::tests::resolve;
     use crate::net::Family;
-    use crate::ruleset::{Facts, build};
 
     #[test]
     fn default_sidecar_text() {
         let cfg = resolve(Defaults::Native, &[], &[]).unwrap();
-        let text = build(&cfg, &Facts::default(), Family::V4).to_string();
+        let text = super::ruleset_text(&build(&cfg, &Facts::default()).family(Family::V4));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "* nat");
         assert_eq!(lines[1], "-N ISTIO_INBOUND");
@@ -156,12 +162,12 @@ mod tests {
         let a: Vec<String> = facts
             .families()
             .iter()
-            .map(|f| build(&cfg, &facts, *f).to_string())
+            .map(|f| super::ruleset_text(&build(&cfg, &facts).family(*f)))
             .collect();
         let b: Vec<String> = facts
             .families()
             .iter()
-            .map(|f| build(&cfg, &facts, *f).to_string())
+            .map(|f| super::ruleset_text(&build(&cfg, &facts).family(*f)))
             .collect();
         assert_eq!(a, b);
     }

@@ -25,9 +25,9 @@ use nix::sys::socket::{
     socket,
 };
 
+use crate::capture::Facts;
 use crate::config::{Config, Interception};
 use crate::net::Family;
-use crate::ruleset::Facts;
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;

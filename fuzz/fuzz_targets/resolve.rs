@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use fuzz_checks::{assert_one_line, check_ruleset};
 use istio_init::cli;
 use istio_init::config::{Config, Inputs, check_env_encoding};
-use istio_init::ruleset::{Facts, build};
+use istio_init::capture::{Facts, build};
 use libfuzzer_sys::fuzz_target;
 
 fn unescape(raw: &[u8]) -> OsString {
@@ -105,6 +105,6 @@ fuzz_target!(|data: &[u8]| {
         "the config dump is not one line per setting:\n{dump}"
     );
     for family in facts.families() {
-        check_ruleset(&build(&cfg, &facts, family));
+        check_ruleset(&build(&cfg, &facts).family(family));
     }
 });

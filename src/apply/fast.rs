@@ -59,10 +59,10 @@ use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
 use nix::sys::socket::SockProtocol;
 use nix::unistd::pipe2;
 
+use crate::capture::Ruleset;
 use crate::config::Backend;
 use crate::net::Family;
 use crate::route::{NLM_F_DUMP, NLM_F_REQUEST, Netlink, Request};
-use crate::ruleset::Ruleset;
 
 use super::{Netfilter, Options, System};
 
@@ -175,7 +175,7 @@ pub fn handover(
         Ok(p) => p,
         Err(e) => return why_not(&format!("{e:#}")),
     };
-    let input = input_for(rs.to_string().as_bytes());
+    let input = input_for(crate::restore::ruleset_text(rs).as_bytes());
     let input = match input {
         Ok(f) => f,
         Err(e) => return why_not(&format!("cannot prepare the input: {e}")),

@@ -5,8 +5,8 @@
 
 use std::process::Output;
 
+use istio_init::capture::Facts;
 use istio_init::net::Family;
-use istio_init::ruleset::Facts;
 use istio_init::{Env, build_all, cli};
 
 use crate::util::{Netns, bin, output, privileged, stderr, veth};
@@ -27,7 +27,10 @@ fn load_rules(ns: &Netns, args: &[&str], v6: bool) {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = ns.run_with_input(&[prog, "--noflush"], &rs.to_string());
+        let o = ns.run_with_input(
+            &[prog, "--noflush"],
+            &istio_init::restore::ruleset_text(&rs),
+        );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
     if v6 {
