@@ -295,7 +295,7 @@ fn trace_verdicts_match_where_real_connections_land() {
         };
         let o = pod.run_with_input(
             &[prog, "--noflush"],
-            &istio_init::restore::ruleset_text(&rs),
+            &istio_init::restore::ruleset_text(rs),
         );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
@@ -485,7 +485,7 @@ fn tproxy_trace_verdicts_match_the_kernel() {
         };
         let o = pod.run_with_input(
             &[prog, "--noflush"],
-            &istio_init::restore::ruleset_text(&rs),
+            &istio_init::restore::ruleset_text(rs),
         );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
