@@ -95,9 +95,9 @@
 use anyhow::{Context, anyhow, bail};
 
 use crate::capture::{Ruleset, Table};
-use crate::config::Backend;
 use crate::net::Family;
 use crate::restore;
+use crate::settings::config::Backend;
 use crate::state::{self, Layout, Saved, Verdict};
 
 mod fast;
@@ -838,8 +838,8 @@ mod tests {
 
     fn rulesets(args: &[&str]) -> Vec<Ruleset> {
         use crate::capture::{Facts, build};
-        use crate::cli::Defaults;
-        use crate::config::tests::resolve;
+        use crate::settings::cli::Defaults;
+        use crate::settings::config::tests::resolve;
         let cfg = resolve(Defaults::Native, args, &[]).unwrap();
         let facts = Facts {
             ipv6: true,

@@ -6,12 +6,9 @@
 //! place that sequences effects: read facts → build → print (dry run), or check capabilities →
 //! enter the namespace → drop capabilities → routes → apply → validate.
 
-pub mod annotations;
 pub mod apply;
 pub mod caps;
 pub mod capture;
-pub mod cli;
-pub mod config;
 pub mod exit;
 pub mod explain;
 pub mod host;
@@ -20,6 +17,7 @@ pub mod net;
 pub mod netns;
 pub mod restore;
 pub mod route;
+pub mod settings;
 pub mod state;
 pub mod trace;
 pub mod validation;
@@ -28,10 +26,11 @@ use std::io::Write;
 
 use anyhow::Context;
 
-use crate::annotations::PodSettings;
 use crate::capture::{Facts, Ruleset};
-use crate::config::{Config, Inputs, Interception, PodOverrides};
 use crate::exit::UsageError;
+use crate::settings::annotations::PodSettings;
+use crate::settings::config::{Config, Inputs, Interception, PodOverrides};
+use crate::settings::{annotations, cli, config};
 
 /// Everything a run needs from the outside world, so tests can call [`run`] in-process.
 pub struct Env<'a> {

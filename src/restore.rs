@@ -135,9 +135,9 @@ pub fn dry_run_text(rulesets: &[Ruleset]) -> String {
 #[cfg(test)]
 mod tests {
     use crate::capture::{Facts, build};
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
     use crate::net::Family;
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     #[test]
     fn default_sidecar_text() {

@@ -26,8 +26,8 @@ use nix::sys::socket::{
 };
 
 use crate::capture::Facts;
-use crate::config::{Config, Interception};
 use crate::net::Family;
+use crate::settings::config::{Config, Interception};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;

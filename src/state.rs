@@ -748,9 +748,9 @@ pub fn table_named(name: &str) -> Option<Table> {
 mod tests {
     use super::*;
     use crate::capture::{Facts, build};
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
     use crate::net::Family;
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     fn sc() -> Scratch {
         Scratch {

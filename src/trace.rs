@@ -21,10 +21,10 @@ use std::fmt::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::capture::{DNS_PORT, Match, Owner, Proto, Ruleset, Table, Target, chain};
-use crate::cli::TraceArgs;
-use crate::config::Config;
 use crate::net::{Family, Id, Iface};
 use crate::restore;
+use crate::settings::cli::TraceArgs;
+use crate::settings::config::Config;
 
 /// Which way the connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -662,8 +662,8 @@ impl fmt::Display for Trace {
 mod tests {
     use super::*;
     use crate::capture::{Facts, build};
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     fn conn(dir: &str, dst: &str, extra: &[(&str, &str)]) -> Connection {
         let mut a = TraceArgs {

@@ -1,9 +1,9 @@
 //! Resolves a pod's annotation overrides over a fixed mesh configuration and checks what
 //! comes out, for the annotation and manifest targets.
 
-use istio_init::annotations::PodSettings;
-use istio_init::cli;
-use istio_init::config::{Config, ConfigError, Inputs};
+use istio_init::settings::annotations::PodSettings;
+use istio_init::settings::cli;
+use istio_init::settings::config::{Config, ConfigError, Inputs};
 use istio_init::capture::{Facts, build};
 
 use crate::{assert_one_line, check_ruleset};

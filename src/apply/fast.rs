@@ -60,9 +60,9 @@ use nix::sys::socket::SockProtocol;
 use nix::unistd::pipe2;
 
 use crate::capture::Ruleset;
-use crate::config::Backend;
 use crate::net::Family;
 use crate::route::{NLM_F_DUMP, NLM_F_REQUEST, Netlink, Request};
+use crate::settings::config::Backend;
 
 use super::{Netfilter, Options, System};
 

@@ -3,8 +3,8 @@
 //!
 //! Pure.
 
-use crate::config::Backend;
 use crate::net::Family;
+use crate::settings::config::Backend;
 use crate::state::Layout;
 
 use super::RestoreFailure;

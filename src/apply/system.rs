@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::config::Backend;
 use crate::net::Family;
+use crate::settings::config::Backend;
 use crate::state;
 
 use super::run::{Ended, Job, run_all};

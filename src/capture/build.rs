@@ -4,8 +4,8 @@
 //! order and an inet table gets Istio's nftables order.
 
 use super::{Capture, Facts, Match, Owner, Proto, Rule, Table, Target, chain, dns_capture};
-use crate::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups};
 use crate::net::{Cidr, Family, Group, Iface, Port, PortItem};
+use crate::settings::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups};
 
 /// Collects rules in emission order.
 struct Builder {
@@ -642,8 +642,8 @@ fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
 mod tests {
     use super::*;
     use crate::capture::Ruleset;
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     fn default_v4() -> Ruleset {
         let cfg = resolve(Defaults::Native, &[], &[]).unwrap();

@@ -15,8 +15,8 @@ use std::net::IpAddr;
 
 pub use build::{DNS_PORT, build};
 
-use crate::config::Config;
 use crate::net::{Cidr, Family, Group, Id, Iface, Mark, Port, PortItem};
+use crate::settings::config::Config;
 
 /// Facts about the target network namespace that shape the ruleset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -18,11 +18,11 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use istio_init::annotations;
 use istio_init::capture::{Facts, build};
-use istio_init::cli::{self, Kind};
-use istio_init::config::{Config, Inputs, OwnerGroups};
 use istio_init::net::{Family, Group};
+use istio_init::settings::annotations;
+use istio_init::settings::cli::{self, Kind};
+use istio_init::settings::config::{Config, Inputs, OwnerGroups};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as PropConfig, TestRunner};

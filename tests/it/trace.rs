@@ -22,10 +22,11 @@ use nix::sys::socket::{
 use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
 
 use istio_init::capture::{Facts, Ruleset};
-use istio_init::cli::TraceArgs;
 use istio_init::net::Family;
+use istio_init::settings::cli;
+use istio_init::settings::cli::TraceArgs;
 use istio_init::trace::{self, Connection, Verdict};
-use istio_init::{Env, build_all, cli};
+use istio_init::{Env, build_all};
 
 use crate::util::{Netns, istio_init, output, privileged, stderr, stdout, veth};
 
@@ -293,10 +294,7 @@ fn trace_verdicts_match_where_real_connections_land() {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = pod.run_with_input(
-            &[prog, "--noflush"],
-            &istio_init::restore::ruleset_text(rs),
-        );
+        let o = pod.run_with_input(&[prog, "--noflush"], &istio_init::restore::ruleset_text(rs));
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
 
@@ -483,10 +481,7 @@ fn tproxy_trace_verdicts_match_the_kernel() {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = pod.run_with_input(
-            &[prog, "--noflush"],
-            &istio_init::restore::ruleset_text(rs),
-        );
+        let o = pod.run_with_input(&[prog, "--noflush"], &istio_init::restore::ruleset_text(rs));
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
     // The policy routing istio-init sets up for TPROXY (behaviour doc §6.7).

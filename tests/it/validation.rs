@@ -7,7 +7,8 @@ use std::process::Output;
 
 use istio_init::capture::Facts;
 use istio_init::net::Family;
-use istio_init::{Env, build_all, cli};
+use istio_init::settings::cli;
+use istio_init::{Env, build_all};
 
 use crate::util::{Netns, bin, output, privileged, stderr, veth};
 

@@ -834,7 +834,7 @@ fn check_utf8(args: &[OsString]) -> Result<(), clap::Error> {
             ),
         };
         let source = match opt {
-            Some(o) => crate::config::Source::Flag {
+            Some(o) => crate::settings::source::Source::Flag {
                 long: o.long,
                 short: o.short,
             }
@@ -843,7 +843,7 @@ fn check_utf8(args: &[OsString]) -> Result<(), clap::Error> {
         };
         let msg = format!(
             "invalid value {} in {source}: {reason}\n",
-            crate::config::quote(&value.to_string_lossy())
+            crate::settings::source::quote(&value.to_string_lossy())
         );
         return Err(clap::Error::raw(clap::error::ErrorKind::InvalidUtf8, msg));
     }
