@@ -25,7 +25,9 @@ fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
     facts
         .families()
         .into_iter()
-        .map(|f| istio_init::restore::ruleset_text(&build(&cfg, facts).family(f)).len())
+        .map(|f| {
+            istio_init::backend::iptables::render::ruleset_text(&build(&cfg, facts).family(f)).len()
+        })
         .sum()
 }
 

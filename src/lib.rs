@@ -6,19 +6,16 @@
 //! place that sequences effects: read facts → build → print (dry run), or check capabilities →
 //! enter the namespace → drop capabilities → routes → apply → validate.
 
-pub mod apply;
-pub mod caps;
+pub mod backend;
 pub mod capture;
 pub mod exit;
 pub mod explain;
 pub mod host;
 pub mod logging;
 pub mod net;
-pub mod netns;
-pub mod restore;
 pub mod route;
 pub mod settings;
-pub mod state;
+pub mod sys;
 pub mod trace;
 pub mod validation;
 
@@ -26,11 +23,13 @@ use std::io::Write;
 
 use anyhow::Context;
 
+use crate::backend::iptables::{self as apply, render as restore};
 use crate::capture::{Facts, Ruleset};
 use crate::exit::UsageError;
 use crate::settings::annotations::PodSettings;
 use crate::settings::config::{Config, Inputs, Interception, PodOverrides};
 use crate::settings::{annotations, cli, config};
+use crate::sys::{caps, guard, netns};
 
 /// Everything a run needs from the outside world, so tests can call [`run`] in-process.
 pub struct Env<'a> {
@@ -285,13 +284,13 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     let nf = apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout);
     // No termination signal between the first change and a consistent namespace, and one
     // run at a time per namespace (see apply/guard.rs; a signal still ends a lock wait).
-    let section = programs.then(apply::CriticalSection::enter).transpose()?;
+    let section = programs.then(guard::CriticalSection::enter).transpose()?;
     let result = netns::run_in(ns.as_ref(), || {
         if let Some(s) = &section {
             // In the target namespace: the lock belongs to it (apply/guard.rs).
             let limit =
                 cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
-            s.hold(apply::NetnsLock::acquire(limit)?);
+            s.hold(guard::NetnsLock::acquire(limit)?);
             caps::restrict()?;
         }
         let facts = gather_facts(cfg)?;

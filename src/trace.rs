@@ -20,9 +20,9 @@
 use std::fmt::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::backend::iptables::render;
 use crate::capture::{DNS_PORT, Match, Owner, Proto, Ruleset, Table, Target, chain};
 use crate::net::{Family, Id, Iface};
-use crate::restore;
 use crate::settings::cli::TraceArgs;
 use crate::settings::config::Config;
 
@@ -270,12 +270,8 @@ impl Walker<'_> {
     /// Why a match does not hold, or `Ok` when it does.
     fn check(&self, m: &Match) -> Result<(), String> {
         let p = &self.pkt;
-        let fail = |actual: String| {
-            Err(format!(
-                "{} does not hold: {actual}",
-                restore::match_text(m)
-            ))
-        };
+        let fail =
+            |actual: String| Err(format!("{} does not hold: {actual}", render::match_text(m)));
         let holds = |b: bool, actual: String| if b { Ok(()) } else { fail(actual) };
         match m {
             Match::Proto(x) => holds(*x == p.proto, format!("protocol is {}", p.proto.name())),
@@ -351,7 +347,7 @@ impl Walker<'_> {
                 chain,
                 position: i + 1,
                 depth,
-                rule: restore::spec(r),
+                rule: render::spec(r),
                 outcome: Outcome::NoMatch(failed.clone().unwrap_or_default()),
             });
             if failed.is_some() {

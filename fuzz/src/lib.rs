@@ -41,7 +41,7 @@ where
 /// A built ruleset is sound and every rendered rule parses under the grammar; rendering is
 /// deterministic.
 pub fn check_ruleset(rs: &Ruleset) {
-    let text = istio_init::restore::ruleset_text(rs);
-    assert_eq!(text, istio_init::restore::ruleset_text(rs), "rendering is not deterministic");
+    let text = istio_init::backend::iptables::render::ruleset_text(rs);
+    assert_eq!(text, istio_init::backend::iptables::render::ruleset_text(rs), "rendering is not deterministic");
     ok(checks::check_ruleset(rs, &text));
 }

@@ -91,18 +91,20 @@ pub enum OwnerGroups {
     Only(Vec<Group>),
 }
 
-/// iptables backend choice forced by `FORCE_IPTABLES_BINARY`.
+/// Which iptables programs the iptables backend runs: `iptables-legacy` (x_tables) or
+/// `iptables-nft` (nf_tables through the iptables compatibility layer); forced by
+/// `FORCE_IPTABLES_BINARY`, detected otherwise. Not to be confused with the nftables backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub enum IptablesVariant {
     Legacy,
     Nft,
 }
 
-impl fmt::Display for Backend {
+impl fmt::Display for IptablesVariant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Backend::Legacy => "legacy",
-            Backend::Nft => "nft",
+            IptablesVariant::Legacy => "legacy",
+            IptablesVariant::Nft => "nft",
         })
     }
 }
@@ -172,7 +174,7 @@ pub struct Config {
     pub reconcile: bool,
     pub cleanup_only: bool,
     pub force_apply: bool,
-    pub force_backend: Option<Backend>,
+    pub force_backend: Option<IptablesVariant>,
     pub owner_groups: OwnerGroups,
     pub loopback_cidr: Cidr,
     pub ipv6: Ipv6Mode,
@@ -660,8 +662,8 @@ impl Config {
         let raw = r.raw("force-iptables-binary");
         let force_backend = match raw.value.trim() {
             "" => None,
-            "legacy" => Some(Backend::Legacy),
-            "nft" => Some(Backend::Nft),
+            "legacy" => Some(IptablesVariant::Legacy),
+            "nft" => Some(IptablesVariant::Nft),
             _ => return Err(raw.err("iptables backend", "expected legacy or nft")),
         };
         r.record("FORCE_IPTABLES_BINARY", &raw.value, &raw.source);

@@ -232,8 +232,16 @@ pub fn check_ruleset(rs: &Ruleset, text: &str) -> Result<(), String> {
                 }
             }
             *len += 1;
-            parse_rule(&istio_init::restore::rule_line(r), rs.family)
-                .map_err(|e| format!("{e} in: {}", istio_init::restore::rule_line(r)))?;
+            parse_rule(
+                &istio_init::backend::iptables::render::rule_line(r),
+                rs.family,
+            )
+            .map_err(|e| {
+                format!(
+                    "{e} in: {}",
+                    istio_init::backend::iptables::render::rule_line(r)
+                )
+            })?;
         }
     }
     // The text is exactly the headers, declarations and rules (nothing smuggled in between).

@@ -365,14 +365,14 @@ fn pure_properties(case: &Case) -> Result<Vec<(Family, String)>, TestCaseError> 
     let mut out = Vec::new();
     for family in families(&case.facts) {
         let rs = build(&cfg, &case.facts).family(family);
-        let text = istio_init::restore::ruleset_text(&rs);
+        let text = istio_init::backend::iptables::render::ruleset_text(&rs);
         prop_assert_eq!(
             &build(&cfg, &case.facts).family(family),
             &rs,
             "build is not deterministic"
         );
         prop_assert_eq!(
-            &istio_init::restore::ruleset_text(&rs),
+            &istio_init::backend::iptables::render::ruleset_text(&rs),
             &text,
             "rendering is not deterministic"
         );
@@ -414,7 +414,9 @@ fn generator_covers_the_rule_shapes() {
             hit("group names");
         }
         for family in families(&case.facts) {
-            let text = istio_init::restore::ruleset_text(&build(&cfg, &case.facts).family(family));
+            let text = istio_init::backend::iptables::render::ruleset_text(
+                &build(&cfg, &case.facts).family(family),
+            );
             if family == Family::V6 {
                 hit("v6");
             }

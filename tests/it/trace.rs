@@ -294,7 +294,10 @@ fn trace_verdicts_match_where_real_connections_land() {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = pod.run_with_input(&[prog, "--noflush"], &istio_init::restore::ruleset_text(rs));
+        let o = pod.run_with_input(
+            &[prog, "--noflush"],
+            &istio_init::backend::iptables::render::ruleset_text(rs),
+        );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
 
@@ -481,7 +484,10 @@ fn tproxy_trace_verdicts_match_the_kernel() {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = pod.run_with_input(&[prog, "--noflush"], &istio_init::restore::ruleset_text(rs));
+        let o = pod.run_with_input(
+            &[prog, "--noflush"],
+            &istio_init::backend::iptables::render::ruleset_text(rs),
+        );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
     // The policy routing istio-init sets up for TPROXY (behaviour doc §6.7).

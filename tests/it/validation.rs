@@ -30,7 +30,7 @@ fn load_rules(ns: &Netns, args: &[&str], v6: bool) {
         };
         let o = ns.run_with_input(
             &[prog, "--noflush"],
-            &istio_init::restore::ruleset_text(&rs),
+            &istio_init::backend::iptables::render::ruleset_text(&rs),
         );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }

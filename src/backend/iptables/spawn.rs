@@ -127,7 +127,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::{Pid, pipe2};
 
-use super::guard::{GateUnblocked, signal_state};
+use crate::sys::guard::{GateUnblocked, signal_state};
 
 /// How long a killed program may take to disappear before it is given up on (a process in an
 /// uninterruptible kernel wait cannot die at once).

@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use super::render;
 use crate::capture::{Ruleset, Table, TableRules, chain};
-use crate::restore;
 
 /// Prefix of every scratch chain used for canonicalisation. Not `ISTIO_`, so a leftover scratch
 /// chain is never mistaken for a live Istio chain; cleanup removes leftovers too.
@@ -293,7 +293,7 @@ pub fn scratch_text(rs: &Ruleset, only: Option<&[&str]>, scratch: &Scratch) -> S
             let _ = writeln!(out, ":{} - [0:0]", scratch_name(c));
         }
         for r in &t.rules {
-            let _ = writeln!(out, "{}", restore::rule_line_renamed(r, &scratch_name));
+            let _ = writeln!(out, "{}", render::rule_line_renamed(r, &scratch_name));
         }
         out.push_str("COMMIT\n");
     }
@@ -541,7 +541,7 @@ pub fn undo_text(rs: &Ruleset, tables: &[Table]) -> String {
     for t in rs.tables.iter().filter(|t| tables.contains(&t.table)) {
         let _ = writeln!(out, "*{}", t.table.name());
         for r in t.rules.iter().rev().filter(|r| chain::is_builtin(r.chain)) {
-            let _ = writeln!(out, "-D {} {}", r.chain, restore::spec(r));
+            let _ = writeln!(out, "-D {} {}", r.chain, render::spec(r));
         }
         for c in &t.new_chains {
             let _ = writeln!(out, "-F {c}");
@@ -654,7 +654,7 @@ pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratc
         }
         if let Some(t) = want {
             for r in &t.rules {
-                let _ = writeln!(out, "{}", restore::rule_line(r));
+                let _ = writeln!(out, "{}", render::rule_line(r));
             }
         }
         out.push_str("COMMIT\n");

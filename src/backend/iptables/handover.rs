@@ -62,9 +62,9 @@ use nix::unistd::pipe2;
 use crate::capture::Ruleset;
 use crate::net::Family;
 use crate::route::{NLM_F_DUMP, NLM_F_REQUEST, Netlink, Request};
-use crate::settings::config::Backend;
+use crate::settings::config::IptablesVariant;
 
-use super::{Netfilter, Options, System};
+use super::{Options, Programs, System};
 
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE`, and the `NFT_MSG_NEWTABLE` answers.
 const NFT_GETTABLE: u16 = (10 << 8) | 1;
@@ -152,7 +152,7 @@ pub fn handover(
     if !plain.rules_only || opts.reconcile || opts.force_apply {
         return why_not("the run has more to do than the rules");
     }
-    if opts.force_backend == Some(Backend::Legacy) {
+    if opts.force_backend == Some(IptablesVariant::Legacy) {
         return why_not("the legacy backend is forced");
     }
     let mut with_rules = rulesets.iter().filter(|rs| !rs.tables.is_empty());
@@ -171,11 +171,11 @@ pub fn handover(
         Ok(n) => return why_not(&format!("nf_tables already holds {n} {family} tables")),
         Err(e) => return why_not(&format!("{e:#}")),
     }
-    let program = match sys.tool(family, Backend::Nft, "restore") {
+    let program = match sys.tool(family, IptablesVariant::Nft, "restore") {
         Ok(p) => p,
         Err(e) => return why_not(&format!("{e:#}")),
     };
-    let input = input_for(crate::restore::ruleset_text(rs).as_bytes());
+    let input = input_for(crate::backend::iptables::render::ruleset_text(rs).as_bytes());
     let input = match input {
         Ok(f) => f,
         Err(e) => return why_not(&format!("cannot prepare the input: {e}")),

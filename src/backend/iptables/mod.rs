@@ -4,7 +4,7 @@
 //!
 //! Effects: spawns `iptables-*-restore` / `*-save` (argv only, never a shell, with a scrubbed
 //! environment) and reads `/proc/thread-self/net/ip{,6}_tables_names`. Everything it decides
-//! from is in [`crate::state`], which is pure.
+//! from is in [`crate::backend::iptables::state`], which is pure.
 //!
 //! # The fast path
 //!
@@ -58,7 +58,7 @@
 //! # Re-runs
 //!
 //! A re-run is recognised from the restore's own failure: `-N` of a chain that already exists.
-//! Only then is the state read (see [`crate::state`] for how "identical" is decided): identical
+//! Only then is the state read (see [`crate::backend::iptables::state`] for how "identical" is decided): identical
 //! → nothing to do; our chains present in some tables and absent in others (an interrupted
 //! run) → the absent tables are applied; anything else → a clear error naming the
 //! differences, unless `--reconcile`, which converges in one restore whose per-table
@@ -94,22 +94,21 @@
 
 use anyhow::{Context, anyhow, bail};
 
+use self::state::{Layout, Saved, Verdict};
 use crate::capture::{Ruleset, Table};
 use crate::net::Family;
-use crate::restore;
-use crate::settings::config::Backend;
-use crate::state::{self, Layout, Saved, Verdict};
+use crate::settings::config::IptablesVariant;
 
-mod fast;
-mod guard;
+mod handover;
 mod messages;
-mod run;
-mod system;
+mod programs;
+pub mod render;
+mod spawn;
+pub mod state;
 
-pub use fast::{Handover, Plain, handover};
-pub use guard::{CriticalSection, DEFERRED, LOCK_NAME, NetnsLock};
+pub use handover::{Handover, Plain, handover};
 pub use messages::{describe, iptables_message};
-pub use system::{DEFAULT_PATH, System};
+pub use programs::{DEFAULT_PATH, System};
 
 /// A failed `*-restore` run (or one that could not be started).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,9 +122,14 @@ pub struct RestoreFailure {
 }
 
 /// The seam between the apply logic and the programs it runs.
-pub trait Netfilter {
+pub trait Programs {
     /// Runs `*-restore --noflush` of `family` in `backend` with `input` on stdin.
-    fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure>;
+    fn restore(
+        &self,
+        family: Family,
+        backend: IptablesVariant,
+        input: &str,
+    ) -> Result<(), RestoreFailure>;
     /// Runs several restores (one per family) and returns their results in order, calling
     /// `before_inputs` once just before the restores can act on their input; when it fails,
     /// no restore changes anything and its error is returned. The real programs all start
@@ -133,7 +137,7 @@ pub trait Netfilter {
     /// run concurrently; this default calls the hook and runs them one after the other.
     fn restore_all(
         &self,
-        jobs: &[(Family, Backend, &str)],
+        jobs: &[(Family, IptablesVariant, &str)],
         before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
         before_inputs()?;
@@ -143,7 +147,7 @@ pub trait Netfilter {
             .collect())
     }
     /// Runs `*-save` and returns its output.
-    fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String>;
+    fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String>;
     /// The legacy tables instantiated in the namespace (`/proc/.../ip{,6}_tables_names`).
     fn legacy_tables(&self, family: Family) -> Vec<String>;
 }
@@ -153,7 +157,7 @@ pub trait Netfilter {
 pub struct Options {
     pub reconcile: bool,
     pub force_apply: bool,
-    pub force_backend: Option<Backend>,
+    pub force_backend: Option<IptablesVariant>,
 }
 
 /// What happened to one family.
@@ -173,14 +177,14 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyReport {
     pub family: Family,
-    pub backend: Backend,
+    pub backend: IptablesVariant,
     pub outcome: Outcome,
 }
 
-fn other(b: Backend) -> Backend {
+fn other(b: IptablesVariant) -> IptablesVariant {
     match b {
-        Backend::Legacy => Backend::Nft,
-        Backend::Nft => Backend::Legacy,
+        IptablesVariant::Legacy => IptablesVariant::Nft,
+        IptablesVariant::Nft => IptablesVariant::Legacy,
     }
 }
 
@@ -194,47 +198,47 @@ fn tool_prefix(family: Family) -> &'static str {
 /// Tables this run created from scratch, for rollback.
 struct Committed {
     rs: Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     tables: Vec<Table>,
 }
 
 /// The backend decision for one family.
 #[derive(Debug)]
 struct Choice {
-    backend: Backend,
+    backend: IptablesVariant,
     reason: String,
     /// The other backend holds Istio chains (only allowed with `--reconcile`, which then
     /// removes them).
     clean_other: bool,
 }
 
-fn istio_in(nf: &dyn Netfilter, family: Family, backend: Backend) -> anyhow::Result<bool> {
-    if backend == Backend::Legacy && nf.legacy_tables(family).is_empty() {
+fn istio_in(nf: &dyn Programs, family: Family, backend: IptablesVariant) -> anyhow::Result<bool> {
+    if backend == IptablesVariant::Legacy && nf.legacy_tables(family).is_empty() {
         return Ok(false);
     }
     Ok(state::parse_save(&nf.save(family, backend)?).has_istio_chains())
 }
 
-fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<Choice> {
+fn choose(nf: &dyn Programs, opts: &Options, family: Family) -> anyhow::Result<Choice> {
     let (backend, reason) = match opts.force_backend {
         Some(b) => (b, "forced by FORCE_IPTABLES_BINARY".to_owned()),
         None => {
             let legacy = nf.legacy_tables(family);
             if legacy.is_empty() {
                 (
-                    Backend::Nft,
+                    IptablesVariant::Nft,
                     "no legacy iptables tables exist in this network namespace".to_owned(),
                 )
             } else {
-                let saved = state::parse_save(&nf.save(family, Backend::Legacy)?);
+                let saved = state::parse_save(&nf.save(family, IptablesVariant::Legacy)?);
                 if saved.has_istio_chains() {
                     (
-                        Backend::Legacy,
+                        IptablesVariant::Legacy,
                         "the legacy backend already holds Istio chains".to_owned(),
                     )
                 } else if saved.rule_count() > 0 || !saved.non_empty_tables().is_empty() {
                     (
-                        Backend::Legacy,
+                        IptablesVariant::Legacy,
                         format!(
                             "the namespace already has legacy rules ({} rules in tables {})",
                             saved.rule_count(),
@@ -243,7 +247,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
                     )
                 } else {
                     (
-                        Backend::Nft,
+                        IptablesVariant::Nft,
                         format!(
                             "the legacy tables present ({}) hold no rules",
                             legacy.join(", ")
@@ -255,7 +259,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
     };
     // Rules must never end up in both backends. When nft was chosen because legacy is
     // empty or rule-less, legacy cannot hold Istio chains; every other case is checked.
-    let unforced_nft = opts.force_backend.is_none() && backend == Backend::Nft;
+    let unforced_nft = opts.force_backend.is_none() && backend == IptablesVariant::Nft;
     let clean_other = !unforced_nft && istio_in(nf, family, other(backend))?;
     if clean_other && !opts.reconcile {
         bail!(
@@ -273,7 +277,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
 }
 
 /// Applies every family's ruleset. The first restore of every family is started at once
-/// (see [`Netfilter::restore_all`]); what follows a failure (a re-run, a fallback) is handled
+/// (see [`Programs::restore_all`]); what follows a failure (a re-run, a fallback) is handled
 /// family by family, IPv4 first. On failure, every table this run created, in any family, is
 /// removed again and the error says what failed and that it was rolled back.
 ///
@@ -282,7 +286,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
 /// possible window between the routes and the rules. When it fails, no rule is applied and
 /// its error is returned.
 pub fn apply(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     opts: &Options,
     rulesets: &[Ruleset],
     before_rules: &mut dyn FnMut() -> anyhow::Result<()>,
@@ -299,8 +303,8 @@ pub fn apply(
         );
         choices.push(choice);
     }
-    let texts: Vec<String> = rulesets.iter().map(restore::ruleset_text).collect();
-    let jobs: Vec<(Family, Backend, &str)> = rulesets
+    let texts: Vec<String> = rulesets.iter().map(render::ruleset_text).collect();
+    let jobs: Vec<(Family, IptablesVariant, &str)> = rulesets
         .iter()
         .zip(&choices)
         .zip(&texts)
@@ -342,7 +346,7 @@ pub fn apply(
 }
 
 /// The error of a failed run, after undoing what it applied.
-fn roll_back_after(nf: &dyn Netfilter, done: &[Committed], e: anyhow::Error) -> anyhow::Error {
+fn roll_back_after(nf: &dyn Programs, done: &[Committed], e: anyhow::Error) -> anyhow::Error {
     if done.is_empty() {
         return e;
     }
@@ -362,7 +366,7 @@ fn roll_back_after(nf: &dyn Netfilter, done: &[Committed], e: anyhow::Error) -> 
     }
 }
 
-fn rollback(nf: &dyn Netfilter, done: &[Committed]) -> anyhow::Result<()> {
+fn rollback(nf: &dyn Programs, done: &[Committed]) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for c in done.iter().rev() {
         if let Err(e) = undo(nf, &c.rs, c.backend, &c.tables) {
@@ -377,9 +381,9 @@ fn rollback(nf: &dyn Netfilter, done: &[Committed]) -> anyhow::Result<()> {
 }
 
 fn undo(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     tables: &[Table],
 ) -> anyhow::Result<()> {
     let text = state::undo_text(rs, tables);
@@ -402,7 +406,7 @@ fn undo(
 /// One family after its first restore: `first` is `None` when it has no rules, `Ok` when the
 /// first restore applied them (already in `done`).
 fn finish_family(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     opts: &Options,
     rs: &Ruleset,
     choice: &Choice,
@@ -421,12 +425,12 @@ fn finish_family(
     };
     let mut fell_back = false;
     if let Err(f) = &first {
-        if backend == Backend::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
+        if backend == IptablesVariant::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
             log::warn!(
                 "{family}: nf_tables is not usable here ({}); falling back to the legacy backend",
                 iptables_message(&f.stderr)
             );
-            backend = Backend::Legacy;
+            backend = IptablesVariant::Legacy;
             first = nf.restore(family, backend, text);
             fell_back = true;
         }
@@ -484,9 +488,9 @@ fn nft_unavailable(f: &RestoreFailure) -> bool {
 
 /// After a failed restore, undoes the tables it committed before failing.
 fn undo_committed(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     text: &str,
     fail: &RestoreFailure,
 ) -> anyhow::Result<()> {
@@ -519,12 +523,12 @@ fn is_existing_chain(text: &str, fail: &RestoreFailure) -> bool {
 }
 
 /// Reads the live state with the expected rules canonicalised by iptables itself (see
-/// [`crate::state`]). Scratch chains are only loaded into tables that exist and hold Istio
+/// [`crate::backend::iptables::state`]). Scratch chains are only loaded into tables that exist and hold Istio
 /// rules, so inspecting never creates a table.
 fn inspect(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
 ) -> anyhow::Result<(Saved, state::Canon)> {
     let family = rs.family;
     let live = state::parse_save(&nf.save(family, backend)?);
@@ -553,9 +557,9 @@ fn inspect(
 }
 
 fn delete_scratch(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     family: Family,
-    backend: Backend,
+    backend: IptablesVariant,
     live: &Saved,
 ) -> anyhow::Result<()> {
     let text = state::scratch_delete_text(live, &scratch_names());
@@ -571,10 +575,10 @@ fn delete_scratch(
 }
 
 fn existing(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     opts: &Options,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     done: &mut Vec<Committed>,
 ) -> anyhow::Result<Outcome> {
     let family = rs.family;
@@ -626,7 +630,7 @@ fn existing(
                 "{family}: completing an interrupted apply: adding tables {}",
                 names.join(", ")
             );
-            let text = restore::ruleset_text(&part);
+            let text = render::ruleset_text(&part);
             if let Err(fail) = nf.restore(family, backend, &text) {
                 undo_committed(nf, &part, backend, &text, &fail)?;
                 bail!(describe(family, backend, &text, &fail));
@@ -645,12 +649,12 @@ fn existing(
 /// (legacy only where legacy tables exist), plus the built-in-chain rules `expected` (the
 /// current configuration's rulesets) would add. Foreign rules stay. Every family and backend
 /// is attempted; the errors are reported together.
-pub fn cleanup(nf: &dyn Netfilter, expected: &[Ruleset]) -> anyhow::Result<()> {
+pub fn cleanup(nf: &dyn Programs, expected: &[Ruleset]) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for family in Family::ALL {
         let rs = expected.iter().find(|r| r.family == family);
-        for backend in [Backend::Nft, Backend::Legacy] {
-            if backend == Backend::Legacy && nf.legacy_tables(family).is_empty() {
+        for backend in [IptablesVariant::Nft, IptablesVariant::Legacy] {
+            if backend == IptablesVariant::Legacy && nf.legacy_tables(family).is_empty() {
                 log::debug!("{family}: no legacy tables, nothing to clean in legacy");
                 continue;
             }
@@ -692,9 +696,9 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
 
 /// Cleans one family in one backend. Returns whether anything was removed.
 fn cleanup_backend(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     family: Family,
-    backend: Backend,
+    backend: IptablesVariant,
     rs: Option<&Ruleset>,
 ) -> anyhow::Result<bool> {
     let saved = nf
@@ -777,7 +781,7 @@ mod tests {
             stderr: "ip6tables-nft-restore v1.8.9 (nf_tables): \nline 3: RULE_APPEND failed (Invalid argument): rule in chain ISTIO_X\n".into(),
             line: Some(3),
         };
-        let d = describe(Family::V6, Backend::Nft, text, &f);
+        let d = describe(Family::V6, IptablesVariant::Nft, text, &f);
         assert_eq!(
             d,
             "IPv6 (nft backend): /usr/sbin/ip6tables-nft-restore failed at line 3 \
@@ -810,11 +814,11 @@ mod tests {
         }
     }
 
-    impl Netfilter for Fake {
+    impl Programs for Fake {
         fn restore(
             &self,
             family: Family,
-            backend: Backend,
+            backend: IptablesVariant,
             input: &str,
         ) -> Result<(), RestoreFailure> {
             self.calls
@@ -825,11 +829,11 @@ mod tests {
                 None => Ok(()),
             }
         }
-        fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String> {
+        fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String> {
             self.calls
                 .borrow_mut()
                 .push(format!("save {family} {backend}"));
-            Ok(self.saves[usize::from(backend == Backend::Legacy)].clone())
+            Ok(self.saves[usize::from(backend == IptablesVariant::Legacy)].clone())
         }
         fn legacy_tables(&self, _: Family) -> Vec<String> {
             self.legacy.clone()
@@ -861,11 +865,11 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(
             calls[0],
-            format!("restore IPv4 nft\n{}", restore::ruleset_text(&rs[0]))
+            format!("restore IPv4 nft\n{}", render::ruleset_text(&rs[0]))
         );
         assert_eq!(
             calls[1],
-            format!("restore IPv6 nft\n{}", restore::ruleset_text(&rs[1]))
+            format!("restore IPv6 nft\n{}", render::ruleset_text(&rs[1]))
         );
         assert!(reports.iter().all(|r| r.outcome == Outcome::Applied));
     }
@@ -998,7 +1002,7 @@ mod tests {
     const FOREIGN_FILTER: &str =
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
 
-    fn choice(fake: &Fake, opts: Options) -> anyhow::Result<(Backend, Vec<String>)> {
+    fn choice(fake: &Fake, opts: Options) -> anyhow::Result<(IptablesVariant, Vec<String>)> {
         let c = choose(fake, &opts, Family::V4)?;
         Ok((c.backend, fake.calls.borrow().clone()))
     }
@@ -1007,7 +1011,7 @@ mod tests {
     fn backend_choice_without_footprints() {
         // Fresh namespace: nft, and not a single process.
         let (b, calls) = choice(&Fake::new(), Options::default()).unwrap();
-        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+        assert_eq!((b, calls.len()), (IptablesVariant::Nft, 0));
 
         // An empty legacy table (Istio's probe footprint) does not count.
         let fake = Fake {
@@ -1018,7 +1022,7 @@ mod tests {
         let (b, calls) = choice(&fake, Options::default()).unwrap();
         assert_eq!(
             (b, calls),
-            (Backend::Nft, vec!["save IPv4 legacy".to_owned()])
+            (IptablesVariant::Nft, vec!["save IPv4 legacy".to_owned()])
         );
 
         // Foreign legacy rules: legacy, after checking nft holds no Istio chains.
@@ -1028,7 +1032,7 @@ mod tests {
             ..Fake::new()
         };
         let (b, calls) = choice(&fake, Options::default()).unwrap();
-        assert_eq!(b, Backend::Legacy);
+        assert_eq!(b, IptablesVariant::Legacy);
         assert_eq!(calls, ["save IPv4 legacy", "save IPv4 nft"]);
 
         // Foreign legacy rules but Istio chains in nft: an error (two copies), or with
@@ -1052,7 +1056,7 @@ mod tests {
             Family::V4,
         )
         .unwrap();
-        assert!(c.clean_other && c.backend == Backend::Legacy);
+        assert!(c.clean_other && c.backend == IptablesVariant::Legacy);
 
         // Istio chains in legacy win.
         let fake = Fake {
@@ -1062,7 +1066,7 @@ mod tests {
         };
         assert_eq!(
             choice(&fake, Options::default()).unwrap().0,
-            Backend::Legacy
+            IptablesVariant::Legacy
         );
     }
 
@@ -1074,7 +1078,7 @@ mod tests {
             ..Fake::new()
         };
         let opts = Options {
-            force_backend: Some(Backend::Nft),
+            force_backend: Some(IptablesVariant::Nft),
             ..Options::default()
         };
         let e = choice(&fake, opts).unwrap_err();
@@ -1082,6 +1086,6 @@ mod tests {
 
         // Forcing nft on a namespace without legacy tables costs no process.
         let (b, calls) = choice(&Fake::new(), opts).unwrap();
-        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+        assert_eq!((b, calls.len()), (IptablesVariant::Nft, 0));
     }
 }
