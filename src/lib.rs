@@ -23,8 +23,10 @@ use std::io::Write;
 
 use anyhow::Context;
 
+use crate::backend::iptables::Iptables;
 use crate::backend::iptables::{self as apply, render as restore};
-use crate::capture::{Facts, Ruleset};
+use crate::backend::{Firewall, Install};
+use crate::capture::{Capture, Facts, Ruleset};
 use crate::exit::UsageError;
 use crate::settings::annotations::PodSettings;
 use crate::settings::config::{Config, Inputs, Interception, PodOverrides};
@@ -221,10 +223,10 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     if cfg.dry_run {
         let facts = target_facts(&cfg)?;
         log_summary(&cfg, &facts);
-        let rulesets = build_all(&cfg, &facts);
-        log_rulesets(&rulesets);
+        let capture = capture::build(&cfg, &facts);
+        log_rulesets(&capture.rulesets());
         log::info!("dry run: printing the ruleset, no rule changes will be made");
-        let text = restore::dry_run_text(&rulesets);
+        let text = firewall(&cfg, env).render(&capture);
         if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -270,6 +272,20 @@ fn log_rulesets(rulesets: &[Ruleset]) {
     }
 }
 
+/// The backend this configuration selects.
+pub fn firewall(cfg: &Config, env: &Env<'_>) -> Box<dyn Firewall> {
+    Box::new(Iptables {
+        programs: apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout),
+        options: apply::Options {
+            reconcile: cfg.reconcile,
+            force_apply: cfg.force_apply,
+            force_backend: cfg.force_backend,
+        },
+        handover: cfg.handover,
+        timeout: cfg.restore_timeout,
+    })
+}
+
 /// The real run: every input checked, capabilities checked, then — on a worker thread that
 /// enters the target namespace and keeps only NET_ADMIN and NET_RAW — routes and rules, and
 /// finally validation (which needs no capability: the `istio-validation` container runs as the
@@ -281,13 +297,13 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
         caps::preflight()?;
     }
     let ns = cfg.netns.as_deref().map(netns::Netns::open).transpose()?;
-    let nf = apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout);
+    let fw = firewall(cfg, env);
     // No termination signal between the first change and a consistent namespace, and one
-    // run at a time per namespace (see apply/guard.rs; a signal still ends a lock wait).
+    // run at a time per namespace (see sys/guard.rs; a signal still ends a lock wait).
     let section = programs.then(guard::CriticalSection::enter).transpose()?;
     let result = netns::run_in(ns.as_ref(), || {
         if let Some(s) = &section {
-            // In the target namespace: the lock belongs to it (apply/guard.rs).
+            // In the target namespace: the lock belongs to it (sys/guard.rs).
             let limit =
                 cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
             s.hold(guard::NetnsLock::acquire(limit)?);
@@ -298,65 +314,20 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             log::info!("--skip-rule-apply: no rule or route is touched");
         } else if cfg.cleanup_only {
             // Both families, whatever IPv6 detection says now: the rules may predate it.
-            let rulesets = if cfg.interception == Interception::None {
-                Vec::new()
+            let capture = if cfg.interception == Interception::None {
+                Capture::default()
             } else {
                 let both = Facts {
                     ipv6: true,
                     ..facts.clone()
                 };
-                build_all(cfg, &both)
+                capture::build(cfg, &both)
             };
             log::info!("--cleanup-only: removing the Istio rules (TPROXY routes are left alone)");
-            apply::cleanup(&nf, &rulesets)?;
+            fw.remove(&capture)?;
             return Ok(());
         } else {
-            let rulesets = build_all(cfg, &facts);
-            let plan = route::RoutePlan::new(cfg, &facts);
-            let opts = apply::Options {
-                reconcile: cfg.reconcile,
-                force_apply: cfg.force_apply,
-                force_backend: cfg.force_backend,
-            };
-            let plain = apply::Plain {
-                enabled: cfg.handover,
-                rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
-            };
-            if let Some(h) = apply::handover(&nf, &opts, &rulesets, plain, cfg.restore_timeout) {
-                log_summary(cfg, &facts);
-                log_rulesets(&rulesets);
-                log_resource_use();
-                // Returns only if the program could not be started.
-                return Err(h.exec(&nf));
-            }
-            // Routing is read and checked now, before any program starts; only the additions
-            // are left for the last moment before the rules (see apply::apply).
-            let mut routes = Some(route::prepare(&plan).context("configuring TPROXY routing")?);
-            let mut added: Option<route::Added> = None;
-            // What the rules do is logged while the restores start up (they load their
-            // libraries meanwhile), so it costs no time on the way to the rules.
-            let mut logged = false;
-            let applied = apply::apply(&nf, &opts, &rulesets, &mut || {
-                log_summary(cfg, &facts);
-                log_rulesets(&rulesets);
-                logged = true;
-                if let Some(r) = routes.take() {
-                    added = Some(r.commit().context("configuring TPROXY routing")?);
-                }
-                Ok(())
-            });
-            if !logged {
-                log_summary(cfg, &facts);
-                log_rulesets(&rulesets);
-            }
-            if let Some(a) = &added {
-                a.report();
-            }
-            if let (Err(_), Some(added)) = (&applied, added) {
-                // The rules were rolled back: so are the routes this run added.
-                added.undo();
-            }
-            applied?;
+            install(cfg, fw.as_ref(), &facts)?;
         }
         // The namespace is consistent: a deferred SIGTERM may end the run from here on.
         if let Some(s) = &section {
@@ -371,6 +342,52 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
         (Err(e), Some(s)) => Err(s.before_leaving(e)),
         (result, _) => result,
     }
+}
+
+/// Routes and rules: the routing is read and checked before the backend starts, and only the
+/// additions are left for the last moment before the rules; a failed install removes the
+/// routes this run added.
+fn install(cfg: &Config, fw: &dyn Firewall, facts: &Facts) -> anyhow::Result<()> {
+    let capture = capture::build(cfg, facts);
+    let plan = route::RoutePlan::new(cfg, facts);
+    let rulesets = capture.rulesets();
+    let mut routes = Some(route::prepare(&plan).context("configuring TPROXY routing")?);
+    let mut added: Option<route::Added> = None;
+    // What the rules do is logged while the backend gets ready (the restores load their
+    // libraries meanwhile), so it costs no time on the way to the rules.
+    let mut logged = false;
+    let installed = fw.install(
+        &capture,
+        &mut Install {
+            rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
+            at_commit: &mut || {
+                log_summary(cfg, facts);
+                log_rulesets(&rulesets);
+                logged = true;
+                if let Some(r) = routes.take() {
+                    added = Some(r.commit().context("configuring TPROXY routing")?);
+                }
+                Ok(())
+            },
+            before_handover: &|| {
+                log_summary(cfg, facts);
+                log_rulesets(&rulesets);
+                log_resource_use();
+            },
+        },
+    );
+    if !logged {
+        log_summary(cfg, facts);
+        log_rulesets(&rulesets);
+    }
+    if let Some(a) = &added {
+        a.report();
+    }
+    if let (Err(_), Some(added)) = (&installed, added) {
+        // The rules were rolled back: so are the routes this run added.
+        added.undo();
+    }
+    installed
 }
 
 /// `explain`: the settings with their sources, then the summary, on stdout.

@@ -233,7 +233,7 @@ impl Rule {
 }
 
 /// The whole capture: every rule of every table and family, in Istio's emission order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capture {
     /// The families programmed: IPv4 always (as Istio does), IPv6 when enabled.
     pub families: Vec<Family>,

@@ -95,7 +95,8 @@
 use anyhow::{Context, anyhow, bail};
 
 use self::state::{Layout, Saved, Verdict};
-use crate::capture::{Ruleset, Table};
+use crate::backend::{Found, Install};
+use crate::capture::{Capture, Ruleset, Table};
 use crate::net::Family;
 use crate::settings::config::IptablesVariant;
 
@@ -158,6 +159,65 @@ pub struct Options {
     pub reconcile: bool,
     pub force_apply: bool,
     pub force_backend: Option<IptablesVariant>,
+}
+
+/// The iptables backend: one `*-restore` per family (see the module doc).
+#[derive(Debug)]
+pub struct Iptables {
+    pub programs: System,
+    pub options: Options,
+    /// `--handover`: a fresh namespace's single restore may replace this process.
+    pub handover: bool,
+    /// `--restore-timeout`, also the hand-over's alarm.
+    pub timeout: std::time::Duration,
+}
+
+impl crate::backend::Firewall for Iptables {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn render(&self, capture: &Capture) -> String {
+        render::dry_run_text(&capture.rulesets())
+    }
+
+    fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
+        let rulesets = capture.rulesets();
+        let plain = Plain {
+            enabled: self.handover,
+            rules_only: how.rules_only,
+        };
+        if let Some(h) = handover(
+            &self.programs,
+            &self.options,
+            &rulesets,
+            plain,
+            self.timeout,
+        ) {
+            (how.before_handover)();
+            // Returns only if the program could not be started.
+            return Err(h.exec(&self.programs));
+        }
+        apply(&self.programs, &self.options, &rulesets, how.at_commit).map(drop)
+    }
+
+    fn remove(&self, capture: &Capture) -> anyhow::Result<()> {
+        cleanup(&self.programs, &capture.rulesets())
+    }
+
+    fn inspect(&self) -> anyhow::Result<Found> {
+        let mut found = Found::default();
+        for family in Family::ALL {
+            for variant in [IptablesVariant::Nft, IptablesVariant::Legacy] {
+                if istio_in(&self.programs, family, variant)? {
+                    found
+                        .what
+                        .push(format!("{family} ISTIO_* chains (iptables-{variant})"));
+                }
+            }
+        }
+        Ok(found)
+    }
 }
 
 /// What happened to one family.
