@@ -5,47 +5,7 @@
 //! reads `/proc/thread-self/net/ip{,6}_tables_names`, a pipe (or, past a page, an anonymous
 //! in-memory file) for the input, `alarm`, and `execve`.
 //!
-//! # Why
-//!
-//! Under a pod's CPU limit (Autopilot sets limits equal to requests) every millisecond of CPU
-//! an init container burns stretches the pod's start. Supervising the restore costs a second
-//! process image alive at the same time, a spawn, a wait and an exit; handing over costs one
-//! `execve`. On the standard sidecar configuration that is most of the difference between
-//! istio-init and a bare `iptables-nft-restore` of the same text (README, Performance).
-//!
-//! # When
-//!
-//! Only when nothing can need istio-init after the restore, which is exactly when one
-//! transaction either applies everything or nothing:
-//!
-//! * `--handover` is on (the default), and this is a plain apply: no `--netns`, no
-//!   `--run-validation`, `--reconcile`, `--force-apply` or `--cleanup-only`, and no TPROXY
-//!   route or `::6` address to add (their rollback needs istio-init);
-//! * exactly one family has rules, all in one table (iptables-restore commits table by table:
-//!   with two tables a failure in the second would leave the first for istio-init to undo);
-//! * the nft backend: not forced to legacy, no legacy table instantiated in this family (the
-//!   same test the backend choice makes), and nf_tables holds no table at all in this family
-//!   — a fresh namespace, so the restore cannot meet our chains from an earlier run (a re-run
-//!   goes the supervised way and is recognised as one) nor anything else's;
-//! * the restore program is on `PATH` and its input could be prepared.
-//!
-//! # What stays the same
-//!
-//! The restore gets the same text, argv and scrubbed environment as when supervised. The
-//! namespace lock (an inherited socket) stays held until the restore exits, so a concurrent
-//! run waits for it. The critical section's blocked SIGTERM, SIGINT and SIGHUP survive
-//! `execve`, so only SIGKILL stops the transaction, and a single-table transaction is
-//! atomic in the kernel: untouched or complete. `--restore-timeout` becomes an `alarm`, which
-//! also survives `execve`: a restore still running then is ended by SIGALRM.
-//!
-//! # What differs
-//!
-//! The run's exit status is the restore's: 0 when the rules are in place, else iptables'
-//! own (1 for a failed line). Its error is iptables' own message on stderr, whose line numbers
-//! count lines of the family's `--dry-run` text; istio-init logs, just before handing over,
-//! which program, backend and ruleset it hands over to and how to read a failure. A timeout
-//! shows as death by SIGALRM. `--handover=false` keeps istio-init as the restore's parent for
-//! its own rewritten errors (which name the failing rule and the kernel modules to check).
+//! Design: `docs/design.md`, "The handover".
 
 use std::io::{Seek, Write};
 use std::os::unix::process::CommandExt;
