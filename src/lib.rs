@@ -13,6 +13,8 @@ pub mod explain;
 pub mod host;
 pub mod logging;
 pub mod net;
+pub mod netlink;
+pub mod nft;
 pub mod route;
 pub mod settings;
 pub mod sys;
