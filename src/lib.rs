@@ -294,12 +294,12 @@ pub fn firewall(cfg: &Config, env: &Env<'_>) -> Box<dyn Firewall> {
 /// proxy user with `--skip-rule-apply`).
 fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     let programs = !cfg.skip_rule_apply;
+    let fw = firewall(cfg, env);
     if programs {
         host::check_group_names(cfg)?;
-        caps::preflight()?;
+        caps::preflight(fw.capabilities(), &format!("programming {}", fw.name()))?;
     }
     let ns = cfg.netns.as_deref().map(netns::Netns::open).transpose()?;
-    let fw = firewall(cfg, env);
     // No termination signal between the first change and a consistent namespace, and one
     // run at a time per namespace (see sys/guard.rs; a signal still ends a lock wait).
     let section = programs.then(guard::CriticalSection::enter).transpose()?;
@@ -309,7 +309,7 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             let limit =
                 cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
             s.hold(guard::NetnsLock::acquire(limit)?);
-            caps::restrict()?;
+            caps::restrict(fw.capabilities())?;
         }
         let facts = gather_facts(cfg)?;
         if !programs {

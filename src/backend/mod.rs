@@ -40,6 +40,8 @@ pub struct Found {
 pub trait Firewall: Sync {
     /// The backend's name in logs and messages.
     fn name(&self) -> &'static str;
+    /// The capabilities an install or removal needs (all others are dropped first).
+    fn capabilities(&self) -> &'static [caps::Capability];
     /// The dry-run document: exactly what [`Firewall::install`] writes, in the syntax of the
     /// program that would load it.
     fn render(&self, capture: &Capture) -> String;

@@ -93,6 +93,10 @@ impl crate::backend::Firewall for Iptables {
         "iptables"
     }
 
+    fn capabilities(&self) -> &'static [caps::Capability] {
+        &crate::sys::caps::NEEDED
+    }
+
     fn render(&self, capture: &Capture) -> String {
         render::dry_run_text(&capture.rulesets())
     }
