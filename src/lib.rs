@@ -26,6 +26,7 @@ use std::io::Write;
 use anyhow::Context;
 
 use crate::backend::iptables::Iptables;
+use crate::backend::nftables::Nftables;
 use crate::backend::iptables::{self as apply, render as restore};
 use crate::backend::{Firewall, Install};
 use crate::capture::{Capture, Facts, Ruleset};
@@ -274,9 +275,26 @@ fn log_rulesets(rulesets: &[Ruleset]) {
     }
 }
 
+/// The backend this configuration selects (`--native-nftables`), and the other one.
+pub fn firewalls(cfg: &Config, env: &Env<'_>) -> (Box<dyn Firewall>, Box<dyn Firewall>) {
+    let nft: Box<dyn Firewall> = Box::new(Nftables {
+        group: host::group_gid,
+    });
+    let ipt: Box<dyn Firewall> = Box::new(iptables(cfg, env));
+    if cfg.native_nftables {
+        (nft, ipt)
+    } else {
+        (ipt, nft)
+    }
+}
+
 /// The backend this configuration selects.
 pub fn firewall(cfg: &Config, env: &Env<'_>) -> Box<dyn Firewall> {
-    Box::new(Iptables {
+    firewalls(cfg, env).0
+}
+
+fn iptables(cfg: &Config, env: &Env<'_>) -> Iptables {
+    Iptables {
         programs: apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout),
         options: apply::Options {
             reconcile: cfg.reconcile,
@@ -285,7 +303,7 @@ pub fn firewall(cfg: &Config, env: &Env<'_>) -> Box<dyn Firewall> {
         },
         handover: cfg.handover,
         timeout: cfg.restore_timeout,
-    })
+    }
 }
 
 /// The real run: every input checked, capabilities checked, then — on a worker thread that
@@ -294,7 +312,7 @@ pub fn firewall(cfg: &Config, env: &Env<'_>) -> Box<dyn Firewall> {
 /// proxy user with `--skip-rule-apply`).
 fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     let programs = !cfg.skip_rule_apply;
-    let fw = firewall(cfg, env);
+    let (fw, other) = firewalls(cfg, env);
     if programs {
         host::check_group_names(cfg)?;
         caps::preflight(fw.capabilities(), &format!("programming {}", fw.name()))?;
@@ -325,11 +343,15 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
                 };
                 capture::build(cfg, &both)
             };
-            log::info!("--cleanup-only: removing the Istio rules (TPROXY routes are left alone)");
-            fw.remove(&capture)?;
+            log::info!(
+                "--cleanup-only: removing the Istio rules of both modes (TPROXY routes are left \
+                 alone)"
+            );
+            let (a, b) = (fw.remove(&capture), other.remove(&capture));
+            a.and(b)?;
             return Ok(());
         } else {
-            install(cfg, fw.as_ref(), &facts)?;
+            install(cfg, fw.as_ref(), other.as_ref(), &facts)?;
         }
         // The namespace is consistent: a deferred SIGTERM may end the run from here on.
         if let Some(s) = &section {
@@ -348,8 +370,25 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
 
 /// Routes and rules: the routing is read and checked before the backend starts, and only the
 /// additions are left for the last moment before the rules; a failed install removes the
-/// routes this run added.
-fn install(cfg: &Config, fw: &dyn Firewall, facts: &Facts) -> anyhow::Result<()> {
+/// routes this run added. The other mode's rules would capture traffic too: found, they stop
+/// the run, or with `--reconcile` are removed once the new rules are in place.
+fn install(
+    cfg: &Config,
+    fw: &dyn Firewall,
+    other: &dyn Firewall,
+    facts: &Facts,
+) -> anyhow::Result<()> {
+    let found = other.inspect()?;
+    if !found.what.is_empty() && !cfg.reconcile {
+        anyhow::bail!(
+            "this network namespace holds the {} mode's Istio rules ({}): with the {} rules both \
+             would capture traffic; remove them first (istio-init --cleanup-only, which removes \
+             both modes' rules) or run with --reconcile to replace them",
+            other.name(),
+            found.what.join(", "),
+            fw.name()
+        );
+    }
     let capture = capture::build(cfg, facts);
     let plan = route::RoutePlan::new(cfg, facts);
     let rulesets = capture.rulesets();
@@ -389,7 +428,18 @@ fn install(cfg: &Config, fw: &dyn Firewall, facts: &Facts) -> anyhow::Result<()>
         // The rules were rolled back: so are the routes this run added.
         added.undo();
     }
-    installed
+    installed?;
+    if !found.what.is_empty() {
+        other
+            .remove(&capture)
+            .with_context(|| format!("removing the {} mode's rules (--reconcile)", other.name()))?;
+        log::info!(
+            "--reconcile: removed the {} mode's rules ({})",
+            other.name(),
+            found.what.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `explain`: the settings with their sources, then the summary, on stdout.

@@ -6,6 +6,7 @@
 //! state, how a re-run converges and how a failure is undone are each backend's own.
 
 pub mod iptables;
+pub mod nftables;
 
 use crate::capture::Capture;
 

@@ -358,14 +358,15 @@ pub static OPTIONS: &[Opt] = &[
         same("false"),
         "Apply even when the rules are already in place",
     ),
-    not_yet(opt(
+    opt(
         "native-nftables",
         None,
         &["NATIVE_NFTABLES"],
         Bool,
         same("false"),
-        "Use the native nftables backend (not implemented: fails with exit 2)",
-    )),
+        "Use the native nftables backend: the rules as inet tables, applied as one nf_tables \
+         netlink transaction from this process (no program, CAP_NET_ADMIN only)",
+    ),
     opt(
         "force-iptables-binary",
         None,

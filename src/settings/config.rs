@@ -173,6 +173,9 @@ pub struct Config {
     pub handover: bool,
     pub reconcile: bool,
     pub cleanup_only: bool,
+    /// `--native-nftables`: the nftables backend (one netlink transaction) instead of the
+    /// iptables programs.
+    pub native_nftables: bool,
     pub force_apply: bool,
     pub force_backend: Option<IptablesVariant>,
     pub owner_groups: OwnerGroups,
@@ -657,6 +660,7 @@ impl Config {
         let handover = r.flag("handover", "HANDOVER")?;
         let reconcile = r.flag("reconcile", "RECONCILE")?;
         let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
+        let native_nftables = r.flag("native-nftables", "NATIVE_NFTABLES")?;
         let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
 
         let raw = r.raw("force-iptables-binary");
@@ -719,6 +723,7 @@ impl Config {
             handover,
             reconcile,
             cleanup_only,
+            native_nftables,
             force_apply,
             force_backend,
             owner_groups,
@@ -1213,9 +1218,9 @@ pub(crate) mod tests {
                 r#"invalid iptables backend "iptables" in --force-iptables-binary: expected legacy or nft"#,
             ),
             (
-                &["--native-nftables"],
+                &["--cni-mode"],
                 &[],
-                r#"invalid option "true" in --native-nftables: --native-nftables is not implemented by istio-init yet; remove it"#,
+                r#"invalid option "true" in --cni-mode: --cni-mode is not implemented by istio-init yet; remove it"#,
             ),
             (
                 &["--probe-timeout=5"],

@@ -9,11 +9,13 @@
 //! Design: `docs/design.md`, "The iptables backend: apply, roll back, re-run, clean up".
 
 use anyhow::{Context, anyhow, bail};
+use netlink_packet_netfilter::NetfilterProtoFamily;
 
 use self::state::{Layout, Saved, Verdict};
 use crate::backend::{Found, Install};
 use crate::capture::{Capture, Ruleset, Table};
 use crate::net::Family;
+use crate::netlink::tables;
 use crate::settings::config::IptablesVariant;
 
 mod handover;
@@ -127,13 +129,34 @@ impl crate::backend::Firewall for Iptables {
 
     fn inspect(&self) -> anyhow::Result<Found> {
         let mut found = Found::default();
+        // iptables-nft: its ISTIO_* chains are read over netlink (no program runs).
+        for t in tables::list(None).context("listing nf_tables tables")? {
+            let word = match t.family {
+                NetfilterProtoFamily::IPv4 => "ip",
+                NetfilterProtoFamily::IPv6 => "ip6",
+                _ => continue,
+            };
+            if !Table::ALL.iter().any(|x| x.name() == t.name) {
+                continue;
+            }
+            let chains = tables::chains(t.family, &t.name)
+                .with_context(|| format!("listing the chains of {word} {}", t.name))?;
+            if chains.iter().any(|c| state::is_istio_chain(c)) {
+                found.what.push(format!("{word} {} (iptables-nft)", t.name));
+            }
+        }
+        // iptables-legacy: only its programs can read it, and only where its tables exist.
         for family in Family::ALL {
-            for variant in [IptablesVariant::Nft, IptablesVariant::Legacy] {
-                if istio_in(&self.programs, family, variant)? {
-                    found
-                        .what
-                        .push(format!("{family} ISTIO_* chains (iptables-{variant})"));
-                }
+            if self.programs.legacy_tables(family).is_empty() {
+                continue;
+            }
+            match istio_in(&self.programs, family, IptablesVariant::Legacy) {
+                Ok(true) => found.what.push(format!("{family} (iptables-legacy)")),
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "{family}: legacy iptables tables exist in this network namespace, and \
+                     whether they hold Istio rules cannot be read: {e:#}"
+                ),
             }
         }
         Ok(found)
