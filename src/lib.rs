@@ -15,9 +15,9 @@ pub mod explain;
 pub mod host;
 pub mod logging;
 pub mod net;
+pub mod netlink;
 pub mod netns;
 pub mod restore;
-pub mod route;
 pub mod ruleset;
 pub mod state;
 pub mod trace;
@@ -313,7 +313,7 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             return Ok(());
         } else {
             let rulesets = build_all(cfg, &facts);
-            let plan = route::RoutePlan::new(cfg, &facts);
+            let plan = netlink::route::RoutePlan::new(cfg, &facts);
             let opts = apply::Options {
                 reconcile: cfg.reconcile,
                 force_apply: cfg.force_apply,
@@ -332,8 +332,9 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             }
             // Routing is read and checked now, before any program starts; only the additions
             // are left for the last moment before the rules (see apply::apply).
-            let mut routes = Some(route::prepare(&plan).context("configuring TPROXY routing")?);
-            let mut added: Option<route::Added> = None;
+            let mut routes =
+                Some(netlink::route::prepare(&plan).context("configuring TPROXY routing")?);
+            let mut added: Option<netlink::route::Added> = None;
             // What the rules do is logged while the restores start up (they load their
             // libraries meanwhile), so it costs no time on the way to the rules.
             let mut logged = false;

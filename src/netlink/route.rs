@@ -15,211 +15,29 @@
 //! Effects: one `NETLINK_ROUTE` socket in the current thread's network namespace. The
 //! message encoding and decoding are pure functions with unit tests.
 
-use std::net::Ipv6Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{Context, anyhow, bail};
-use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
-    socket,
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
 };
+use netlink_packet_route::route::{
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use nix::errno::Errno;
 
+use super::{CHANGE, CREATE, Error, Socket};
 use crate::config::{Config, Interception};
 use crate::net::Family;
 use crate::ruleset::Facts;
 
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const RTM_NEWADDR: u16 = 20;
-const RTM_DELADDR: u16 = 21;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_GETROUTE: u16 = 26;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-const RTM_GETRULE: u16 = 34;
-
-pub(crate) const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-pub(crate) const NLM_F_DUMP: u16 = 0x300;
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-
-const FRA_FWMARK: u16 = 10;
-const FRA_TABLE: u16 = 15;
-const FRA_FWMASK: u16 = 16;
-const FR_ACT_TO_TBL: u8 = 1;
-
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_TABLE: u16 = 15;
-const RTN_LOCAL: u8 = 2;
-const RT_SCOPE_HOST: u8 = 254;
-const RTPROT_BOOT: u8 = 3;
-
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const IFA_F_NODAD: u8 = 0x02;
-
-fn af(family: Family) -> u8 {
+fn af(family: Family) -> AddressFamily {
     match family {
-        Family::V4 => AF_INET,
-        Family::V6 => AF_INET6,
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
     }
-}
-
-/// Builds one netlink request.
-#[derive(Debug)]
-pub(crate) struct Request {
-    buf: Vec<u8>,
-}
-
-impl Request {
-    pub(crate) fn new(kind: u16, flags: u16, seq: u32) -> Request {
-        let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
-        buf.extend_from_slice(&kind.to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        Request { buf }
-    }
-
-    pub(crate) fn bytes(mut self, b: &[u8]) -> Request {
-        self.buf.extend_from_slice(b);
-        self
-    }
-
-    fn attr(mut self, kind: u16, payload: &[u8]) -> Request {
-        let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
-        self.buf.extend_from_slice(&len.to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(payload);
-        while self.buf.len() % 4 != 0 {
-            self.buf.push(0);
-        }
-        self
-    }
-
-    pub(crate) fn finish(mut self) -> Vec<u8> {
-        let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
-        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
-    }
-}
-
-/// One received netlink message: type and payload (after the 16-byte header).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Message {
-    kind: u16,
-    seq: u32,
-    payload: Vec<u8>,
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Splits a receive buffer into messages.
-fn parse_messages(buf: &[u8]) -> Vec<Message> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let Some(len) = u32_at(buf, off).map(|l| l as usize) else {
-            break;
-        };
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        out.push(Message {
-            kind: u16_at(buf, off + 4).unwrap_or_default(),
-            seq: u32_at(buf, off + 8).unwrap_or_default(),
-            payload: buf[off + 16..off + len].to_vec(),
-        });
-        off += align4(len);
-    }
-    out
-}
-
-/// The attributes after a fixed-size header, as (type, data).
-fn parse_attrs(b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 4 <= b.len() {
-        let len = u16_at(b, off).unwrap_or_default() as usize;
-        let kind = u16_at(b, off + 2).unwrap_or_default() & 0x3fff;
-        if len < 4 || off + len > b.len() {
-            break;
-        }
-        out.push((kind, &b[off + 4..off + len]));
-        off += align4(len);
-    }
-    out
-}
-
-fn attr_u32(attrs: &[(u16, &[u8])], kind: u16) -> Option<u32> {
-    attrs
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .and_then(|(_, d)| u32_at(d, 0))
-}
-
-/// A policy rule as dumped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RuleInfo {
-    action: u8,
-    table: u32,
-    fwmark: Option<u32>,
-    fwmask: Option<u32>,
-    selectors: bool,
-}
-
-fn parse_rule(p: &[u8]) -> Option<RuleInfo> {
-    // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags(u32)
-    let hdr = p.get(..12)?;
-    let attrs = parse_attrs(&p[12..]);
-    Some(RuleInfo {
-        action: hdr[7],
-        table: attr_u32(&attrs, FRA_TABLE).unwrap_or(u32::from(hdr[4])),
-        fwmark: attr_u32(&attrs, FRA_FWMARK),
-        fwmask: attr_u32(&attrs, FRA_FWMASK),
-        selectors: hdr[1] != 0 || hdr[2] != 0 || hdr[3] != 0,
-    })
-}
-
-/// A route as dumped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RouteInfo {
-    table: u32,
-    dst_len: u8,
-    kind: u8,
-    oif: Option<u32>,
-    has_dst: bool,
-}
-
-fn parse_route(p: &[u8]) -> Option<RouteInfo> {
-    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(u32)
-    let hdr = p.get(..12)?;
-    let attrs = parse_attrs(&p[12..]);
-    Some(RouteInfo {
-        table: attr_u32(&attrs, RTA_TABLE).unwrap_or(u32::from(hdr[4])),
-        dst_len: hdr[1],
-        kind: hdr[7],
-        oif: attr_u32(&attrs, RTA_OIF),
-        has_dst: attrs.iter().any(|(k, _)| *k == RTA_DST),
-    })
 }
 
 fn table_byte(table: u32) -> u8 {
@@ -227,194 +45,115 @@ fn table_byte(table: u32) -> u8 {
     u8::try_from(table).unwrap_or(0)
 }
 
-/// `RTM_NEWRULE` (exclusive create) or `RTM_DELRULE` of the same rule.
-fn rule_request(add: bool, family: Family, mark: u32, table: u32, seq: u32) -> Vec<u8> {
-    let hdr = [
-        af(family),
-        0,
-        0,
-        0,
-        table_byte(table),
-        0,
-        0,
-        FR_ACT_TO_TBL,
-        0,
-        0,
-        0,
-        0,
+/// The `fwmark <mark> lookup <table>` policy rule, to add or to remove.
+fn rule_message(family: Family, mark: u32, table: u32) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = af(family);
+    m.header.table = table_byte(table);
+    m.header.action = RuleAction::ToTable;
+    m.attributes = vec![RuleAttribute::FwMark(mark), RuleAttribute::Table(table)];
+    m
+}
+
+/// The `local default dev <oif> table <table>` route, to add or to remove.
+fn route_message(family: Family, table: u32, oif: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = af(family);
+    m.header.table = table_byte(table);
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Host;
+    m.header.kind = RouteType::Local;
+    m.attributes = vec![RouteAttribute::Table(table), RouteAttribute::Oif(oif)];
+    m
+}
+
+/// An IPv6 address on interface `index` (no duplicate address detection), to add or to remove.
+fn addr6_message(addr: Ipv6Addr, prefix: u8, index: u32) -> AddressMessage {
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    m.header.prefix_len = prefix;
+    m.header.flags = AddressHeaderFlags::Nodad;
+    m.header.scope = AddressScope::Universe;
+    m.header.index = index;
+    m.attributes = vec![
+        AddressAttribute::Local(IpAddr::V6(addr)),
+        AddressAttribute::Address(IpAddr::V6(addr)),
     ];
-    let (kind, flags) = change(add, RTM_NEWRULE, RTM_DELRULE);
-    Request::new(kind, flags, seq)
-        .bytes(&hdr)
-        .attr(FRA_FWMARK, &mark.to_ne_bytes())
-        .attr(FRA_TABLE, &table.to_ne_bytes())
-        .finish()
+    m
 }
 
-/// `RTM_NEWROUTE` (exclusive create) or `RTM_DELROUTE` of the `local` default route.
-fn route_request(add: bool, family: Family, table: u32, oif: u32, seq: u32) -> Vec<u8> {
-    let hdr = [
-        af(family),
-        0,
-        0,
-        0,
-        table_byte(table),
-        RTPROT_BOOT,
-        RT_SCOPE_HOST,
-        RTN_LOCAL,
-        0,
-        0,
-        0,
-        0,
-    ];
-    let (kind, flags) = change(add, RTM_NEWROUTE, RTM_DELROUTE);
-    Request::new(kind, flags, seq)
-        .bytes(&hdr)
-        .attr(RTA_TABLE, &table.to_ne_bytes())
-        .attr(RTA_OIF, &oif.to_ne_bytes())
-        .finish()
-}
-
-/// `RTM_NEWADDR` (exclusive create) or `RTM_DELADDR` of an IPv6 address.
-fn addr6_request(add: bool, addr: Ipv6Addr, prefix: u8, ifindex: u32, seq: u32) -> Vec<u8> {
-    let mut hdr = vec![AF_INET6, prefix, IFA_F_NODAD, 0];
-    hdr.extend_from_slice(&ifindex.to_ne_bytes());
-    let (kind, flags) = change(add, RTM_NEWADDR, RTM_DELADDR);
-    Request::new(kind, flags, seq)
-        .bytes(&hdr)
-        .attr(IFA_LOCAL, &addr.octets())
-        .attr(IFA_ADDRESS, &addr.octets())
-        .finish()
-}
-
-/// The message type and flags of an addition (exclusive create) or a removal.
-fn change(add: bool, new: u16, del: u16) -> (u16, u16) {
+/// The add (exclusive create) or remove message of an object, with its header flags.
+fn change<T>(
+    add: bool,
+    object: T,
+    new: fn(T) -> RouteNetlinkMessage,
+    del: fn(T) -> RouteNetlinkMessage,
+) -> (RouteNetlinkMessage, u16) {
     if add {
-        (new, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+        (new(object), CREATE)
     } else {
-        (del, NLM_F_REQUEST | NLM_F_ACK)
+        (del(object), CHANGE)
     }
 }
 
-fn dump_request(kind: u16, family: Family, seq: u32) -> Vec<u8> {
-    Request::new(kind, NLM_F_REQUEST | NLM_F_DUMP, seq)
-        .bytes(&[af(family), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
-        .finish()
+/// A policy rule as dumped, reduced to what the match needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleInfo {
+    action: RuleAction,
+    table: u32,
+    fwmark: Option<u32>,
+    fwmask: Option<u32>,
+    selectors: bool,
 }
 
-/// A netlink socket (`NETLINK_ROUTE` here; `apply::fast` opens a `NETLINK_NETFILTER` one).
-#[derive(Debug)]
-pub(crate) struct Netlink {
-    fd: OwnedFd,
-    seq: u32,
+fn rule_info(m: &RuleMessage) -> RuleInfo {
+    let h = &m.header;
+    let mut info = RuleInfo {
+        action: h.action,
+        table: u32::from(h.table),
+        fwmark: None,
+        fwmask: None,
+        selectors: h.dst_len != 0 || h.src_len != 0 || h.tos != 0,
+    };
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Table(t) => info.table = *t,
+            RuleAttribute::FwMark(v) => info.fwmark = Some(*v),
+            RuleAttribute::FwMask(v) => info.fwmask = Some(*v),
+            _ => {}
+        }
+    }
+    info
 }
 
-impl Netlink {
-    fn open() -> anyhow::Result<Netlink> {
-        Self::open_protocol(SockProtocol::NetlinkRoute)
-    }
+/// A route as dumped, reduced to what the conflict check needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RouteInfo {
+    table: u32,
+    dst_len: u8,
+    kind: RouteType,
+    oif: Option<u32>,
+    has_dst: bool,
+}
 
-    pub(crate) fn open_protocol(protocol: SockProtocol) -> anyhow::Result<Netlink> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            protocol,
-        )
-        .context("opening a netlink socket")?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding the netlink socket")?;
-        Ok(Netlink { fd, seq: 0 })
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq += 1;
-        self.seq
-    }
-
-    fn send(&self, req: &[u8]) -> Result<(), Errno> {
-        send(self.fd.as_raw_fd(), req, MsgFlags::empty()).map(|_| ())
-    }
-
-    fn receive(&self) -> Result<Vec<Message>, Errno> {
-        // A dump answer comes in pieces no larger than NLMSG_GOODSIZE (under 8 KiB) unless
-        // the reader has shown a larger buffer: 8 KiB holds any of them, in two pages.
-        let mut buf = vec![0u8; 8 * 1024];
-        let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        Ok(parse_messages(&buf[..n]))
-    }
-
-    /// Sends a request and waits for its acknowledgement.
-    fn request(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> Result<(), Errno> {
-        let seq = self.next_seq();
-        self.send(&build(seq))?;
-        loop {
-            for m in self.receive()? {
-                if m.seq != seq || m.kind != NLMSG_ERROR {
-                    continue;
-                }
-                let code = u32_at(&m.payload, 0).map_or(0, |c| c as i32);
-                return if code == 0 {
-                    Ok(())
-                } else {
-                    Err(Errno::from_raw(-code))
-                };
-            }
+fn route_info(m: &RouteMessage) -> RouteInfo {
+    let h = &m.header;
+    let mut info = RouteInfo {
+        table: u32::from(h.table),
+        dst_len: h.destination_prefix_length,
+        kind: h.kind,
+        oif: None,
+        has_dst: false,
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => info.table = *t,
+            RouteAttribute::Oif(i) => info.oif = Some(*i),
+            RouteAttribute::Destination(_) => info.has_dst = true,
+            _ => {}
         }
     }
-
-    /// Waits for the acknowledgements of the requests numbered `seqs`, in that order.
-    fn acks(&mut self, seqs: &[u32]) -> Result<Vec<Result<(), Errno>>, Errno> {
-        let mut out: Vec<Option<Result<(), Errno>>> = vec![None; seqs.len()];
-        while out.iter().any(Option::is_none) {
-            for m in self.receive()? {
-                let Some(i) = seqs.iter().position(|&s| s == m.seq) else {
-                    continue;
-                };
-                if m.kind == NLMSG_ERROR {
-                    let code = u32_at(&m.payload, 0).map_or(0, |c| c as i32);
-                    out[i] = Some(if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(Errno::from_raw(-code))
-                    });
-                }
-            }
-        }
-        Ok(out.into_iter().flatten().collect())
-    }
-
-    /// Dumps objects and returns the payloads of the messages of type `kind`.
-    fn dump(&mut self, get: u16, kind: u16, family: Family) -> Result<Vec<Vec<u8>>, Errno> {
-        self.dump_with(|seq| dump_request(get, family, seq), kind)
-    }
-
-    /// Sends the dump request `build` makes for a sequence number and returns the payloads of
-    /// the answers of type `kind`.
-    pub(crate) fn dump_with(
-        &mut self,
-        build: impl FnOnce(u32) -> Vec<u8>,
-        kind: u16,
-    ) -> Result<Vec<Vec<u8>>, Errno> {
-        let seq = self.next_seq();
-        self.send(&build(seq))?;
-        let mut out = Vec::new();
-        loop {
-            for m in self.receive()? {
-                if m.seq != seq {
-                    continue;
-                }
-                match m.kind {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = u32_at(&m.payload, 0).map_or(0, |c| c as i32);
-                        return Err(Errno::from_raw(-code));
-                    }
-                    k if k == kind => out.push(m.payload),
-                    _ => {}
-                }
-            }
-        }
-    }
+    info
 }
 
 /// What the routing step does, derived from the configuration.
@@ -482,17 +221,30 @@ impl Step {
         }
     }
 
-    fn request(self, add: bool, lo: u32, seq: u32) -> Vec<u8> {
+    /// The message that adds (exclusive create) or removes this object, with its header flags.
+    fn message(self, add: bool, lo: u32) -> (RouteNetlinkMessage, u16) {
+        use RouteNetlinkMessage as M;
         match self {
             Step::Passthrough => {
-                addr6_request(add, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6), 128, lo, seq)
+                let addr = addr6_message(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6), 128, lo);
+                change(add, addr, M::NewAddress, M::DelAddress)
             }
             Step::Rule {
                 family,
                 mark,
                 table,
-            } => rule_request(add, family, mark, table, seq),
-            Step::Route { family, table } => route_request(add, family, table, lo, seq),
+            } => change(
+                add,
+                rule_message(family, mark, table),
+                M::NewRule,
+                M::DelRule,
+            ),
+            Step::Route { family, table } => change(
+                add,
+                route_message(family, table, lo),
+                M::NewRoute,
+                M::DelRoute,
+            ),
         }
     }
 }
@@ -500,7 +252,7 @@ impl Step {
 /// The routing changes a plan still needs, found without changing anything.
 #[derive(Debug)]
 pub struct Prepared {
-    nl: Option<Netlink>,
+    nl: Option<Socket>,
     lo: u32,
     steps: Vec<Step>,
 }
@@ -508,7 +260,7 @@ pub struct Prepared {
 /// What [`Prepared::commit`] added (objects that already existed are not in it).
 #[derive(Debug)]
 pub struct Added {
-    nl: Option<Netlink>,
+    nl: Option<Socket>,
     lo: u32,
     steps: Vec<Step>,
     /// Objects found already in place when adding (EEXIST).
@@ -526,7 +278,7 @@ pub fn prepare(plan: &RoutePlan) -> anyhow::Result<Prepared> {
             steps: Vec::new(),
         });
     }
-    let mut nl = Netlink::open()?;
+    let mut nl = Socket::route()?;
     let lo = nix::net::if_::if_nametoindex("lo").context("looking up the lo interface")?;
     let mut steps = Vec::new();
     if plan.passthrough_v6 {
@@ -575,15 +327,10 @@ impl Prepared {
         if steps.is_empty() {
             return Ok(added);
         }
-        let seqs: Vec<u32> = steps.iter().map(|_| nl.next_seq()).collect();
-        let batch: Vec<u8> = steps
-            .iter()
-            .zip(&seqs)
-            .flat_map(|(step, &seq)| step.request(true, lo, seq))
-            .collect();
-        nl.send(&batch)
+        let seqs = nl
+            .send_all(steps.iter().map(|step| step.message(true, lo)))
             .map_err(|e| anyhow!("adding the TPROXY routing: sending the netlink batch: {e}"))?;
-        let acks = nl.acks(&seqs).map_err(|e| {
+        let acks = nl.acks::<RouteNetlinkMessage>(&seqs).map_err(|e| {
             anyhow!(
                 "adding the TPROXY routing: reading the kernel's answers: {e}; some of {} may \
                  have been added (istio-init --cleanup-only leaves routing alone; check `ip \
@@ -631,8 +378,9 @@ impl Added {
         let lo = self.lo;
         let Some(nl) = self.nl.as_mut() else { return };
         for step in self.steps.drain(..).rev() {
-            match nl.request(|seq| step.request(false, lo, seq)) {
-                Ok(()) | Err(Errno::ENOENT | Errno::ESRCH | Errno::EADDRNOTAVAIL) => {
+            let (msg, flags) = step.message(false, lo);
+            match nl.request(msg, flags) {
+                Ok(()) | Err(Error::Os(Errno::ENOENT | Errno::ESRCH | Errno::EADDRNOTAVAIL)) => {
                     log::info!("removed the {} again", step.describe());
                 }
                 Err(e) => log::error!("could not remove the {}: {e}", step.describe()),
@@ -649,39 +397,57 @@ pub fn configure(plan: &RoutePlan) -> anyhow::Result<Added> {
     Ok(added)
 }
 
-fn rule_exists(nl: &mut Netlink, family: Family, mark: u32, table: u32) -> anyhow::Result<bool> {
+/// Whether a dumped rule is exactly `fwmark <mark> lookup <table>` (a mask of all ones is the
+/// same as none; any other selector makes it a different rule).
+fn is_tproxy_rule(r: &RuleInfo, mark: u32, table: u32) -> bool {
+    r.action == RuleAction::ToTable
+        && r.table == table
+        && r.fwmark == Some(mark)
+        && r.fwmask.is_none_or(|m| m == u32::MAX)
+        && !r.selectors
+}
+
+fn rule_exists(nl: &mut Socket, family: Family, mark: u32, table: u32) -> anyhow::Result<bool> {
+    let mut get = RuleMessage::default();
+    get.header.family = af(family);
     let rules = nl
-        .dump(RTM_GETRULE, RTM_NEWRULE, family)
+        .dump(RouteNetlinkMessage::GetRule(get))
         .map_err(|e| anyhow!("listing the {family} policy rules: {e}"))?;
-    Ok(rules.iter().filter_map(|p| parse_rule(p)).any(|r| {
-        r.action == FR_ACT_TO_TBL
-            && r.table == table
-            && r.fwmark == Some(mark)
-            && r.fwmask.is_none_or(|m| m == u32::MAX)
-            && !r.selectors
+    Ok(rules.iter().any(|m| match m {
+        RouteNetlinkMessage::NewRule(r) => is_tproxy_rule(&rule_info(r), mark, table),
+        _ => false,
     }))
 }
 
+/// The default route (no destination) of `table` among dumped routes.
+fn default_route(routes: &[RouteNetlinkMessage], table: u32) -> Option<RouteInfo> {
+    routes
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => Some(route_info(r)),
+            _ => None,
+        })
+        .find(|r| r.table == table && r.dst_len == 0 && !r.has_dst)
+}
+
 fn local_route_exists(
-    nl: &mut Netlink,
+    nl: &mut Socket,
     family: Family,
     table: u32,
     lo: u32,
 ) -> anyhow::Result<bool> {
     let what = Step::Route { family, table }.describe();
+    let mut get = RouteMessage::default();
+    get.header.address_family = af(family);
     let routes = nl
-        .dump(RTM_GETROUTE, RTM_NEWROUTE, family)
+        .dump(RouteNetlinkMessage::GetRoute(get))
         .map_err(|e| anyhow!("listing the {family} routes: {e}"))?;
-    let default = routes
-        .iter()
-        .filter_map(|p| parse_route(p))
-        .find(|r| r.table == table && r.dst_len == 0 && !r.has_dst);
-    match default {
-        Some(r) if r.kind == RTN_LOCAL && r.oif == Some(lo) => Ok(true),
+    match default_route(&routes, table) {
+        Some(r) if r.kind == RouteType::Local && r.oif == Some(lo) => Ok(true),
         Some(r) => bail!(
             "adding the {what}: table {table} already has a different default route (type {}, \
              interface index {}); choose another table with --istio-inbound-tproxy-route-table",
-            r.kind,
+            u8::from(r.kind),
             r.oif.map_or("none".into(), |i| i.to_string())
         ),
         None => Ok(false),
@@ -690,44 +456,92 @@ fn local_route_exists(
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+
+    use super::super::{encode, split};
     use super::*;
+
+    /// Encodes a step's message as the batch does and decodes it back through the crates.
+    fn round_trip(step: Step, add: bool, lo: u32, seq: u32) -> (Vec<u8>, u16, RouteNetlinkMessage) {
+        let (msg, flags) = step.message(add, lo);
+        let mut buf = Vec::new();
+        encode(&mut buf, msg, flags, seq);
+        let parts = split(&buf).unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].0.sequence_number, seq);
+        let decoded = NetlinkMessage::<RouteNetlinkMessage>::deserialize(parts[0].1).unwrap();
+        let NetlinkPayload::InnerMessage(m) = decoded.payload else {
+            panic!("not a route message: {decoded:?}");
+        };
+        let flags = parts[0].0.flags;
+        (buf, flags, m)
+    }
 
     #[test]
     fn rule_request_layout() {
-        let r = rule_request(true, Family::V4, 1337, 133, 7);
+        let step = Step::Rule {
+            family: Family::V4,
+            mark: 1337,
+            table: 133,
+        };
+        let (r, flags, m) = round_trip(step, true, 1, 7);
+        // Header, struct fib_rule_hdr, FRA_FWMARK and FRA_TABLE (u32 each).
         assert_eq!(r.len(), 16 + 12 + 8 + 8);
-        assert_eq!(u32_at(&r, 0), Some(44));
-        assert_eq!(u16_at(&r, 4), Some(RTM_NEWRULE));
-        assert_eq!(u32_at(&r, 8), Some(7));
-        assert_eq!(r[16], AF_INET);
+        assert_eq!(flags, CREATE);
+        assert_eq!(r[16], u8::from(AddressFamily::Inet));
         assert_eq!(r[16 + 4], 133);
-        assert_eq!(r[16 + 7], FR_ACT_TO_TBL);
-        let info = parse_rule(&r[16..]).unwrap();
+        assert_eq!(r[16 + 7], u8::from(RuleAction::ToTable));
+        let RouteNetlinkMessage::NewRule(rule) = m else {
+            panic!("not a new rule: {m:?}");
+        };
+        let info = rule_info(&rule);
         assert_eq!(info.fwmark, Some(1337));
         assert_eq!(info.table, 133);
+        assert!(is_tproxy_rule(&info, 1337, 133));
+        assert!(!is_tproxy_rule(&info, 1338, 133));
+        let masked = RuleInfo {
+            fwmask: Some(0xff),
+            ..info.clone()
+        };
+        assert!(!is_tproxy_rule(&masked, 1337, 133));
+        let (_, flags, m) = round_trip(step, false, 1, 8);
+        assert_eq!(flags, CHANGE);
+        assert!(matches!(m, RouteNetlinkMessage::DelRule(r) if r == rule));
     }
 
     #[test]
     fn big_tables_go_in_the_attribute() {
-        let r = route_request(true, Family::V6, 1000, 1, 1);
-        let info = parse_route(&r[16..]).unwrap();
+        let step = Step::Route {
+            family: Family::V6,
+            table: 1000,
+        };
+        let (r, _, m) = round_trip(step, true, 1, 1);
         assert_eq!(r[16 + 4], 0);
+        let routes = [m];
+        let info = default_route(&routes, 1000).expect("the default route of table 1000");
         assert_eq!(info.table, 1000);
-        assert_eq!(info.kind, RTN_LOCAL);
+        assert_eq!(info.kind, RouteType::Local);
         assert_eq!(info.oif, Some(1));
         assert!(!info.has_dst);
+        assert_eq!(default_route(&routes, 232), None);
     }
 
     #[test]
-    fn messages_split_on_aligned_boundaries() {
-        let mut buf = addr6_request(true, Ipv6Addr::LOCALHOST, 128, 1, 1);
-        buf.extend(dump_request(RTM_GETROUTE, Family::V4, 2));
-        let msgs = parse_messages(&buf);
-        assert_eq!(msgs.len(), 2);
-        assert_eq!(msgs[0].kind, RTM_NEWADDR);
-        assert_eq!(msgs[1].seq, 2);
-        let attrs = parse_attrs(&msgs[0].payload[8..]);
-        assert_eq!(attrs.len(), 2);
-        assert_eq!(attrs[0].1, Ipv6Addr::LOCALHOST.octets());
+    fn passthrough_address_layout() {
+        let (r, flags, m) = round_trip(Step::Passthrough, true, 1, 3);
+        // Header, struct ifaddrmsg, IFA_LOCAL and IFA_ADDRESS (16 bytes each).
+        assert_eq!(r.len(), 16 + 8 + 20 + 20);
+        assert_eq!(flags, CREATE);
+        let RouteNetlinkMessage::NewAddress(a) = m else {
+            panic!("not a new address: {m:?}");
+        };
+        assert_eq!(a.header.prefix_len, 128);
+        assert_eq!(a.header.index, 1);
+        assert!(a.header.flags.contains(AddressHeaderFlags::Nodad));
+        let six = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+        assert_eq!(
+            a.attributes,
+            vec![AddressAttribute::Local(six), AddressAttribute::Address(six)]
+        );
     }
 }
