@@ -39,7 +39,7 @@
 //!   which the kernel sends SIGHUP (ending both, nothing applied), and one after it finds
 //!   both with their whole input (both complete). The TPROXY routes are added
 //!   (`before_rules` of [`apply`]) while they are held, just before the release. What
-//!   remains: the routes go in as one netlink batch, in one system call (`route.rs`), which
+//!   remains: the routes go in as one netlink batch, in one system call (`netlink/route.rs`), which
 //!   the kernel completes even when a SIGKILL arrives meanwhile — istio-init then dies before
 //!   the release, leaving every route and no rule (inert: nothing sets the mark they match;
 //!   about 1 in 100 random SIGKILLs of a dual-stack TPROXY run land in that system call);

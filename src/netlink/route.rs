@@ -12,8 +12,9 @@
 //! last moment before the rules are written) and undoes its own additions when one fails; and
 //! [`Added::undo`] removes exactly what this run added when the rules then fail.
 //!
-//! Effects: one `NETLINK_ROUTE` socket in the current thread's network namespace. The
-//! message encoding and decoding are pure functions with unit tests.
+//! Effects: one `NETLINK_ROUTE` socket ([`super::Socket`]) in the current thread's network
+//! namespace. The messages are `netlink-packet-route` types; building them and reading the
+//! dumped ones are pure functions with unit tests.
 
 use std::net::{IpAddr, Ipv6Addr};
 
