@@ -19,6 +19,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{Context, anyhow, bail};
+use netlink_packet_core::Emitable;
 use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
 };
@@ -29,7 +30,7 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::errno::Errno;
 
-use super::{CHANGE, CREATE, Error, Socket};
+use super::{CHANGE, CREATE, Error, Message, Socket};
 use crate::config::{Config, Interception};
 use crate::net::Family;
 use crate::ruleset::Facts;
@@ -83,17 +84,60 @@ fn addr6_message(addr: Ipv6Addr, prefix: u8, index: u32) -> AddressMessage {
     m
 }
 
+/// The message type `netlink-packet-route` gives a kind of message (`NewRule`, `GetRoute`, …).
+fn kind<T: Default>(variant: fn(T) -> RouteNetlinkMessage) -> u16 {
+    variant(T::default()).message_type()
+}
+
+/// The bodies of the messages that change routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Body {
+    Rule(RuleMessage),
+    Route(RouteMessage),
+    Address(AddressMessage),
+}
+
+impl Emitable for Body {
+    fn buffer_len(&self) -> usize {
+        match self {
+            Body::Rule(m) => m.buffer_len(),
+            Body::Route(m) => m.buffer_len(),
+            Body::Address(m) => m.buffer_len(),
+        }
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        match self {
+            Body::Rule(m) => m.emit(buffer),
+            Body::Route(m) => m.emit(buffer),
+            Body::Address(m) => m.emit(buffer),
+        }
+    }
+}
+
 /// The add (exclusive create) or remove message of an object, with its header flags.
-fn change<T>(
+fn change<T: Default>(
     add: bool,
-    object: T,
+    body: Body,
     new: fn(T) -> RouteNetlinkMessage,
     del: fn(T) -> RouteNetlinkMessage,
-) -> (RouteNetlinkMessage, u16) {
+) -> (Message<Body>, u16) {
     if add {
-        (new(object), CREATE)
+        (
+            Message {
+                kind: kind(new),
+                body,
+            },
+            CREATE,
+        )
     } else {
-        (del(object), CHANGE)
+        (
+            Message {
+                kind: kind(del),
+                body,
+            },
+            CHANGE,
+        )
     }
 }
 
@@ -223,29 +267,25 @@ impl Step {
     }
 
     /// The message that adds (exclusive create) or removes this object, with its header flags.
-    fn message(self, add: bool, lo: u32) -> (RouteNetlinkMessage, u16) {
+    fn message(self, add: bool, lo: u32) -> (Message<Body>, u16) {
         use RouteNetlinkMessage as M;
         match self {
             Step::Passthrough => {
                 let addr = addr6_message(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6), 128, lo);
-                change(add, addr, M::NewAddress, M::DelAddress)
+                change(add, Body::Address(addr), M::NewAddress, M::DelAddress)
             }
             Step::Rule {
                 family,
                 mark,
                 table,
-            } => change(
-                add,
-                rule_message(family, mark, table),
-                M::NewRule,
-                M::DelRule,
-            ),
-            Step::Route { family, table } => change(
-                add,
-                route_message(family, table, lo),
-                M::NewRoute,
-                M::DelRoute,
-            ),
+            } => {
+                let rule = rule_message(family, mark, table);
+                change(add, Body::Rule(rule), M::NewRule, M::DelRule)
+            }
+            Step::Route { family, table } => {
+                let route = route_message(family, table, lo);
+                change(add, Body::Route(route), M::NewRoute, M::DelRoute)
+            }
         }
     }
 }
@@ -331,7 +371,7 @@ impl Prepared {
         let seqs = nl
             .send_all(steps.iter().map(|step| step.message(true, lo)))
             .map_err(|e| anyhow!("adding the TPROXY routing: sending the netlink batch: {e}"))?;
-        let acks = nl.acks::<RouteNetlinkMessage>(&seqs).map_err(|e| {
+        let acks = nl.acks(&seqs).map_err(|e| {
             anyhow!(
                 "adding the TPROXY routing: reading the kernel's answers: {e}; some of {} may \
                  have been added (istio-init --cleanup-only leaves routing alone; check `ip \
@@ -411,23 +451,23 @@ fn is_tproxy_rule(r: &RuleInfo, mark: u32, table: u32) -> bool {
 fn rule_exists(nl: &mut Socket, family: Family, mark: u32, table: u32) -> anyhow::Result<bool> {
     let mut get = RuleMessage::default();
     get.header.family = af(family);
+    let get = Message {
+        kind: kind(RouteNetlinkMessage::GetRule),
+        body: get,
+    };
     let rules = nl
-        .dump(RouteNetlinkMessage::GetRule(get))
+        .dump(get, kind(RouteNetlinkMessage::NewRule))
         .map_err(|e| anyhow!("listing the {family} policy rules: {e}"))?;
-    Ok(rules.iter().any(|m| match m {
-        RouteNetlinkMessage::NewRule(r) => is_tproxy_rule(&rule_info(r), mark, table),
-        _ => false,
-    }))
+    Ok(rules
+        .iter()
+        .any(|r| is_tproxy_rule(&rule_info(r), mark, table)))
 }
 
 /// The default route (no destination) of `table` among dumped routes.
-fn default_route(routes: &[RouteNetlinkMessage], table: u32) -> Option<RouteInfo> {
+fn default_route(routes: &[RouteMessage], table: u32) -> Option<RouteInfo> {
     routes
         .iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(r) => Some(route_info(r)),
-            _ => None,
-        })
+        .map(route_info)
         .find(|r| r.table == table && r.dst_len == 0 && !r.has_dst)
 }
 
@@ -440,8 +480,12 @@ fn local_route_exists(
     let what = Step::Route { family, table }.describe();
     let mut get = RouteMessage::default();
     get.header.address_family = af(family);
+    let get = Message {
+        kind: kind(RouteNetlinkMessage::GetRoute),
+        body: get,
+    };
     let routes = nl
-        .dump(RouteNetlinkMessage::GetRoute(get))
+        .dump(get, kind(RouteNetlinkMessage::NewRoute))
         .map_err(|e| anyhow!("listing the {family} routes: {e}"))?;
     match default_route(&routes, table) {
         Some(r) if r.kind == RouteType::Local && r.oif == Some(lo) => Ok(true),
@@ -462,7 +506,8 @@ mod tests {
     use super::super::{encode, split};
     use super::*;
 
-    /// Encodes a step's message as the batch does and decodes it back through the crates.
+    /// Encodes a step's message as the batch does, and decodes it back with the crate's
+    /// all-kinds decoder (which checks the message type too).
     fn round_trip(step: Step, add: bool, lo: u32, seq: u32) -> (Vec<u8>, u16, RouteNetlinkMessage) {
         let (msg, flags) = step.message(add, lo);
         let mut buf = Vec::new();
@@ -518,7 +563,10 @@ mod tests {
         };
         let (r, _, m) = round_trip(step, true, 1, 1);
         assert_eq!(r[16 + 4], 0);
-        let routes = [m];
+        let RouteNetlinkMessage::NewRoute(route) = m else {
+            panic!("not a new route: {m:?}");
+        };
+        let routes = [route];
         let info = default_route(&routes, 1000).expect("the default route of table 1000");
         assert_eq!(info.table, 1000);
         assert_eq!(info.kind, RouteType::Local);

@@ -5,13 +5,12 @@
 //! Effects: one `NETLINK_NETFILTER` socket and one dump.
 
 use anyhow::anyhow;
+use netlink_packet_core::{DecodeError, Emitable, NetlinkSerializable, Parseable};
 use netlink_packet_netfilter::nftables::{NfTablesMessage, TableAttribute, TableMessage};
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use nix::libc::NFNETLINK_V0;
 
-use super::Socket;
+use super::{Message, Socket};
 use crate::net::Family;
 
 /// One nf_tables table.
@@ -30,29 +29,69 @@ pub fn nfproto(family: Family) -> NetfilterProtoFamily {
     }
 }
 
-/// The request that dumps the tables of `family` (every family: `Unspec`).
-fn request(family: NetfilterProtoFamily) -> NetfilterMessage {
-    // NFNETLINK_V0 is a u32 in libc; the header field is its one byte.
-    let version = u8::try_from(NFNETLINK_V0).unwrap_or_default();
-    NetfilterMessage::new(
-        NetfilterHeader::new(family, version, 0),
-        NfTablesMessage::GetTable(TableMessage {
-            attributes: Vec::new(),
-        }),
-    )
+/// A table message: the nfnetlink header (family) and the table's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TableBody {
+    header: NetfilterHeader,
+    table: TableMessage,
 }
 
-/// The table an answer of the dump describes, if it is one.
-fn table(m: NetfilterMessage) -> Option<Table> {
-    let NetfilterMessageInner::NfTables(NfTablesMessage::NewTable(t)) = m.inner else {
-        return None;
-    };
-    let name = t.attributes.into_iter().find_map(|a| match a {
+impl Emitable for TableBody {
+    fn buffer_len(&self) -> usize {
+        self.header.buffer_len() + self.table.attributes.as_slice().buffer_len()
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        self.header.emit(buffer);
+        let rest = &mut buffer[self.header.buffer_len()..];
+        self.table.attributes.as_slice().emit(rest);
+    }
+}
+
+impl Parseable<[u8]> for TableBody {
+    fn parse(buf: &[u8]) -> Result<TableBody, DecodeError> {
+        let header = NetfilterHeader::parse(buf)?;
+        let rest = buf.get(header.buffer_len()..).unwrap_or_default();
+        Ok(TableBody {
+            header,
+            table: TableMessage::parse(rest)?,
+        })
+    }
+}
+
+fn no_attributes() -> TableMessage {
+    TableMessage {
+        attributes: Vec::new(),
+    }
+}
+
+/// The message type `netlink-packet-netfilter` gives a kind of table message.
+fn kind(variant: fn(TableMessage) -> NfTablesMessage) -> u16 {
+    let header = NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0);
+    NetfilterMessage::new(header, variant(no_attributes())).message_type()
+}
+
+/// The request that dumps the tables of `family` (every family: `Unspec`).
+fn request(family: NetfilterProtoFamily) -> Message<TableBody> {
+    // NFNETLINK_V0 is a u32 in libc; the header field is its one byte.
+    let version = u8::try_from(NFNETLINK_V0).unwrap_or_default();
+    Message {
+        kind: kind(NfTablesMessage::GetTable),
+        body: TableBody {
+            header: NetfilterHeader::new(family, version, 0),
+            table: no_attributes(),
+        },
+    }
+}
+
+/// The table an answer of the dump describes, if it names one.
+fn table(body: TableBody) -> Option<Table> {
+    let name = body.table.attributes.into_iter().find_map(|a| match a {
         TableAttribute::Name(n) => Some(n),
         _ => None,
     })?;
     Some(Table {
-        family: m.header.family,
+        family: body.header.family,
         name,
     })
 }
@@ -62,7 +101,7 @@ pub fn list(family: Option<Family>) -> anyhow::Result<Vec<Table>> {
     let proto = family.map_or(NetfilterProtoFamily::Unspec, nfproto);
     let mut nl = Socket::netfilter()?;
     let answers = nl
-        .dump(request(proto))
+        .dump(request(proto), kind(NfTablesMessage::NewTable))
         .map_err(|e| anyhow!("listing nf_tables tables: {e}"))?;
     Ok(answers.into_iter().filter_map(table).collect())
 }
@@ -70,8 +109,9 @@ pub fn list(family: Option<Family>) -> anyhow::Result<Vec<Table>> {
 #[cfg(test)]
 mod tests {
     use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+    use netlink_packet_netfilter::NetfilterMessageInner;
 
-    use super::super::{DUMP, encode, split};
+    use super::super::{DUMP, decode, encode, split};
     use super::*;
 
     #[test]
@@ -83,18 +123,21 @@ mod tests {
         assert_eq!(buf[16], u8::from(NetfilterProtoFamily::IPv6));
         let parts = split(&buf).unwrap();
         assert_eq!((parts[0].0.sequence_number, parts[0].0.flags), (5, DUMP));
+        // The crate's all-kinds decoder reads it as a GETTABLE of that family.
         let back = NetlinkMessage::<NetfilterMessage>::deserialize(parts[0].1).unwrap();
+        let NetlinkPayload::InnerMessage(m) = back.payload else {
+            panic!("not a netfilter message: {back:?}");
+        };
+        assert_eq!(m.header.family, NetfilterProtoFamily::IPv6);
         assert!(matches!(
-            back.payload,
-            NetlinkPayload::InnerMessage(NetfilterMessage {
-                inner: NetfilterMessageInner::NfTables(NfTablesMessage::GetTable(_)),
-                ..
-            })
+            m.inner,
+            NetfilterMessageInner::NfTables(NfTablesMessage::GetTable(_))
         ));
     }
 
     #[test]
     fn an_answer_gives_the_family_and_name() {
+        // The kernel's answer, as the crate's all-kinds encoder writes it.
         let answer = NetfilterMessage::new(
             NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
             NfTablesMessage::NewTable(TableMessage {
@@ -104,20 +147,21 @@ mod tests {
                 ],
             }),
         );
-        // Through the wire format, as the kernel's answer arrives.
         let mut buf = Vec::new();
-        encode(&mut buf, answer, 0, 1);
-        let back = NetlinkMessage::<NetfilterMessage>::deserialize(&buf).unwrap();
-        let NetlinkPayload::InnerMessage(m) = back.payload else {
-            panic!("not a netfilter message: {back:?}");
-        };
+        let mut m = NetlinkMessage::from(answer);
+        m.finalize();
+        buf.resize(m.buffer_len(), 0);
+        m.serialize(&mut buf);
+        let back = decode::<TableBody>(&buf).unwrap();
+        assert_eq!(back.kind, kind(NfTablesMessage::NewTable));
+        assert_ne!(back.kind, kind(NfTablesMessage::GetTable));
         assert_eq!(
-            table(m),
+            table(back.body),
             Some(Table {
                 family: NetfilterProtoFamily::Inet,
                 name: "istio-proxy-nat".into(),
             })
         );
-        assert_eq!(table(request(NetfilterProtoFamily::IPv4)), None);
+        assert_eq!(table(request(NetfilterProtoFamily::IPv4).body), None);
     }
 }
