@@ -15,7 +15,6 @@ pub mod logging;
 pub mod net;
 pub mod netlink;
 pub mod nft;
-pub mod route;
 pub mod settings;
 pub mod sys;
 pub mod trace;
@@ -26,8 +25,8 @@ use std::io::Write;
 use anyhow::Context;
 
 use crate::backend::iptables::Iptables;
-use crate::backend::nftables::Nftables;
 use crate::backend::iptables::{self as apply, render as restore};
+use crate::backend::nftables::Nftables;
 use crate::backend::{Firewall, Install};
 use crate::capture::{Capture, Facts, Ruleset};
 use crate::exit::UsageError;
@@ -390,10 +389,10 @@ fn install(
         );
     }
     let capture = capture::build(cfg, facts);
-    let plan = route::RoutePlan::new(cfg, facts);
+    let plan = netlink::route::RoutePlan::new(cfg, facts);
     let rulesets = capture.rulesets();
-    let mut routes = Some(route::prepare(&plan).context("configuring TPROXY routing")?);
-    let mut added: Option<route::Added> = None;
+    let mut routes = Some(netlink::route::prepare(&plan).context("configuring TPROXY routing")?);
+    let mut added: Option<netlink::route::Added> = None;
     // What the rules do is logged while the backend gets ready (the restores load their
     // libraries meanwhile), so it costs no time on the way to the rules.
     let mut logged = false;

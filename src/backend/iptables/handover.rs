@@ -16,19 +16,14 @@ use std::time::Duration;
 use anyhow::anyhow;
 use nix::fcntl::OFlag;
 use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
-use nix::sys::socket::SockProtocol;
 use nix::unistd::pipe2;
 
 use crate::capture::Ruleset;
 use crate::net::Family;
-use crate::route::{NLM_F_DUMP, NLM_F_REQUEST, Netlink, Request};
+use crate::netlink::tables;
 use crate::settings::config::IptablesVariant;
 
 use super::{Options, Programs, System};
-
-/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE`, and the `NFT_MSG_NEWTABLE` answers.
-const NFT_GETTABLE: u16 = (10 << 8) | 1;
-const NFT_NEWTABLE: u16 = 10 << 8;
 
 /// Everything needed to hand over to the restore.
 #[derive(Debug)]
@@ -49,27 +44,6 @@ pub struct Plain {
     /// Nothing to do before or after the rules: no `--netns`, `--run-validation`, `--cleanup-only`,
     /// TPROXY route or `::6` address.
     pub rules_only: bool,
-}
-
-/// The number of nf_tables tables of `family` in this thread's network namespace.
-fn nft_tables(family: Family) -> anyhow::Result<usize> {
-    let nfproto: u8 = match family {
-        Family::V4 => 2,  // NFPROTO_IPV4
-        Family::V6 => 10, // NFPROTO_IPV6
-    };
-    let mut nl = Netlink::open_protocol(SockProtocol::NetlinkNetFilter)?;
-    let tables = nl
-        .dump_with(
-            |seq| {
-                // struct nfgenmsg: family, version (NFNETLINK_V0), resource id.
-                Request::new(NFT_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, seq)
-                    .bytes(&[nfproto, 0, 0, 0])
-                    .finish()
-            },
-            NFT_NEWTABLE,
-        )
-        .map_err(|e| anyhow!("listing nf_tables tables: {e}"))?;
-    Ok(tables.len())
 }
 
 /// The restore's stdin holding `text` whole: a pipe when it fits in one page, which every
@@ -126,7 +100,7 @@ pub fn handover(
     if !sys.legacy_tables(family).is_empty() {
         return why_not("legacy tables exist");
     }
-    match nft_tables(family) {
+    match tables::list(Some(family)).map(|t| t.len()) {
         Ok(0) => {}
         Ok(n) => return why_not(&format!("nf_tables already holds {n} {family} tables")),
         Err(e) => return why_not(&format!("{e:#}")),

@@ -76,7 +76,12 @@ fn chains(capture: &Capture, table: Table) -> Vec<&'static str> {
             }
         }
     }
-    let rank = |c: &&str| CHAIN_ORDER.iter().position(|o| o == c).unwrap_or(usize::MAX);
+    let rank = |c: &&str| {
+        CHAIN_ORDER
+            .iter()
+            .position(|o| o == c)
+            .unwrap_or(usize::MAX)
+    };
     used.sort_by_key(rank);
     used
 }

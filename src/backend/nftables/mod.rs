@@ -112,7 +112,10 @@ impl Firewall for Nftables {
 
     fn inspect(&self) -> anyhow::Result<Found> {
         Ok(Found {
-            what: present()?.into_iter().map(|t| format!("inet {t}")).collect(),
+            what: present()?
+                .into_iter()
+                .map(|t| format!("inet {t}"))
+                .collect(),
         })
     }
 }
