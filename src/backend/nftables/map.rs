@@ -202,11 +202,13 @@ pub fn statements(
     if proto.is_none() && matches!(rule.target, Target::Jump(chain::ISTIO_DROP)) {
         out.push(Stmt::L4Proto(L4::Tcp));
     }
-    // A rule only one family needs, without an address to say so.
+    // A rule only one family needs, without an address to say so. A jump is left for both
+    // (as Istio writes it): the other family finds no rule of its own in the target chain.
     let has_addr = matches
         .iter()
         .any(|m| matches!(m, Match::Src(_) | Match::Dst { .. }));
-    if let (Some(f), false) = (rule.family, has_addr) {
+    let jump = matches!(rule.target, Target::Jump(_));
+    if let (Some(f), false, false) = (rule.family, has_addr, jump) {
         out.push(Stmt::NfProto(f));
     }
     let port_proto = proto.unwrap_or(L4::Tcp);
