@@ -20,7 +20,7 @@
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
-use istio_init::cli::INJECTOR_DEFAULT_ARGS;
+use istio_init::settings::cli::INJECTOR_DEFAULT_ARGS;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

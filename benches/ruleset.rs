@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use istio_init::cli;
-use istio_init::config::{Config, Inputs};
-use istio_init::ruleset::{Facts, build};
+use istio_init::capture::{Facts, build};
+use istio_init::settings::cli;
+use istio_init::settings::config::{Config, Inputs};
 
 /// Config → ruleset → text, from a parsed command line.
 fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
@@ -19,13 +19,15 @@ fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
         flags: &inv.flags,
         env: &env,
         user_uid: &|_| None,
-        pod: &istio_init::config::NO_POD,
+        pod: &istio_init::settings::config::NO_POD,
     })
     .expect("valid config");
     facts
         .families()
         .into_iter()
-        .map(|f| build(&cfg, facts, f).to_string().len())
+        .map(|f| {
+            istio_init::backend::iptables::render::ruleset_text(&build(&cfg, facts).family(f)).len()
+        })
         .sum()
 }
 

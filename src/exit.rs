@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::config::ConfigError;
+use crate::settings::source::ConfigError;
 
 /// The rules are in place (or there was nothing to do, or the dry run printed them).
 pub const SUCCESS: u8 = 0;

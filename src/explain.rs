@@ -6,9 +6,11 @@
 
 use std::fmt::Write;
 
-use crate::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups, Source, join};
+use crate::capture::{DNS_PORT, Facts, dns_capture};
 use crate::net::Family;
-use crate::ruleset::{DNS_PORT, Facts, dns_capture};
+use crate::settings::config::{
+    Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups, Source, join,
+};
 
 /// The settings table: `KEY  value  source`, aligned, one line per setting.
 pub fn settings(cfg: &Config) -> String {
@@ -299,8 +301,8 @@ pub fn explain(cfg: &Config, facts: &Facts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     #[test]
     fn default_sidecar_summary() {

@@ -8,9 +8,9 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 
-use crate::config::{Config, ConfigError, Ipv6Mode, OwnerGroups, Source};
 use crate::exit::UsageError;
 use crate::net::{Family, Group};
+use crate::settings::config::{Config, ConfigError, Ipv6Mode, OwnerGroups, Source};
 
 /// Looks a user up in `/etc/passwd` (no NSS: the init image has no name service).
 pub fn passwd_uid(user: &str) -> Option<u32> {

@@ -1,27 +1,22 @@
 //! istio-init: builds Istio's sidecar iptables ruleset in memory and applies it atomically.
 //!
 //! The pure core turns a command line (plus env vars) into a [`config::Config`], the
-//! [`ruleset::Ruleset`] of each IP family and its `iptables-restore` text. [`run`] is the only
+//! [`capture::Capture`] (the backend-neutral model of the rules) and each backend's rendering
+//! of it. [`run`] is the only
 //! place that sequences effects: read facts → build → print (dry run), or check capabilities →
 //! enter the namespace → drop capabilities → routes → apply → validate.
 
-pub mod annotations;
-pub mod apply;
-pub mod caps;
-pub mod cli;
-pub mod config;
+pub mod backend;
+pub mod capture;
 pub mod exit;
 pub mod explain;
 pub mod host;
 pub mod logging;
 pub mod net;
 pub mod netlink;
-pub mod netns;
 pub mod nft;
-pub mod restore;
-pub mod route;
-pub mod ruleset;
-pub mod state;
+pub mod settings;
+pub mod sys;
 pub mod trace;
 pub mod validation;
 
@@ -29,10 +24,16 @@ use std::io::Write;
 
 use anyhow::Context;
 
-use crate::annotations::PodSettings;
-use crate::config::{Config, Inputs, Interception, PodOverrides};
+use crate::backend::iptables as apply;
+use crate::backend::iptables::Iptables;
+use crate::backend::nftables::Nftables;
+use crate::backend::{Firewall, Install};
+use crate::capture::{Capture, Facts, Ruleset};
 use crate::exit::UsageError;
-use crate::ruleset::{Facts, Ruleset};
+use crate::settings::annotations::PodSettings;
+use crate::settings::config::{Config, Inputs, Interception, PodOverrides};
+use crate::settings::{annotations, cli, config};
+use crate::sys::{caps, guard, netns};
 
 /// Everything a run needs from the outside world, so tests can call [`run`] in-process.
 pub struct Env<'a> {
@@ -149,7 +150,7 @@ pub fn gather_facts(cfg: &Config) -> anyhow::Result<Facts> {
         ipv6: v6.enabled,
         dns_servers,
     };
-    if cfg.redirect_dns && !ruleset::dns_capture(cfg, &facts) {
+    if cfg.redirect_dns && !capture::dns_capture(cfg, &facts) {
         log::warn!(
             "DNS capture was requested, but capture-all-dns is off and {} lists no usable \
              nameserver: DNS capture disabled",
@@ -174,11 +175,7 @@ pub fn target_facts(cfg: &Config) -> anyhow::Result<Facts> {
 
 /// Builds the ruleset of every enabled family.
 pub fn build_all(cfg: &Config, facts: &Facts) -> Vec<Ruleset> {
-    facts
-        .families()
-        .into_iter()
-        .map(|f| ruleset::build(cfg, facts, f))
-        .collect()
+    capture::build(cfg, facts).rulesets()
 }
 
 /// Writes a document to stdout (the only other writer is the dry run).
@@ -228,10 +225,11 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     if cfg.dry_run {
         let facts = target_facts(&cfg)?;
         log_summary(&cfg, &facts);
-        let rulesets = build_all(&cfg, &facts);
-        log_rulesets(&rulesets);
+        let capture = capture::build(&cfg, &facts);
+        let fw = firewall(&cfg, env);
+        fw.log_plan(&capture);
         log::info!("dry run: printing the ruleset, no rule changes will be made");
-        let text = restore::dry_run_text(&rulesets);
+        let text = fw.render(&capture);
         if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -261,15 +259,34 @@ fn log_summary(cfg: &Config, facts: &Facts) {
     );
 }
 
-fn log_rulesets(rulesets: &[Ruleset]) {
-    for rs in rulesets {
-        log::info!(
-            "{} ruleset: {} rules in {} new chains",
-            rs.family,
-            rs.rule_count(),
-            rs.chain_count()
-        );
-        log::debug!("{} restore input:\n{rs}", rs.family);
+/// The backend this configuration selects (`--native-nftables`), and the other one.
+pub fn firewalls(cfg: &Config, env: &Env<'_>) -> (Box<dyn Firewall>, Box<dyn Firewall>) {
+    let nft: Box<dyn Firewall> = Box::new(Nftables {
+        group: host::group_gid,
+    });
+    let ipt: Box<dyn Firewall> = Box::new(iptables(cfg, env));
+    if cfg.native_nftables {
+        (nft, ipt)
+    } else {
+        (ipt, nft)
+    }
+}
+
+/// The backend this configuration selects.
+pub fn firewall(cfg: &Config, env: &Env<'_>) -> Box<dyn Firewall> {
+    firewalls(cfg, env).0
+}
+
+fn iptables(cfg: &Config, env: &Env<'_>) -> Iptables {
+    Iptables {
+        programs: apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout),
+        options: apply::Options {
+            reconcile: cfg.reconcile,
+            force_apply: cfg.force_apply,
+            force_backend: cfg.force_backend,
+        },
+        handover: cfg.handover,
+        timeout: cfg.restore_timeout,
     }
 }
 
@@ -279,87 +296,46 @@ fn log_rulesets(rulesets: &[Ruleset]) {
 /// proxy user with `--skip-rule-apply`).
 fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     let programs = !cfg.skip_rule_apply;
+    let (fw, other) = firewalls(cfg, env);
     if programs {
         host::check_group_names(cfg)?;
-        caps::preflight()?;
+        caps::preflight(fw.capabilities(), &format!("programming {}", fw.name()))?;
     }
     let ns = cfg.netns.as_deref().map(netns::Netns::open).transpose()?;
-    let nf = apply::System::new(env.var, cfg.xtables_wait, cfg.restore_timeout);
     // No termination signal between the first change and a consistent namespace, and one
-    // run at a time per namespace (see apply/guard.rs; a signal still ends a lock wait).
-    let section = programs.then(apply::CriticalSection::enter).transpose()?;
+    // run at a time per namespace (see sys/guard.rs; a signal still ends a lock wait).
+    let section = programs.then(guard::CriticalSection::enter).transpose()?;
     let result = netns::run_in(ns.as_ref(), || {
         if let Some(s) = &section {
-            // In the target namespace: the lock belongs to it (apply/guard.rs).
+            // In the target namespace: the lock belongs to it (sys/guard.rs).
             let limit =
                 cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
-            s.hold(apply::NetnsLock::acquire(limit)?);
-            caps::restrict()?;
+            s.hold(guard::NetnsLock::acquire(limit)?);
+            caps::restrict(fw.capabilities())?;
         }
         let facts = gather_facts(cfg)?;
         if !programs {
             log::info!("--skip-rule-apply: no rule or route is touched");
         } else if cfg.cleanup_only {
             // Both families, whatever IPv6 detection says now: the rules may predate it.
-            let rulesets = if cfg.interception == Interception::None {
-                Vec::new()
+            let capture = if cfg.interception == Interception::None {
+                Capture::default()
             } else {
                 let both = Facts {
                     ipv6: true,
                     ..facts.clone()
                 };
-                build_all(cfg, &both)
+                capture::build(cfg, &both)
             };
-            log::info!("--cleanup-only: removing the Istio rules (TPROXY routes are left alone)");
-            apply::cleanup(&nf, &rulesets)?;
+            log::info!(
+                "--cleanup-only: removing the Istio rules of both modes (TPROXY routes are left \
+                 alone)"
+            );
+            let (a, b) = (fw.remove(&capture), other.remove(&capture));
+            a.and(b)?;
             return Ok(());
         } else {
-            let rulesets = build_all(cfg, &facts);
-            let plan = route::RoutePlan::new(cfg, &facts);
-            let opts = apply::Options {
-                reconcile: cfg.reconcile,
-                force_apply: cfg.force_apply,
-                force_backend: cfg.force_backend,
-            };
-            let plain = apply::Plain {
-                enabled: cfg.handover,
-                rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
-            };
-            if let Some(h) = apply::handover(&nf, &opts, &rulesets, plain, cfg.restore_timeout) {
-                log_summary(cfg, &facts);
-                log_rulesets(&rulesets);
-                log_resource_use();
-                // Returns only if the program could not be started.
-                return Err(h.exec(&nf));
-            }
-            // Routing is read and checked now, before any program starts; only the additions
-            // are left for the last moment before the rules (see apply::apply).
-            let mut routes = Some(route::prepare(&plan).context("configuring TPROXY routing")?);
-            let mut added: Option<route::Added> = None;
-            // What the rules do is logged while the restores start up (they load their
-            // libraries meanwhile), so it costs no time on the way to the rules.
-            let mut logged = false;
-            let applied = apply::apply(&nf, &opts, &rulesets, &mut || {
-                log_summary(cfg, &facts);
-                log_rulesets(&rulesets);
-                logged = true;
-                if let Some(r) = routes.take() {
-                    added = Some(r.commit().context("configuring TPROXY routing")?);
-                }
-                Ok(())
-            });
-            if !logged {
-                log_summary(cfg, &facts);
-                log_rulesets(&rulesets);
-            }
-            if let Some(a) = &added {
-                a.report();
-            }
-            if let (Err(_), Some(added)) = (&applied, added) {
-                // The rules were rolled back: so are the routes this run added.
-                added.undo();
-            }
-            applied?;
+            install(cfg, fw.as_ref(), other.as_ref(), &facts)?;
         }
         // The namespace is consistent: a deferred SIGTERM may end the run from here on.
         if let Some(s) = &section {
@@ -374,6 +350,79 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
         (Err(e), Some(s)) => Err(s.before_leaving(e)),
         (result, _) => result,
     }
+}
+
+/// Routes and rules: the routing is read and checked before the backend starts, and only the
+/// additions are left for the last moment before the rules; a failed install removes the
+/// routes this run added. The other mode's rules would capture traffic too: found, they stop
+/// the run, or with `--reconcile` are removed once the new rules are in place.
+fn install(
+    cfg: &Config,
+    fw: &dyn Firewall,
+    other: &dyn Firewall,
+    facts: &Facts,
+) -> anyhow::Result<()> {
+    let found = other.inspect()?;
+    if !found.what.is_empty() && !cfg.reconcile {
+        anyhow::bail!(
+            "this network namespace holds the {} mode's Istio rules ({}): with the {} rules both \
+             would capture traffic; remove them first (istio-init --cleanup-only, which removes \
+             both modes' rules) or run with --reconcile to replace them",
+            other.name(),
+            found.what.join(", "),
+            fw.name()
+        );
+    }
+    let capture = capture::build(cfg, facts);
+    let plan = netlink::route::RoutePlan::new(cfg, facts);
+    let mut routes = Some(netlink::route::prepare(&plan).context("configuring TPROXY routing")?);
+    let mut added: Option<netlink::route::Added> = None;
+    // What the rules do is logged while the backend gets ready (the restores load their
+    // libraries meanwhile), so it costs no time on the way to the rules.
+    let mut logged = false;
+    let installed = fw.install(
+        &capture,
+        &mut Install {
+            rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
+            at_commit: &mut || {
+                log_summary(cfg, facts);
+                fw.log_plan(&capture);
+                logged = true;
+                if let Some(r) = routes.take() {
+                    added = Some(r.commit().context("configuring TPROXY routing")?);
+                }
+                Ok(())
+            },
+            before_handover: &|| {
+                log_summary(cfg, facts);
+                fw.log_plan(&capture);
+                log_resource_use();
+            },
+        },
+    );
+    if !logged {
+        log_summary(cfg, facts);
+        fw.log_plan(&capture);
+    }
+    if let Some(a) = &added {
+        a.report();
+    }
+    if let (Err(_), Some(added)) = (&installed, added) {
+        // The rules were rolled back: so are the routes this run added.
+        added.undo();
+    }
+    installed?;
+    if !found.what.is_empty() {
+        other
+            .remove(&capture)
+            .with_context(|| format!("removing the {} mode's rules (--reconcile)", other.name()))?;
+        log::info!(
+            "--reconcile: removed the {} mode's rules ({})",
+            other.name(),
+            found.what.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `explain`: the settings with their sources, then the summary, on stdout.

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use crate::config::LogSettings;
+use crate::settings::config::LogSettings;
 
 /// Installs the logger. Safe to call more than once (later calls are ignored).
 pub fn init(settings: LogSettings) {

@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use istio_init::{Env, cli, exit};
+use istio_init::settings::cli;
+use istio_init::{Env, exit};
 
 fn main() -> ExitCode {
     let inv = match cli::parse(std::env::args_os()) {
@@ -17,7 +18,8 @@ fn main() -> ExitCode {
             });
         }
     };
-    if let Err(e) = istio_init::config::check_env_encoding(&|name| std::env::var_os(name)) {
+    if let Err(e) = istio_init::settings::config::check_env_encoding(&|name| std::env::var_os(name))
+    {
         eprintln!("error: {e}");
         return ExitCode::from(exit::USAGE);
     }

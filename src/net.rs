@@ -51,6 +51,24 @@ impl Family {
         }
     }
 
+    /// The loopback host address of the family (`127.0.0.1`, `::1`). The IPv4 loopback
+    /// *range* the rules treat as local is configurable: see `Config::loopback_of`.
+    pub fn loopback(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        }
+    }
+
+    /// The source the proxy uses for inbound passthrough connections (`127.0.0.6`, `::6`):
+    /// never captured by the rules, dialled by validation, and (IPv6) added to `lo`.
+    pub fn passthrough(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6)),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)),
+        }
+    }
+
     /// `IPv4` / `IPv6`, as used in logs and in the dry-run section headers.
     pub fn label(self) -> &'static str {
         match self {

@@ -20,10 +20,11 @@
 use std::fmt::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::cli::TraceArgs;
-use crate::config::Config;
+use crate::backend::iptables::render;
+use crate::capture::{DNS_PORT, Match, Owner, Proto, Ruleset, Table, Target, chain};
 use crate::net::{Family, Id, Iface};
-use crate::ruleset::{DNS_PORT, Match, Owner, Proto, Ruleset, Table, Target, chain};
+use crate::settings::cli::TraceArgs;
+use crate::settings::config::Config;
 
 /// Which way the connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +270,8 @@ impl Walker<'_> {
     /// Why a match does not hold, or `Ok` when it does.
     fn check(&self, m: &Match) -> Result<(), String> {
         let p = &self.pkt;
-        let fail = |actual: String| Err(format!("{m} does not hold: {actual}"));
+        let fail =
+            |actual: String| Err(format!("{} does not hold: {actual}", render::match_text(m)));
         let holds = |b: bool, actual: String| if b { Ok(()) } else { fail(actual) };
         match m {
             Match::Proto(x) => holds(*x == p.proto, format!("protocol is {}", p.proto.name())),
@@ -345,7 +347,7 @@ impl Walker<'_> {
                 chain,
                 position: i + 1,
                 depth,
-                rule: r.spec(),
+                rule: render::spec(r),
                 outcome: Outcome::NoMatch(failed.clone().unwrap_or_default()),
             });
             if failed.is_some() {
@@ -655,9 +657,9 @@ impl fmt::Display for Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
-    use crate::ruleset::{Facts, build};
+    use crate::capture::{Facts, build};
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     fn conn(dir: &str, dst: &str, extra: &[(&str, &str)]) -> Connection {
         let mut a = TraceArgs {
@@ -685,11 +687,7 @@ mod tests {
 
     fn verdict(args: &[&str], facts: &Facts, c: &Connection) -> (Verdict, Trace) {
         let cfg = resolve(Defaults::Native, args, &[]).unwrap();
-        let rs: Vec<Ruleset> = facts
-            .families()
-            .into_iter()
-            .map(|f| build(&cfg, facts, f))
-            .collect();
+        let rs: Vec<Ruleset> = build(&cfg, facts).rulesets();
         let t = trace(&cfg, &rs, c, &|_| None);
         (t.verdict, t)
     }

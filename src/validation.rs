@@ -22,9 +22,9 @@ use nix::sys::socket::{
     setsockopt, socket, sockopt,
 };
 
-use crate::config::{Config, join};
 use crate::exit::ValidationFailed;
 use crate::net::Family;
+use crate::settings::config::{Config, join};
 
 /// How long to wait between attempts (Istio waits a second; retrying faster costs nothing
 /// on loopback and lets a late rule be seen sooner).

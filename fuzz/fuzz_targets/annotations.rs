@@ -5,7 +5,7 @@
 #![no_main]
 
 use fuzz_checks::{assert_one_line, check_pod_settings};
-use istio_init::annotations::{go_unquote, parse_downward, translate};
+use istio_init::settings::annotations::{go_unquote, parse_downward, translate};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use fuzz_checks::{assert_one_line, check_pod_settings};
-use istio_init::annotations::{parse_manifest, translate_pod};
+use istio_init::settings::annotations::{parse_manifest, translate_pod};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

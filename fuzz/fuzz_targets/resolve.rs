@@ -15,9 +15,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 
 use fuzz_checks::{assert_one_line, check_ruleset};
-use istio_init::cli;
-use istio_init::config::{Config, Inputs, check_env_encoding};
-use istio_init::ruleset::{Facts, build};
+use istio_init::settings::cli;
+use istio_init::settings::config::{Config, Inputs, check_env_encoding};
+use istio_init::capture::{Facts, build};
 use libfuzzer_sys::fuzz_target;
 
 fn unescape(raw: &[u8]) -> OsString {
@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
         flags: &inv.flags,
         env: &lookup,
         user_uid: &|_| None,
-        pod: &istio_init::config::NO_POD,
+        pod: &istio_init::settings::config::NO_POD,
     }) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -105,6 +105,6 @@ fuzz_target!(|data: &[u8]| {
         "the config dump is not one line per setting:\n{dump}"
     );
     for family in facts.families() {
-        check_ruleset(&build(&cfg, &facts, family));
+        check_ruleset(&build(&cfg, &facts).family(family));
     }
 });

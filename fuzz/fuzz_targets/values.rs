@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use fuzz_checks::{assert_one_line, check_value};
-use istio_init::config::quote;
+use istio_init::settings::config::quote;
 use istio_init::net::{
     Cidr, Group, Id, Iface, Mark, Port, PortItem, RouteTable, parse_go_bool, parse_go_duration,
     split_list, utf8,

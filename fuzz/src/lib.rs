@@ -11,7 +11,7 @@ pub use pipeline::check_pod_settings;
 use std::fmt::{Debug, Display};
 use std::str::FromStr;
 
-use istio_init::ruleset::Ruleset;
+use istio_init::capture::Ruleset;
 
 fn ok(r: Result<(), String>) {
     if let Err(e) = r {
@@ -41,7 +41,7 @@ where
 /// A built ruleset is sound and every rendered rule parses under the grammar; rendering is
 /// deterministic.
 pub fn check_ruleset(rs: &Ruleset) {
-    let text = rs.to_string();
-    assert_eq!(text, rs.to_string(), "rendering is not deterministic");
+    let text = istio_init::backend::iptables::render::ruleset_text(rs);
+    assert_eq!(text, istio_init::backend::iptables::render::ruleset_text(rs), "rendering is not deterministic");
     ok(checks::check_ruleset(rs, &text));
 }

@@ -1,10 +1,10 @@
 //! Resolves a pod's annotation overrides over a fixed mesh configuration and checks what
 //! comes out, for the annotation and manifest targets.
 
-use istio_init::annotations::PodSettings;
-use istio_init::cli;
-use istio_init::config::{Config, ConfigError, Inputs};
-use istio_init::ruleset::{Facts, build};
+use istio_init::settings::annotations::PodSettings;
+use istio_init::settings::cli;
+use istio_init::settings::config::{Config, ConfigError, Inputs};
+use istio_init::capture::{Facts, build};
 
 use crate::{assert_one_line, check_ruleset};
 
@@ -40,7 +40,7 @@ pub fn check_pod_settings(settings: Result<PodSettings, ConfigError>) {
                     dns_servers: vec!["198.18.0.53".parse().unwrap_or_else(|_| unreachable!())],
                 };
                 for family in facts.families() {
-                    check_ruleset(&build(&cfg, &facts, family));
+                    check_ruleset(&build(&cfg, &facts).family(family));
                 }
             }
         }

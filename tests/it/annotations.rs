@@ -12,8 +12,9 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use istio_init::config::Config;
-use istio_init::{Env, annotations, cli};
+use istio_init::Env;
+use istio_init::settings::config::Config;
+use istio_init::settings::{annotations, cli};
 
 use crate::util::{istio_init, output, shared_conformance, stderr, stdout};
 

@@ -2,7 +2,7 @@
 //! and UDP, redirection checked with `SO_ORIGINAL_DST`. Every test creates its own
 //! namespaces (deleted on drop) and never touches the host's.
 
-use istio_init::cli::INJECTOR_DEFAULT_ARGS;
+use istio_init::settings::cli::INJECTOR_DEFAULT_ARGS;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 

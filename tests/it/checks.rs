@@ -10,13 +10,12 @@ use std::collections::BTreeMap;
 use std::fmt::{Debug, Display};
 use std::str::FromStr;
 
+use istio_init::capture::{Ruleset, Table, chain};
 use istio_init::net::{Cidr, Family, Group, Id, Iface, PortItem};
-use istio_init::ruleset::{Ruleset, Table, chain};
 
 /// The built-in chains of each table.
 pub fn builtin(table: Table, name: &str) -> bool {
     let chains: &[&str] = match table {
-        Table::Filter => &["INPUT", "FORWARD", "OUTPUT"],
         Table::Nat => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
         Table::Mangle => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
         Table::Raw => &["PREROUTING", "OUTPUT"],
@@ -233,7 +232,16 @@ pub fn check_ruleset(rs: &Ruleset, text: &str) -> Result<(), String> {
                 }
             }
             *len += 1;
-            parse_rule(&r.to_string(), rs.family).map_err(|e| format!("{e} in: {r}"))?;
+            parse_rule(
+                &istio_init::backend::iptables::render::rule_line(r),
+                rs.family,
+            )
+            .map_err(|e| {
+                format!(
+                    "{e} in: {}",
+                    istio_init::backend::iptables::render::rule_line(r)
+                )
+            })?;
         }
     }
     // The text is exactly the headers, declarations and rules (nothing smuggled in between).

@@ -175,7 +175,7 @@ fn injected_argument_lists_parse_and_dry_run() {
     assert_eq!(lists.len(), 19);
     assert_eq!(
         lists[0],
-        istio_init::cli::INJECTOR_DEFAULT_ARGS,
+        istio_init::settings::cli::INJECTOR_DEFAULT_ARGS,
         "cli::INJECTOR_DEFAULT_ARGS is not the injector's default list"
     );
     let mut seen_override = false;

@@ -1034,9 +1034,9 @@ fn an_ipv6_restore_hanging_after_ipv4_succeeded_rolls_ipv4_back() {
 // ---- The namespace lock itself ----
 
 /// Holds istio-init's lock on `ns` the way another run would: its socket bound in `ns`.
-fn hold_lock(ns: &Netns) -> istio_init::apply::NetnsLock {
+fn hold_lock(ns: &Netns) -> istio_init::sys::guard::NetnsLock {
     crate::util::in_netns(ns, || {
-        istio_init::apply::NetnsLock::acquire(Duration::from_secs(1)).unwrap()
+        istio_init::sys::guard::NetnsLock::acquire(Duration::from_secs(1)).unwrap()
     })
 }
 

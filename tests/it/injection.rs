@@ -18,8 +18,8 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::process::Output;
 
-use istio_init::annotations::{self, key};
-use istio_init::cli::{self, Kind};
+use istio_init::settings::annotations::{self, key};
+use istio_init::settings::cli::{self, Kind};
 
 use crate::util::{TempDir, istio_init, output, stderr, stdout};
 
@@ -528,7 +528,7 @@ fn nul_cannot_cross_exec() {
 fn resolve_in_process(
     args: &[&str],
     env: &[(&str, &str)],
-) -> Result<istio_init::config::Config, String> {
+) -> Result<istio_init::settings::config::Config, String> {
     let mut argv = vec!["istio-init"];
     argv.extend_from_slice(args);
     let inv = cli::parse(argv).map_err(|e| e.to_string())?;

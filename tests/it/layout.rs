@@ -6,16 +6,19 @@ use std::path::Path;
 
 /// Modules that must do no I/O.
 const PURE: &[&str] = &[
-    "cli.rs",
-    "config.rs",
+    "settings/cli.rs",
+    "settings/config.rs",
     "net.rs",
-    "ruleset.rs",
-    "restore.rs",
+    "capture/mod.rs",
+    "capture/build.rs",
+    "backend/iptables/render.rs",
     "exit.rs",
-    "annotations.rs",
+    "settings/annotations.rs",
+    "settings/source.rs",
+    "settings/mod.rs",
     "explain.rs",
     "trace.rs",
-    "state.rs",
+    "backend/iptables/state.rs",
 ];
 
 /// Paths whose use means an effect.

@@ -356,7 +356,7 @@ fn owner(uid: bool, t: &mut Tokens<'_>, groups: &str) -> Stmt {
 // ---- Listings ----
 
 /// `nft list ruleset` with counter values zeroed.
-fn listing(ns: &Netns) -> String {
+pub fn listing(ns: &Netns) -> String {
     zero_counters(&ns.ok(&["nft", "list", "ruleset"]))
 }
 
@@ -391,7 +391,7 @@ fn zero_counters(s: &str) -> String {
 /// `nft --debug=netlink list ruleset` without rule handles and counter values, each anonymous
 /// set's name in a lookup replaced by its elements (the kernel numbers anonymous sets in the
 /// order they were created, which is not part of the state).
-fn debug_listing(ns: &Netns) -> String {
+pub fn debug_listing(ns: &Netns) -> String {
     let text = zero_counters(&ns.ok(&["nft", "--debug=netlink", "list", "ruleset"]));
     let mut sets: HashMap<String, String> = HashMap::new();
     let mut current: Option<String> = None;
@@ -496,7 +496,7 @@ fn sets(ns: &Netns) -> Vec<String> {
     })
 }
 
-fn nft_f(ns: &Netns, text: &str) {
+pub fn nft_f(ns: &Netns, text: &str) {
     let o = ns.run_with_input(&["nft", "-f", "-"], text);
     assert!(
         o.status.success(),

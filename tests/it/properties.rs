@@ -18,11 +18,11 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use istio_init::annotations;
-use istio_init::cli::{self, Kind};
-use istio_init::config::{Config, Inputs, OwnerGroups};
+use istio_init::capture::{Facts, build};
 use istio_init::net::{Family, Group};
-use istio_init::ruleset::{Facts, build};
+use istio_init::settings::annotations;
+use istio_init::settings::cli::{self, Kind};
+use istio_init::settings::config::{Config, Inputs, OwnerGroups};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
@@ -364,14 +364,18 @@ fn pure_properties(case: &Case) -> Result<Vec<(Family, String)>, TestCaseError> 
     );
     let mut out = Vec::new();
     for family in families(&case.facts) {
-        let rs = build(&cfg, &case.facts, family);
-        let text = rs.to_string();
+        let rs = build(&cfg, &case.facts).family(family);
+        let text = istio_init::backend::iptables::render::ruleset_text(&rs);
         prop_assert_eq!(
-            &build(&cfg, &case.facts, family),
+            &build(&cfg, &case.facts).family(family),
             &rs,
             "build is not deterministic"
         );
-        prop_assert_eq!(&rs.to_string(), &text, "rendering is not deterministic");
+        prop_assert_eq!(
+            &istio_init::backend::iptables::render::ruleset_text(&rs),
+            &text,
+            "rendering is not deterministic"
+        );
         check_ruleset(&rs, &text).map_err(|e| TestCaseError::fail(format!("{family}: {e}")))?;
         out.push((family, text));
     }
@@ -410,7 +414,9 @@ fn generator_covers_the_rule_shapes() {
             hit("group names");
         }
         for family in families(&case.facts) {
-            let text = build(&cfg, &case.facts, family).to_string();
+            let text = istio_init::backend::iptables::render::ruleset_text(
+                &build(&cfg, &case.facts).family(family),
+            );
             if family == Family::V6 {
                 hit("v6");
             }

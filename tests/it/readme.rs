@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use istio_init::cli::{self, Kind, OPTIONS, Origin};
+use istio_init::settings::cli::{self, Kind, OPTIONS, Origin};
 
 const BEGIN: &str = "<!-- compat-table:begin -->";
 const END: &str = "<!-- compat-table:end -->";

@@ -21,11 +21,12 @@ use nix::sys::socket::{
 };
 use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
 
-use istio_init::cli::TraceArgs;
+use istio_init::capture::{Facts, Ruleset};
 use istio_init::net::Family;
-use istio_init::ruleset::{Facts, Ruleset};
+use istio_init::settings::cli;
+use istio_init::settings::cli::TraceArgs;
 use istio_init::trace::{self, Connection, Verdict};
-use istio_init::{Env, build_all, cli};
+use istio_init::{Env, build_all};
 
 use crate::util::{Netns, istio_init, output, privileged, stderr, stdout, veth};
 
@@ -197,11 +198,11 @@ fn connect(c: &Connection, pod: PathBuf, peer: PathBuf) -> Option<TcpStream> {
             setfsuid(Uid::from_raw(c.uid));
         }
         match c.proto {
-            istio_init::ruleset::Proto::Tcp => Some(
+            istio_init::capture::Proto::Tcp => Some(
                 TcpStream::connect_timeout(&c.dst, Duration::from_secs(3))
                     .unwrap_or_else(|e| panic!("connecting to {}: {e}", c.dst)),
             ),
-            istio_init::ruleset::Proto::Udp => {
+            istio_init::capture::Proto::Udp => {
                 let any: SocketAddr = if c.dst.is_ipv4() {
                     "0.0.0.0:0"
                 } else {
@@ -293,7 +294,10 @@ fn trace_verdicts_match_where_real_connections_land() {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = pod.run_with_input(&[prog, "--noflush"], &rs.to_string());
+        let o = pod.run_with_input(
+            &[prog, "--noflush"],
+            &istio_init::backend::iptables::render::ruleset_text(rs),
+        );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
 
@@ -377,10 +381,10 @@ fn trace_verdicts_match_where_real_connections_land() {
             "{c}: landed at {l:?}\ntrace:\n{t}"
         );
         match t.verdict {
-            Verdict::Redirect { .. } if c.proto == istio_init::ruleset::Proto::Tcp => {
+            Verdict::Redirect { .. } if c.proto == istio_init::capture::Proto::Tcp => {
                 assert_eq!(l.original, Some(c.dst), "{c}: SO_ORIGINAL_DST\ntrace:\n{t}");
             }
-            Verdict::Bypass if c.proto == istio_init::ruleset::Proto::Tcp => {
+            Verdict::Bypass if c.proto == istio_init::capture::Proto::Tcp => {
                 assert_eq!(l.local, c.dst, "{c}: reached {l:?}\ntrace:\n{t}");
             }
             _ => {}
@@ -480,7 +484,10 @@ fn tproxy_trace_verdicts_match_the_kernel() {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = pod.run_with_input(&[prog, "--noflush"], &rs.to_string());
+        let o = pod.run_with_input(
+            &[prog, "--noflush"],
+            &istio_init::backend::iptables::render::ruleset_text(rs),
+        );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
     // The policy routing istio-init sets up for TPROXY (behaviour doc §6.7).

@@ -5,9 +5,10 @@
 
 use std::process::Output;
 
+use istio_init::capture::Facts;
 use istio_init::net::Family;
-use istio_init::ruleset::Facts;
-use istio_init::{Env, build_all, cli};
+use istio_init::settings::cli;
+use istio_init::{Env, build_all};
 
 use crate::util::{Netns, bin, output, privileged, stderr, veth};
 
@@ -27,7 +28,10 @@ fn load_rules(ns: &Netns, args: &[&str], v6: bool) {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
-        let o = ns.run_with_input(&[prog, "--noflush"], &rs.to_string());
+        let o = ns.run_with_input(
+            &[prog, "--noflush"],
+            &istio_init::backend::iptables::render::ruleset_text(&rs),
+        );
         assert!(o.status.success(), "{prog}: {}", stderr(&o));
     }
     if v6 {

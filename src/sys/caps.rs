@@ -1,5 +1,6 @@
-//! Capabilities: the preflight check that a real run has `CAP_NET_ADMIN` and `CAP_NET_RAW`,
-//! and dropping everything else before any program is spawned.
+//! Capabilities: the preflight check that a real run has what its backend needs
+//! (`CAP_NET_ADMIN` and `CAP_NET_RAW` for the iptables programs, `CAP_NET_ADMIN` alone for
+//! nf_tables over netlink), and dropping everything else before anything is changed.
 //!
 //! Effects: reads and changes the calling thread's capability sets (`capget`/`capset`,
 //! `prctl`). Capabilities are per thread on Linux; [`restrict`] runs on the worker thread that
@@ -8,50 +9,63 @@
 use anyhow::{Context, bail};
 use caps::{CapSet, Capability, CapsHashSet};
 
-/// What a real run needs: nf_tables needs `CAP_NET_ADMIN`; legacy iptables also needs
-/// `CAP_NET_RAW` (its table sockets are raw sockets).
+/// What the iptables backend needs: nf_tables needs `CAP_NET_ADMIN`; legacy iptables also
+/// needs `CAP_NET_RAW` (its table sockets are raw sockets).
 pub const NEEDED: [Capability; 2] = [Capability::CAP_NET_ADMIN, Capability::CAP_NET_RAW];
 
-/// The fix, in the words an operator needs.
-pub const FIX: &str = "add them to the init container's securityContext.capabilities.add: \
-                       [NET_ADMIN, NET_RAW] (on GKE Autopilot the cluster must also allow them: \
-                       --workload-policies=allow-net-admin)";
+/// What the nftables backend needs: one netlink batch, `CAP_NET_ADMIN` only.
+pub const NEEDED_NFTABLES: [Capability; 1] = [Capability::CAP_NET_ADMIN];
 
 /// The missing capabilities among `needed`, given the effective set.
-pub fn missing(effective: &CapsHashSet) -> Vec<Capability> {
-    NEEDED
-        .into_iter()
+pub fn missing(effective: &CapsHashSet, needed: &[Capability]) -> Vec<Capability> {
+    needed
+        .iter()
+        .copied()
         .filter(|c| !effective.contains(c))
         .collect()
 }
 
-/// Fails, naming every missing capability and the fix, unless both needed capabilities are
-/// in the effective set.
-pub fn preflight() -> anyhow::Result<()> {
+/// `NET_ADMIN, NET_RAW`: the names a securityContext uses.
+fn k8s_names(caps: &[Capability]) -> String {
+    let names: Vec<String> = caps
+        .iter()
+        .map(|c| c.to_string().trim_start_matches("CAP_").to_owned())
+        .collect();
+    names.join(", ")
+}
+
+/// Fails, naming every missing capability, what needs them and the fix, unless every
+/// capability in `needed` is in the effective set.
+pub fn preflight(needed: &[Capability], what: &str) -> anyhow::Result<()> {
     let effective =
         caps::read(None, CapSet::Effective).context("reading the effective capabilities")?;
-    let missing = missing(&effective);
+    let missing = missing(&effective, needed);
     if missing.is_empty() {
         return Ok(());
     }
     let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    let all: Vec<String> = needed.iter().map(ToString::to_string).collect();
     bail!(
-        "missing {} {}: programming iptables needs CAP_NET_ADMIN and CAP_NET_RAW; {FIX}",
+        "missing {} {}: {what} needs {}; add them to the init container's \
+         securityContext.capabilities.add: [{}] (on GKE Autopilot the cluster must also allow \
+         them: --workload-policies=allow-net-admin)",
         if names.len() == 1 {
             "capability"
         } else {
             "capabilities"
         },
-        names.join(" and ")
+        names.join(" and "),
+        all.join(" and "),
+        k8s_names(needed)
     )
 }
 
-/// Drops every capability but [`NEEDED`] from every set of the calling thread, and sets
-/// no-new-privs, so that the programs it spawns run with exactly those two whatever their
+/// Drops every capability but `needed` from every set of the calling thread, and sets
+/// no-new-privs, so that the programs it spawns run with exactly those whatever their
 /// files say. The bounding set can only shrink with `CAP_SETPCAP`; without it, no-new-privs
 /// still keeps children from gaining more than the permitted set.
-pub fn restrict() -> anyhow::Result<()> {
-    let needed: CapsHashSet = NEEDED.into_iter().collect();
+pub fn restrict(needed: &[Capability]) -> anyhow::Result<()> {
+    let needed: CapsHashSet = needed.iter().copied().collect();
     let permitted =
         caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
     let keep: CapsHashSet = needed.intersection(&permitted).copied().collect();
@@ -100,10 +114,14 @@ mod tests {
     #[test]
     fn names_every_missing_capability() {
         let none = CapsHashSet::new();
-        assert_eq!(missing(&none), NEEDED);
+        assert_eq!(missing(&none, &NEEDED), NEEDED);
         let admin: CapsHashSet = [Capability::CAP_NET_ADMIN].into_iter().collect();
-        assert_eq!(missing(&admin), [Capability::CAP_NET_RAW]);
+        assert_eq!(missing(&admin, &NEEDED), [Capability::CAP_NET_RAW]);
+        assert!(missing(&admin, &NEEDED_NFTABLES).is_empty());
+        let raw: CapsHashSet = [Capability::CAP_NET_RAW].into_iter().collect();
+        assert_eq!(missing(&raw, &NEEDED_NFTABLES), NEEDED_NFTABLES);
         let both: CapsHashSet = NEEDED.into_iter().collect();
-        assert!(missing(&both).is_empty());
+        assert!(missing(&both, &NEEDED).is_empty());
+        assert_eq!(k8s_names(&NEEDED), "NET_ADMIN, NET_RAW");
     }
 }

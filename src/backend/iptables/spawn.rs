@@ -6,107 +6,7 @@
 //! and kills them, waits for them on helper threads, changes the spawning thread's signal
 //! mask around spawns and reads `/proc/thread-self/status`.
 //!
-//! * **Inputs after every start.** Each program's stdin is a pipe made large enough for its
-//!   whole input (`F_SETPIPE_SZ`). All programs are spawned first, reading empty pipes; only
-//!   then is each input written — one `write` that cannot block or stop halfway, since the
-//!   pipe has room for all of it — and the pipe closed. So if istio-init is SIGKILLed before
-//!   the writes, every restore reads an empty input and changes nothing; after a write, that
-//!   restore has its complete input and commits every table on its own. Between two writes
-//!   the families would be split: that is what holding them (next point) closes.
-//! * **Held, then released together.** When two or more inputs go through pipes (the IPv4
-//!   and IPv6 restores of a dual-stack run), those programs share one process group (the
-//!   first spawned leads it, the others join it) and are held from their start until every
-//!   one has its input:
-//!   1. once all are spawned, one `killpg(SIGTSTP)` stops the group, and istio-init polls
-//!      `waitid(WSTOPPED | WEXITED | WNOWAIT | WNOHANG)` (yielding, then sleeping a few
-//!      microseconds) until each one has stopped, or exited;
-//!   2. each input is written whole and its pipe closed, then `before_inputs` runs (the
-//!      TPROXY routes, the log of what the rules do);
-//!   3. one `killpg(SIGCONT)` releases them all: the single moment at which every family's
-//!      input takes effect. When `before_inputs` failed, `killpg(SIGKILL)` instead: they die
-//!      without acting on any input.
-//!
-//!   Why no SIGKILL of istio-init alone can split the families:
-//!   - *Before step 1* the pipes are empty: istio-init's death closes them, every program
-//!     reads EOF and changes nothing.
-//!   - *Between `killpg(SIGTSTP)` and a program stopping*: no input has been written yet (the
-//!     wait is what guarantees it: `kill` only makes SIGTSTP pending, and a program acts on it
-//!     at its next return to user mode). If istio-init dies first, the program's group is
-//!     orphaned by the time it handles SIGTSTP, and the kernel discards job-control stops in
-//!     an orphaned group: it goes on, reads EOF and changes nothing. This is why SIGTSTP and
-//!     not SIGSTOP, which would stop it for good with nobody left to continue it. (The kernel
-//!     checks for orphaning and then stops the process without holding one lock across
-//!     both; a death landing exactly in between, nanoseconds wide, leaves it stopped: see
-//!     the hazard below for what that costs.)
-//!   - *While they are stopped* (step 2, the hook included): a stopped process runs no user
-//!     code, so none acts on its input. If istio-init dies now, its children are
-//!     adopted by init or the container's first process, in another session, so their group
-//!     becomes orphaned with stopped members, and the kernel sends it SIGHUP, then SIGCONT.
-//!     SIGHUP is not blocked in them (they are spawned with it unblocked, see `guard.rs`) and
-//!     its default action ends them before they return to user mode: netfilter untouched.
-//!   - *After `killpg(SIGCONT)`*: SIGCONT's effect (clearing the stop, discarding pending
-//!     stop signals) is applied by the sender to every member inside the one system call,
-//!     and istio-init cannot die in the middle of a system call; once it returns, none is
-//!     stopped, so orphaning sends nothing, and each has its whole input and completes.
-//!
-//!   Why wait for the stop rather than write right after `kill`: a program can consume its
-//!   input only through `read`, whose return to user mode handles the pending stop first, so
-//!   without the wait no input would be acted on before the release either — but istio-init
-//!   dying while a stop is still only pending would be noticed by nobody: the kernel sends
-//!   SIGHUP only to a group with members already stopped, so SIGTSTP would then be discarded
-//!   (orphaned group) and the program would act on its input alone, or SIGSTOP would stop it
-//!   for good. Waiting until every program has stopped closes both.
-//!
-//!   Before spawning them (one read of `/proc/thread-self/status`): a deferred signal
-//!   already pending ends the run there, nothing started and nothing changed, as in the lock
-//!   wait; and if istio-init ignores SIGHUP or SIGTSTP (inherited from its parent: an ignored
-//!   disposition survives `exec`, so the programs would ignore it too), they cannot be held
-//!   and are run as before, with a warning. Likewise when one has not stopped 100 ms after
-//!   SIGTSTP: it blocks, ignores or handles SIGTSTP, or it is a script waiting in `vfork` for
-//!   a child that SIGTSTP stopped before its `exec` (a parent cannot stop in that wait, and
-//!   SIGSTOP would not help); iptables does none of these. The group is then continued at
-//!   once, nothing having been written, and the inputs go out after the hook as for programs
-//!   that are not held, with a warning. The cost: two `pthread_sigmask`, the `/proc` read,
-//!   two `killpg` and one `waitid` per program (plus a yield or a short sleep when one has
-//!   not stopped yet), and the programs load their libraries after the hook instead of
-//!   during it. One program alone — a single-family run, every `*-save`, every rollback —
-//!   pays none of it.
-//!
-//!   **Hazard: an adopter in istio-init's session.** The SIGHUP comes only if the group is
-//!   orphaned, that is if the process that adopts the programs is in another session (or is
-//!   the machine's init). When istio-init leads its session this always holds: a session
-//!   holds only descendants of its leader, and the adopter is an ancestor. In Kubernetes
-//!   istio-init is the first process of its container, which runc starts as a session leader
-//!   (`setsid`), and without a shared PID namespace its death kills every process of the
-//!   container anyway. Otherwise, an adopter in istio-init's session that outlives it — a
-//!   shell running `istio-init …; other` as a container's PID 1, or a
-//!   `PR_SET_CHILD_SUBREAPER` process — leaves the held programs stopped for good: netfilter
-//!   untouched, but they keep the namespace lock's descriptor, so the next run waits for the
-//!   lock and fails naming it (`fuser` finds them; `kill -CONT` or `kill` ends them). Nothing
-//!   cheap tells in advance who the adopter will be (any ancestor may be a subreaper); a
-//!   wrapper can start istio-init with `setsid` to rule it out.
-//! * **Inputs too large for a pipe** (about 1 MiB: tens of thousands of rules) go into an
-//!   anonymous in-memory file (`memfd_create`) before their program is spawned, complete, and
-//!   such a program cannot be held (it may act on its input as soon as it runs). When any
-//!   input is that large, nothing is held: `before_inputs` runs before the first spawn, and
-//!   the moment that splits the families is between two spawns.
-//! * **Output into files.** stdout and stderr are in-memory files, read after the program
-//!   ended: nothing deadlocks on a full pipe however large the output, and a program killed
-//!   at its deadline (or anything it started) cannot keep istio-init waiting for an EOF.
-//!   Without `memfd_create` (an old kernel, a strict seccomp profile) an unlinked `O_TMPFILE`
-//!   in `/dev/shm`, `/tmp` or `/run` does the same job.
-//! * **Process groups.** Each program leads its own process group, or shares the one of the
-//!   held programs — never istio-init's — so a signal sent to istio-init's group (a shell's
-//!   Ctrl-C, `kill -- -PGID`) does not cut a transaction short, and a program istio-init dies
-//!   without waiting for finishes its transaction. On a timeout the whole group is killed,
-//!   including anything a wrapper script started — for held programs, every one of them still
-//!   running: they are reported as killed with the program that reached its deadline, and the
-//!   run fails and rolls back like any other failure.
-//! * **Deadlines.** Each program is watched by a small helper thread blocked in
-//!   `waitid(WNOWAIT)`, which reports the exit without reaping, so the process cannot be
-//!   reaped and its PID reused before the deadline check decides whether to kill it. The
-//!   caller waits on a channel with `recv_timeout` (woken the moment a program exits: no
-//!   polling delay on the fast path) and kills a program at its deadline.
+//! Design: `docs/design.md`, "Running the iptables programs: held restores and SIGKILL".
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
@@ -127,7 +27,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::{Pid, pipe2};
 
-use super::guard::{GateUnblocked, signal_state};
+use crate::sys::guard::{GateUnblocked, signal_state};
 
 /// How long a killed program may take to disappear before it is given up on (a process in an
 /// uninterruptible kernel wait cannot die at once).

@@ -3,9 +3,9 @@
 //!
 //! Pure.
 
-use crate::config::Backend;
+use crate::backend::iptables::state::Layout;
 use crate::net::Family;
-use crate::state::Layout;
+use crate::settings::config::IptablesVariant;
 
 use super::RestoreFailure;
 
@@ -40,14 +40,19 @@ pub fn iptables_message(stderr: &str) -> String {
 }
 
 /// Kernel modules a restore line depends on, for the hint when the kernel refuses it.
-fn modules_for(line: &str, backend: Backend, family: Family, table: Option<&str>) -> Vec<String> {
+fn modules_for(
+    line: &str,
+    backend: IptablesVariant,
+    family: Family,
+    table: Option<&str>,
+) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut add = |m: String| {
         if !out.contains(&m) {
             out.push(m);
         }
     };
-    if backend == Backend::Nft {
+    if backend == IptablesVariant::Nft {
         add("nf_tables".into());
         add("nft_compat".into());
     }
@@ -56,7 +61,7 @@ fn modules_for(line: &str, backend: Backend, family: Family, table: Option<&str>
         Family::V6 => "ipv6",
     };
     if let Some(t) = table {
-        if backend == Backend::Legacy {
+        if backend == IptablesVariant::Legacy {
             let prefix = match family {
                 Family::V4 => "iptable",
                 Family::V6 => "ip6table",
@@ -89,7 +94,12 @@ fn modules_for(line: &str, backend: Backend, family: Family, table: Option<&str>
 
 /// A restore failure as one line: family, backend, program, the failing line and iptables'
 /// message, plus a hint where one helps.
-pub fn describe(family: Family, backend: Backend, text: &str, f: &RestoreFailure) -> String {
+pub fn describe(
+    family: Family,
+    backend: IptablesVariant,
+    text: &str,
+    f: &RestoreFailure,
+) -> String {
     let reason = iptables_message(&f.stderr);
     let reason = if reason.is_empty() {
         "iptables gave no reason".to_owned()

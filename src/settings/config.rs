@@ -12,76 +12,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::cli::{self, Defaults, Kind, Opt};
 use crate::net::{
     Cidr, Family, Group, Id, Iface, Mark, Port, PortItem, RouteTable, parse_go_bool,
     parse_go_duration, split_list,
 };
-
-/// Where a setting's value came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    Default,
-    Flag {
-        long: &'static str,
-        short: Option<char>,
-    },
-    Env(String),
-    Annotation(String),
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Source::Default => f.write_str("the default"),
-            Source::Flag {
-                long,
-                short: Some(s),
-            } => write!(f, "--{long} (-{s})"),
-            Source::Flag { long, short: None } => write!(f, "--{long}"),
-            Source::Env(name) => write!(f, "env {name}"),
-            Source::Annotation(key) => write!(f, "annotation {key}"),
-        }
-    }
-}
-
-/// An invalid input value: what it was, the value, where it came from, and why it is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub what: String,
-    pub value: String,
-    pub source: Source,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid {} {} in {}: {}",
-            self.what,
-            quote(&self.value),
-            self.source,
-            self.reason
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Quotes a value for an error message: escapes control characters and quotes, and shortens
-/// huge values so that one line stays one line.
-pub fn quote(value: &str) -> String {
-    const MAX: usize = 120;
-    if value.len() <= MAX {
-        return format!("{value:?}");
-    }
-    let mut cut = MAX;
-    while !value.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{:?}… ({} bytes)", &value[..cut], value.len())
-}
+use crate::settings::cli::{self, Defaults, Kind, Opt};
+pub use crate::settings::source::{ConfigError, Source, quote};
 
 /// Refuses an environment variable istio-init reads ([`cli::env_names`]) whose value is not
 /// UTF-8, naming the variable and the first bad byte. `var_os` looks a variable up as raw
@@ -155,18 +91,20 @@ pub enum OwnerGroups {
     Only(Vec<Group>),
 }
 
-/// iptables backend choice forced by `FORCE_IPTABLES_BINARY`.
+/// Which iptables programs the iptables backend runs: `iptables-legacy` (x_tables) or
+/// `iptables-nft` (nf_tables through the iptables compatibility layer); forced by
+/// `FORCE_IPTABLES_BINARY`, detected otherwise. Not to be confused with the nftables backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub enum IptablesVariant {
     Legacy,
     Nft,
 }
 
-impl fmt::Display for Backend {
+impl fmt::Display for IptablesVariant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Backend::Legacy => "legacy",
-            Backend::Nft => "nft",
+            IptablesVariant::Legacy => "legacy",
+            IptablesVariant::Nft => "nft",
         })
     }
 }
@@ -235,8 +173,11 @@ pub struct Config {
     pub handover: bool,
     pub reconcile: bool,
     pub cleanup_only: bool,
+    /// `--native-nftables`: the nftables backend (one netlink transaction) instead of the
+    /// iptables programs.
+    pub native_nftables: bool,
     pub force_apply: bool,
-    pub force_backend: Option<Backend>,
+    pub force_backend: Option<IptablesVariant>,
     pub owner_groups: OwnerGroups,
     pub loopback_cidr: Cidr,
     pub ipv6: Ipv6Mode,
@@ -719,13 +660,14 @@ impl Config {
         let handover = r.flag("handover", "HANDOVER")?;
         let reconcile = r.flag("reconcile", "RECONCILE")?;
         let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
+        let native_nftables = r.flag("native-nftables", "NATIVE_NFTABLES")?;
         let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
 
         let raw = r.raw("force-iptables-binary");
         let force_backend = match raw.value.trim() {
             "" => None,
-            "legacy" => Some(Backend::Legacy),
-            "nft" => Some(Backend::Nft),
+            "legacy" => Some(IptablesVariant::Legacy),
+            "nft" => Some(IptablesVariant::Nft),
             _ => return Err(raw.err("iptables backend", "expected legacy or nft")),
         };
         r.record("FORCE_IPTABLES_BINARY", &raw.value, &raw.source);
@@ -781,6 +723,7 @@ impl Config {
             handover,
             reconcile,
             cleanup_only,
+            native_nftables,
             force_apply,
             force_backend,
             owner_groups,
@@ -790,6 +733,15 @@ impl Config {
             log,
             provenance: r.provenance,
         })
+    }
+
+    /// The destinations the rules treat as local, per family: the configurable IPv4 loopback
+    /// range (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), and `::1/128`.
+    pub fn loopback_of(&self, family: Family) -> Cidr {
+        match family {
+            Family::V4 => self.loopback_cidr,
+            Family::V6 => Cidr::host(family.loopback()),
+        }
     }
 
     /// Whether resolv.conf must be read: DNS capture for the listed servers only.
@@ -1266,9 +1218,9 @@ pub(crate) mod tests {
                 r#"invalid iptables backend "iptables" in --force-iptables-binary: expected legacy or nft"#,
             ),
             (
-                &["--native-nftables"],
+                &["--cni-mode"],
                 &[],
-                r#"invalid option "true" in --native-nftables: --native-nftables is not implemented by istio-init yet; remove it"#,
+                r#"invalid option "true" in --cni-mode: --cni-mode is not implemented by istio-init yet; remove it"#,
             ),
             (
                 &["--probe-timeout=5"],

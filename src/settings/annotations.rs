@@ -10,7 +10,7 @@ use std::fmt;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::config::{ConfigError, Override, PodOverrides, Source, printable, quote};
+use crate::settings::config::{ConfigError, Override, PodOverrides, Source, printable, quote};
 
 /// Annotation keys the injector reads when it renders the init container.
 pub mod key {

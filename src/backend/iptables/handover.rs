@@ -5,47 +5,7 @@
 //! reads `/proc/thread-self/net/ip{,6}_tables_names`, a pipe (or, past a page, an anonymous
 //! in-memory file) for the input, `alarm`, and `execve`.
 //!
-//! # Why
-//!
-//! Under a pod's CPU limit (Autopilot sets limits equal to requests) every millisecond of CPU
-//! an init container burns stretches the pod's start. Supervising the restore costs a second
-//! process image alive at the same time, a spawn, a wait and an exit; handing over costs one
-//! `execve`. On the standard sidecar configuration that is most of the difference between
-//! istio-init and a bare `iptables-nft-restore` of the same text (README, Performance).
-//!
-//! # When
-//!
-//! Only when nothing can need istio-init after the restore, which is exactly when one
-//! transaction either applies everything or nothing:
-//!
-//! * `--handover` is on (the default), and this is a plain apply: no `--netns`, no
-//!   `--run-validation`, `--reconcile`, `--force-apply` or `--cleanup-only`, and no TPROXY
-//!   route or `::6` address to add (their rollback needs istio-init);
-//! * exactly one family has rules, all in one table (iptables-restore commits table by table:
-//!   with two tables a failure in the second would leave the first for istio-init to undo);
-//! * the nft backend: not forced to legacy, no legacy table instantiated in this family (the
-//!   same test the backend choice makes), and nf_tables holds no table at all in this family
-//!   — a fresh namespace, so the restore cannot meet our chains from an earlier run (a re-run
-//!   goes the supervised way and is recognised as one) nor anything else's;
-//! * the restore program is on `PATH` and its input could be prepared.
-//!
-//! # What stays the same
-//!
-//! The restore gets the same text, argv and scrubbed environment as when supervised. The
-//! namespace lock (an inherited socket) stays held until the restore exits, so a concurrent
-//! run waits for it. The critical section's blocked SIGTERM, SIGINT and SIGHUP survive
-//! `execve`, so only SIGKILL stops the transaction, and a single-table transaction is
-//! atomic in the kernel: untouched or complete. `--restore-timeout` becomes an `alarm`, which
-//! also survives `execve`: a restore still running then is ended by SIGALRM.
-//!
-//! # What differs
-//!
-//! The run's exit status is the restore's: 0 when the rules are in place, else iptables'
-//! own (1 for a failed line). Its error is iptables' own message on stderr, whose line numbers
-//! count lines of the family's `--dry-run` text; istio-init logs, just before handing over,
-//! which program, backend and ruleset it hands over to and how to read a failure. A timeout
-//! shows as death by SIGALRM. `--handover=false` keeps istio-init as the restore's parent for
-//! its own rewritten errors (which name the failing rule and the kernel modules to check).
+//! Design: `docs/design.md`, "The handover".
 
 use std::io::{Seek, Write};
 use std::os::unix::process::CommandExt;
@@ -56,19 +16,14 @@ use std::time::Duration;
 use anyhow::anyhow;
 use nix::fcntl::OFlag;
 use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
-use nix::sys::socket::SockProtocol;
 use nix::unistd::pipe2;
 
-use crate::config::Backend;
+use crate::capture::Ruleset;
 use crate::net::Family;
-use crate::route::{NLM_F_DUMP, NLM_F_REQUEST, Netlink, Request};
-use crate::ruleset::Ruleset;
+use crate::netlink::tables;
+use crate::settings::config::IptablesVariant;
 
-use super::{Netfilter, Options, System};
-
-/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE`, and the `NFT_MSG_NEWTABLE` answers.
-const NFT_GETTABLE: u16 = (10 << 8) | 1;
-const NFT_NEWTABLE: u16 = 10 << 8;
+use super::{Options, Programs, System};
 
 /// Everything needed to hand over to the restore.
 #[derive(Debug)]
@@ -89,27 +44,6 @@ pub struct Plain {
     /// Nothing to do before or after the rules: no `--netns`, `--run-validation`, `--cleanup-only`,
     /// TPROXY route or `::6` address.
     pub rules_only: bool,
-}
-
-/// The number of nf_tables tables of `family` in this thread's network namespace.
-fn nft_tables(family: Family) -> anyhow::Result<usize> {
-    let nfproto: u8 = match family {
-        Family::V4 => 2,  // NFPROTO_IPV4
-        Family::V6 => 10, // NFPROTO_IPV6
-    };
-    let mut nl = Netlink::open_protocol(SockProtocol::NetlinkNetFilter)?;
-    let tables = nl
-        .dump_with(
-            |seq| {
-                // struct nfgenmsg: family, version (NFNETLINK_V0), resource id.
-                Request::new(NFT_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, seq)
-                    .bytes(&[nfproto, 0, 0, 0])
-                    .finish()
-            },
-            NFT_NEWTABLE,
-        )
-        .map_err(|e| anyhow!("listing nf_tables tables: {e}"))?;
-    Ok(tables.len())
 }
 
 /// The restore's stdin holding `text` whole: a pipe when it fits in one page, which every
@@ -152,7 +86,7 @@ pub fn handover(
     if !plain.rules_only || opts.reconcile || opts.force_apply {
         return why_not("the run has more to do than the rules");
     }
-    if opts.force_backend == Some(Backend::Legacy) {
+    if opts.force_backend == Some(IptablesVariant::Legacy) {
         return why_not("the legacy backend is forced");
     }
     let mut with_rules = rulesets.iter().filter(|rs| !rs.tables.is_empty());
@@ -166,16 +100,16 @@ pub fn handover(
     if !sys.legacy_tables(family).is_empty() {
         return why_not("legacy tables exist");
     }
-    match nft_tables(family) {
+    match tables::list(Some(family)).map(|t| t.len()) {
         Ok(0) => {}
         Ok(n) => return why_not(&format!("nf_tables already holds {n} {family} tables")),
         Err(e) => return why_not(&format!("{e:#}")),
     }
-    let program = match sys.tool(family, Backend::Nft, "restore") {
+    let program = match sys.tool(family, IptablesVariant::Nft, "restore") {
         Ok(p) => p,
         Err(e) => return why_not(&format!("{e:#}")),
     };
-    let input = input_for(rs.to_string().as_bytes());
+    let input = input_for(crate::backend::iptables::render::ruleset_text(rs).as_bytes());
     let input = match input {
         Ok(f) => f,
         Err(e) => return why_not(&format!("cannot prepare the input: {e}")),

@@ -358,14 +358,15 @@ pub static OPTIONS: &[Opt] = &[
         same("false"),
         "Apply even when the rules are already in place",
     ),
-    not_yet(opt(
+    opt(
         "native-nftables",
         None,
         &["NATIVE_NFTABLES"],
         Bool,
         same("false"),
-        "Use the native nftables backend (not implemented: fails with exit 2)",
-    )),
+        "Use the native nftables backend: the rules as inet tables, applied as one nf_tables \
+         netlink transaction from this process (no program, CAP_NET_ADMIN only)",
+    ),
     opt(
         "force-iptables-binary",
         None,
@@ -834,7 +835,7 @@ fn check_utf8(args: &[OsString]) -> Result<(), clap::Error> {
             ),
         };
         let source = match opt {
-            Some(o) => crate::config::Source::Flag {
+            Some(o) => crate::settings::source::Source::Flag {
                 long: o.long,
                 short: o.short,
             }
@@ -843,7 +844,7 @@ fn check_utf8(args: &[OsString]) -> Result<(), clap::Error> {
         };
         let msg = format!(
             "invalid value {} in {source}: {reason}\n",
-            crate::config::quote(&value.to_string_lossy())
+            crate::settings::source::quote(&value.to_string_lossy())
         );
         return Err(clap::Error::raw(clap::error::ErrorKind::InvalidUtf8, msg));
     }

@@ -22,7 +22,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::ruleset::{Rule, Ruleset, Table, TableRules, Target, chain};
+use super::render;
+use crate::capture::{Ruleset, Table, TableRules, chain};
 
 /// Prefix of every scratch chain used for canonicalisation. Not `ISTIO_`, so a leftover scratch
 /// chain is never mistaken for a live Istio chain; cleanup removes leftovers too.
@@ -259,23 +260,6 @@ pub fn is_istio_shaped(table: &str, chain: &str, rule: &str) -> bool {
     }
 }
 
-/// A rule's match-and-target text with user-chain jump targets renamed by `rename`.
-fn spec_with(rule: &Rule, rename: &dyn Fn(&str) -> String) -> String {
-    let mut s = String::new();
-    for m in &rule.matches {
-        let _ = write!(s, "{m} ");
-    }
-    match rule.target {
-        Target::Jump(c) => {
-            let _ = write!(s, "-j {}", rename(c));
-        }
-        ref t => {
-            let _ = write!(s, "{t}");
-        }
-    }
-    s
-}
-
 /// The chains of a table that get rules or are jump targets, built-in chains included, in
 /// first-use order.
 fn chains_used(t: &TableRules) -> Vec<&'static str> {
@@ -309,11 +293,7 @@ pub fn scratch_text(rs: &Ruleset, only: Option<&[&str]>, scratch: &Scratch) -> S
             let _ = writeln!(out, ":{} - [0:0]", scratch_name(c));
         }
         for r in &t.rules {
-            let spec = spec_with(r, &scratch_name);
-            let _ = match r.insert_at {
-                Some(n) => writeln!(out, "-I {} {n} {spec}", scratch_name(r.chain)),
-                None => writeln!(out, "-A {} {spec}", scratch_name(r.chain)),
-            };
+            let _ = writeln!(out, "{}", render::rule_line_renamed(r, &scratch_name));
         }
         out.push_str("COMMIT\n");
     }
@@ -561,7 +541,7 @@ pub fn undo_text(rs: &Ruleset, tables: &[Table]) -> String {
     for t in rs.tables.iter().filter(|t| tables.contains(&t.table)) {
         let _ = writeln!(out, "*{}", t.table.name());
         for r in t.rules.iter().rev().filter(|r| chain::is_builtin(r.chain)) {
-            let _ = writeln!(out, "-D {} {}", r.chain, r.spec());
+            let _ = writeln!(out, "-D {} {}", r.chain, render::spec(r));
         }
         for c in &t.new_chains {
             let _ = writeln!(out, "-F {c}");
@@ -674,7 +654,7 @@ pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratc
         }
         if let Some(t) = want {
             for r in &t.rules {
-                let _ = writeln!(out, "{r}");
+                let _ = writeln!(out, "{}", render::rule_line(r));
             }
         }
         out.push_str("COMMIT\n");
@@ -767,10 +747,10 @@ pub fn table_named(name: &str) -> Option<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
+    use crate::capture::{Facts, build};
     use crate::net::Family;
-    use crate::ruleset::{Facts, build};
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     fn sc() -> Scratch {
         Scratch {
@@ -803,8 +783,9 @@ COMMIT
 ";
 
     fn tiny() -> Ruleset {
-        use crate::ruleset::{Match, Proto, Rule};
+        use crate::capture::{Match, Proto, Rule, Target};
         let rule = |chain, matches, target| Rule {
+            family: None,
             table: Table::Nat,
             chain,
             insert_at: None,
@@ -908,7 +889,7 @@ COMMIT
     #[test]
     fn absent_tables_make_an_incomplete_state() {
         let cfg = resolve(Defaults::Native, &["-m", "TPROXY"], &[]).unwrap();
-        let rs = build(&cfg, &Facts::default(), Family::V4);
+        let rs = build(&cfg, &Facts::default()).family(Family::V4);
         assert_eq!(rs.tables.len(), 2);
         let live = parse_save("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\nCOMMIT\n");
         assert_eq!(

@@ -4,111 +4,30 @@
 //!
 //! Effects: spawns `iptables-*-restore` / `*-save` (argv only, never a shell, with a scrubbed
 //! environment) and reads `/proc/thread-self/net/ip{,6}_tables_names`. Everything it decides
-//! from is in [`crate::state`], which is pure.
+//! from is in [`crate::backend::iptables::state`], which is pure.
 //!
-//! # The fast path
-//!
-//! On a fresh namespace the only process per family is one `*-restore --noflush` fed the
-//! dry-run text: the backend is chosen from `/proc` (no legacy tables → nft), nothing is probed
-//! and nothing is saved. When that is a single restore that commits a single table and
-//! nothing else is to be done, istio-init does not even wait for it: it becomes it
-//! ([`handover`], `fast.rs`), and the rest of this module is not involved.
-//!
-//! # Never half-applied
-//!
-//! `iptables-restore` commits table by table. When it fails at line N, the tables whose
-//! `COMMIT` precedes N were committed; they are undone at once (delete our rules from built-in
-//! chains, then flush and delete the chains we created). The families' first restores run
-//! concurrently; when one family fails, every family this run applied is undone the same way,
-//! so a failed run leaves the namespace as it found it.
-//!
-//! # Interruptions, concurrent runs, hanging programs
-//!
-//! * **A second run** on the same namespace waits for the first: an advisory lock per network
-//!   namespace (`guard.rs`, with why a lock rather than a re-check loop), held from before the
-//!   first change until the namespace is consistent, and inherited by the restores.
-//! * **SIGTERM, SIGINT, SIGHUP** are deferred over the same span (`guard.rs`): a run they
-//!   interrupt leaves the namespace untouched (the signal arrived before the section) or
-//!   complete (it arrived inside, and takes effect at the end), never in between.
-//! * **SIGKILL** cannot be deferred, so it is kept from splitting anything it can be kept
-//!   from (`run.rs`): every restore is started before any receives its input, each then gets
-//!   its whole input in one write, and restores outlive istio-init, so an interrupted run's
-//!   restores still commit in full. The IPv4 and IPv6 restores share one process group,
-//!   stopped from before their inputs are written until one `killpg(SIGCONT)` releases both:
-//!   a SIGKILL of istio-init before that release leaves them stopped in an orphaned group,
-//!   which the kernel sends SIGHUP (ending both, nothing applied), and one after it finds
-//!   both with their whole input (both complete). The TPROXY routes are added
-//!   (`before_rules` of [`apply`]) while they are held, just before the release. What
-//!   remains: the routes go in as one netlink batch, in one system call (`route.rs`), which
-//!   the kernel completes even when a SIGKILL arrives meanwhile — istio-init then dies before
-//!   the release, leaving every route and no rule (inert: nothing sets the mark they match;
-//!   about 1 in 100 random SIGKILLs of a dual-stack TPROXY run land in that system call);
-//!   rtnetlink and nf_tables share no transaction, so no order closes that; inputs too large for a pipe
-//!   cannot be held, and then a SIGKILL between the two spawns leaves IPv4 without IPv6; and
-//!   a SIGKILL of the whole container also kills the restores, which can leave some tables of
-//!   a family committed. Every one of these is completed by the next run (missing tables are
-//!   added, routes are idempotent), as the fault tests check. The held restores depend on the
-//!   kernel's orphaned-group rule, which needs their adopter to be outside istio-init's
-//!   session: true in Kubernetes, and whenever istio-init leads its session (`run.rs`
-//!   explains the exception).
-//! * **A hanging program** is killed (with anything it started) after `--restore-timeout`
-//!   (plus `--xtables-wait` for the legacy backend), and the run fails and rolls back like any
-//!   other failure, naming the program, the limit and the option.
-//!
-//! # Re-runs
-//!
-//! A re-run is recognised from the restore's own failure: `-N` of a chain that already exists.
-//! Only then is the state read (see [`crate::state`] for how "identical" is decided): identical
-//! → nothing to do; our chains present in some tables and absent in others (an interrupted
-//! run) → the absent tables are applied; anything else → a clear error naming the
-//! differences, unless `--reconcile`, which converges in one restore whose per-table
-//! transactions flush and refill our chains in place, so no packet ever sees the namespace
-//! without the proxy's rules. `--force-apply` rewrites identical rules in place the same way.
-//!
-//! # Flags
-//!
-//! * `--reconcile`: converge drifted or different Istio rules (above) instead of failing, and
-//!   move rules found in the other backend to the chosen one.
-//! * `--force-apply`: istio-iptables applies again even when nothing changed, which fails on
-//!   `-N` of the existing chains; here it rewrites identical rules in place (same mechanism as
-//!   reconcile), and a *different* state still needs `--reconcile`.
-//! * `--cleanup-only` ([`cleanup`]): removes our chains, every jump to them, the rules this
-//!   configuration puts in built-in chains and Istio-shaped leftovers, in both families and both
-//!   backends (legacy only where legacy tables exist); foreign rules stay. Unlike istio-iptables
-//!   it does not add the TPROXY routes, and it does not remove them either: they only act on
-//!   packets carrying the TPROXY mark, which nothing sets once the rules are gone, and another
-//!   component may own an identical rule.
-//! * istio-iptables logs a full `iptables-save` after applying; that would be a second process
-//!   per family on every pod start, so istio-init logs a one-line summary instead (the rules
-//!   are at debug level).
-//!
-//! # Backends
-//!
-//! `FORCE_IPTABLES_BINARY` wins. Otherwise legacy is used only when the namespace already
-//! holds legacy rules: `/proc/thread-self/net/ip_tables_names` lists the instantiated legacy
-//! tables (empty in a fresh namespace), and only when it is non-empty is `*-legacy-save` asked
-//! whether they hold Istio chains (→ legacy) or any rule at all (→ legacy, unless nft already
-//! holds Istio chains). Tables that exist but are empty — the footprint Istio's own probe
-//! leaves — do not count. Rules never end up in both backends: a copy in the other backend is
-//! an error, or with `--reconcile` is removed after the chosen backend converged.
+//! Design: `docs/design.md`, "The iptables backend: apply, roll back, re-run, clean up".
 
 use anyhow::{Context, anyhow, bail};
+use netlink_packet_netfilter::NetfilterProtoFamily;
 
-use crate::config::Backend;
+use self::state::{Layout, Saved, Verdict};
+use crate::backend::{Found, Install};
+use crate::capture::{Capture, Ruleset, Table};
 use crate::net::Family;
-use crate::ruleset::{Ruleset, Table};
-use crate::state::{self, Layout, Saved, Verdict};
+use crate::netlink::tables;
+use crate::settings::config::IptablesVariant;
 
-mod fast;
-mod guard;
+mod handover;
 mod messages;
-mod run;
-mod system;
+mod programs;
+pub mod render;
+mod spawn;
+pub mod state;
 
-pub use fast::{Handover, Plain, handover};
-pub use guard::{CriticalSection, DEFERRED, LOCK_NAME, NetnsLock};
+pub use handover::{Handover, Plain, handover};
 pub use messages::{describe, iptables_message};
-pub use system::{DEFAULT_PATH, System};
+pub use programs::{DEFAULT_PATH, System};
 
 /// A failed `*-restore` run (or one that could not be started).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +41,14 @@ pub struct RestoreFailure {
 }
 
 /// The seam between the apply logic and the programs it runs.
-pub trait Netfilter {
+pub trait Programs {
     /// Runs `*-restore --noflush` of `family` in `backend` with `input` on stdin.
-    fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure>;
+    fn restore(
+        &self,
+        family: Family,
+        backend: IptablesVariant,
+        input: &str,
+    ) -> Result<(), RestoreFailure>;
     /// Runs several restores (one per family) and returns their results in order, calling
     /// `before_inputs` once just before the restores can act on their input; when it fails,
     /// no restore changes anything and its error is returned. The real programs all start
@@ -132,7 +56,7 @@ pub trait Netfilter {
     /// run concurrently; this default calls the hook and runs them one after the other.
     fn restore_all(
         &self,
-        jobs: &[(Family, Backend, &str)],
+        jobs: &[(Family, IptablesVariant, &str)],
         before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
         before_inputs()?;
@@ -142,7 +66,7 @@ pub trait Netfilter {
             .collect())
     }
     /// Runs `*-save` and returns its output.
-    fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String>;
+    fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String>;
     /// The legacy tables instantiated in the namespace (`/proc/.../ip{,6}_tables_names`).
     fn legacy_tables(&self, family: Family) -> Vec<String>;
 }
@@ -152,7 +76,107 @@ pub trait Netfilter {
 pub struct Options {
     pub reconcile: bool,
     pub force_apply: bool,
-    pub force_backend: Option<Backend>,
+    pub force_backend: Option<IptablesVariant>,
+}
+
+/// The iptables backend: one `*-restore` per family (see the module doc).
+#[derive(Debug)]
+pub struct Iptables {
+    pub programs: System,
+    pub options: Options,
+    /// `--handover`: a fresh namespace's single restore may replace this process.
+    pub handover: bool,
+    /// `--restore-timeout`, also the hand-over's alarm.
+    pub timeout: std::time::Duration,
+}
+
+impl crate::backend::Firewall for Iptables {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn capabilities(&self) -> &'static [caps::Capability] {
+        &crate::sys::caps::NEEDED
+    }
+
+    fn render(&self, capture: &Capture) -> String {
+        render::dry_run_text(&capture.rulesets())
+    }
+
+    fn log_plan(&self, capture: &Capture) {
+        for rs in capture.rulesets() {
+            log::info!(
+                "{} ruleset: {} rules in {} new chains",
+                rs.family,
+                rs.rule_count(),
+                rs.chain_count()
+            );
+            log::debug!(
+                "{} restore input:\n{}",
+                rs.family,
+                render::ruleset_text(&rs)
+            );
+        }
+    }
+
+    fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
+        let rulesets = capture.rulesets();
+        let plain = Plain {
+            enabled: self.handover,
+            rules_only: how.rules_only,
+        };
+        if let Some(h) = handover(
+            &self.programs,
+            &self.options,
+            &rulesets,
+            plain,
+            self.timeout,
+        ) {
+            (how.before_handover)();
+            // Returns only if the program could not be started.
+            return Err(h.exec(&self.programs));
+        }
+        apply(&self.programs, &self.options, &rulesets, how.at_commit).map(drop)
+    }
+
+    fn remove(&self, capture: &Capture) -> anyhow::Result<()> {
+        cleanup(&self.programs, &capture.rulesets())
+    }
+
+    fn inspect(&self) -> anyhow::Result<Found> {
+        let mut found = Found::default();
+        // iptables-nft: its ISTIO_* chains are read over netlink (no program runs).
+        for t in tables::list(None).context("listing nf_tables tables")? {
+            let word = match t.family {
+                NetfilterProtoFamily::IPv4 => "ip",
+                NetfilterProtoFamily::IPv6 => "ip6",
+                _ => continue,
+            };
+            if !Table::ALL.iter().any(|x| x.name() == t.name) {
+                continue;
+            }
+            let chains = tables::chains(t.family, &t.name)
+                .with_context(|| format!("listing the chains of {word} {}", t.name))?;
+            if chains.iter().any(|c| state::is_istio_chain(c)) {
+                found.what.push(format!("{word} {} (iptables-nft)", t.name));
+            }
+        }
+        // iptables-legacy: only its programs can read it, and only where its tables exist.
+        for family in Family::ALL {
+            if self.programs.legacy_tables(family).is_empty() {
+                continue;
+            }
+            match istio_in(&self.programs, family, IptablesVariant::Legacy) {
+                Ok(true) => found.what.push(format!("{family} (iptables-legacy)")),
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "{family}: legacy iptables tables exist in this network namespace, and \
+                     whether they hold Istio rules cannot be read: {e:#}"
+                ),
+            }
+        }
+        Ok(found)
+    }
 }
 
 /// What happened to one family.
@@ -172,14 +196,14 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyReport {
     pub family: Family,
-    pub backend: Backend,
+    pub backend: IptablesVariant,
     pub outcome: Outcome,
 }
 
-fn other(b: Backend) -> Backend {
+fn other(b: IptablesVariant) -> IptablesVariant {
     match b {
-        Backend::Legacy => Backend::Nft,
-        Backend::Nft => Backend::Legacy,
+        IptablesVariant::Legacy => IptablesVariant::Nft,
+        IptablesVariant::Nft => IptablesVariant::Legacy,
     }
 }
 
@@ -193,47 +217,47 @@ fn tool_prefix(family: Family) -> &'static str {
 /// Tables this run created from scratch, for rollback.
 struct Committed {
     rs: Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     tables: Vec<Table>,
 }
 
 /// The backend decision for one family.
 #[derive(Debug)]
 struct Choice {
-    backend: Backend,
+    backend: IptablesVariant,
     reason: String,
     /// The other backend holds Istio chains (only allowed with `--reconcile`, which then
     /// removes them).
     clean_other: bool,
 }
 
-fn istio_in(nf: &dyn Netfilter, family: Family, backend: Backend) -> anyhow::Result<bool> {
-    if backend == Backend::Legacy && nf.legacy_tables(family).is_empty() {
+fn istio_in(nf: &dyn Programs, family: Family, backend: IptablesVariant) -> anyhow::Result<bool> {
+    if backend == IptablesVariant::Legacy && nf.legacy_tables(family).is_empty() {
         return Ok(false);
     }
     Ok(state::parse_save(&nf.save(family, backend)?).has_istio_chains())
 }
 
-fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<Choice> {
+fn choose(nf: &dyn Programs, opts: &Options, family: Family) -> anyhow::Result<Choice> {
     let (backend, reason) = match opts.force_backend {
         Some(b) => (b, "forced by FORCE_IPTABLES_BINARY".to_owned()),
         None => {
             let legacy = nf.legacy_tables(family);
             if legacy.is_empty() {
                 (
-                    Backend::Nft,
+                    IptablesVariant::Nft,
                     "no legacy iptables tables exist in this network namespace".to_owned(),
                 )
             } else {
-                let saved = state::parse_save(&nf.save(family, Backend::Legacy)?);
+                let saved = state::parse_save(&nf.save(family, IptablesVariant::Legacy)?);
                 if saved.has_istio_chains() {
                     (
-                        Backend::Legacy,
+                        IptablesVariant::Legacy,
                         "the legacy backend already holds Istio chains".to_owned(),
                     )
                 } else if saved.rule_count() > 0 || !saved.non_empty_tables().is_empty() {
                     (
-                        Backend::Legacy,
+                        IptablesVariant::Legacy,
                         format!(
                             "the namespace already has legacy rules ({} rules in tables {})",
                             saved.rule_count(),
@@ -242,7 +266,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
                     )
                 } else {
                     (
-                        Backend::Nft,
+                        IptablesVariant::Nft,
                         format!(
                             "the legacy tables present ({}) hold no rules",
                             legacy.join(", ")
@@ -254,7 +278,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
     };
     // Rules must never end up in both backends. When nft was chosen because legacy is
     // empty or rule-less, legacy cannot hold Istio chains; every other case is checked.
-    let unforced_nft = opts.force_backend.is_none() && backend == Backend::Nft;
+    let unforced_nft = opts.force_backend.is_none() && backend == IptablesVariant::Nft;
     let clean_other = !unforced_nft && istio_in(nf, family, other(backend))?;
     if clean_other && !opts.reconcile {
         bail!(
@@ -272,7 +296,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
 }
 
 /// Applies every family's ruleset. The first restore of every family is started at once
-/// (see [`Netfilter::restore_all`]); what follows a failure (a re-run, a fallback) is handled
+/// (see [`Programs::restore_all`]); what follows a failure (a re-run, a fallback) is handled
 /// family by family, IPv4 first. On failure, every table this run created, in any family, is
 /// removed again and the error says what failed and that it was rolled back.
 ///
@@ -281,7 +305,7 @@ fn choose(nf: &dyn Netfilter, opts: &Options, family: Family) -> anyhow::Result<
 /// possible window between the routes and the rules. When it fails, no rule is applied and
 /// its error is returned.
 pub fn apply(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     opts: &Options,
     rulesets: &[Ruleset],
     before_rules: &mut dyn FnMut() -> anyhow::Result<()>,
@@ -298,8 +322,8 @@ pub fn apply(
         );
         choices.push(choice);
     }
-    let texts: Vec<String> = rulesets.iter().map(ToString::to_string).collect();
-    let jobs: Vec<(Family, Backend, &str)> = rulesets
+    let texts: Vec<String> = rulesets.iter().map(render::ruleset_text).collect();
+    let jobs: Vec<(Family, IptablesVariant, &str)> = rulesets
         .iter()
         .zip(&choices)
         .zip(&texts)
@@ -341,7 +365,7 @@ pub fn apply(
 }
 
 /// The error of a failed run, after undoing what it applied.
-fn roll_back_after(nf: &dyn Netfilter, done: &[Committed], e: anyhow::Error) -> anyhow::Error {
+fn roll_back_after(nf: &dyn Programs, done: &[Committed], e: anyhow::Error) -> anyhow::Error {
     if done.is_empty() {
         return e;
     }
@@ -361,7 +385,7 @@ fn roll_back_after(nf: &dyn Netfilter, done: &[Committed], e: anyhow::Error) -> 
     }
 }
 
-fn rollback(nf: &dyn Netfilter, done: &[Committed]) -> anyhow::Result<()> {
+fn rollback(nf: &dyn Programs, done: &[Committed]) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for c in done.iter().rev() {
         if let Err(e) = undo(nf, &c.rs, c.backend, &c.tables) {
@@ -376,9 +400,9 @@ fn rollback(nf: &dyn Netfilter, done: &[Committed]) -> anyhow::Result<()> {
 }
 
 fn undo(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     tables: &[Table],
 ) -> anyhow::Result<()> {
     let text = state::undo_text(rs, tables);
@@ -401,7 +425,7 @@ fn undo(
 /// One family after its first restore: `first` is `None` when it has no rules, `Ok` when the
 /// first restore applied them (already in `done`).
 fn finish_family(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     opts: &Options,
     rs: &Ruleset,
     choice: &Choice,
@@ -420,12 +444,12 @@ fn finish_family(
     };
     let mut fell_back = false;
     if let Err(f) = &first {
-        if backend == Backend::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
+        if backend == IptablesVariant::Nft && opts.force_backend.is_none() && nft_unavailable(f) {
             log::warn!(
                 "{family}: nf_tables is not usable here ({}); falling back to the legacy backend",
                 iptables_message(&f.stderr)
             );
-            backend = Backend::Legacy;
+            backend = IptablesVariant::Legacy;
             first = nf.restore(family, backend, text);
             fell_back = true;
         }
@@ -483,9 +507,9 @@ fn nft_unavailable(f: &RestoreFailure) -> bool {
 
 /// After a failed restore, undoes the tables it committed before failing.
 fn undo_committed(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     text: &str,
     fail: &RestoreFailure,
 ) -> anyhow::Result<()> {
@@ -518,12 +542,12 @@ fn is_existing_chain(text: &str, fail: &RestoreFailure) -> bool {
 }
 
 /// Reads the live state with the expected rules canonicalised by iptables itself (see
-/// [`crate::state`]). Scratch chains are only loaded into tables that exist and hold Istio
+/// [`crate::backend::iptables::state`]). Scratch chains are only loaded into tables that exist and hold Istio
 /// rules, so inspecting never creates a table.
 fn inspect(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
 ) -> anyhow::Result<(Saved, state::Canon)> {
     let family = rs.family;
     let live = state::parse_save(&nf.save(family, backend)?);
@@ -552,9 +576,9 @@ fn inspect(
 }
 
 fn delete_scratch(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     family: Family,
-    backend: Backend,
+    backend: IptablesVariant,
     live: &Saved,
 ) -> anyhow::Result<()> {
     let text = state::scratch_delete_text(live, &scratch_names());
@@ -570,10 +594,10 @@ fn delete_scratch(
 }
 
 fn existing(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     opts: &Options,
     rs: &Ruleset,
-    backend: Backend,
+    backend: IptablesVariant,
     done: &mut Vec<Committed>,
 ) -> anyhow::Result<Outcome> {
     let family = rs.family;
@@ -625,7 +649,7 @@ fn existing(
                 "{family}: completing an interrupted apply: adding tables {}",
                 names.join(", ")
             );
-            let text = part.to_string();
+            let text = render::ruleset_text(&part);
             if let Err(fail) = nf.restore(family, backend, &text) {
                 undo_committed(nf, &part, backend, &text, &fail)?;
                 bail!(describe(family, backend, &text, &fail));
@@ -644,12 +668,12 @@ fn existing(
 /// (legacy only where legacy tables exist), plus the built-in-chain rules `expected` (the
 /// current configuration's rulesets) would add. Foreign rules stay. Every family and backend
 /// is attempted; the errors are reported together.
-pub fn cleanup(nf: &dyn Netfilter, expected: &[Ruleset]) -> anyhow::Result<()> {
+pub fn cleanup(nf: &dyn Programs, expected: &[Ruleset]) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for family in Family::ALL {
         let rs = expected.iter().find(|r| r.family == family);
-        for backend in [Backend::Nft, Backend::Legacy] {
-            if backend == Backend::Legacy && nf.legacy_tables(family).is_empty() {
+        for backend in [IptablesVariant::Nft, IptablesVariant::Legacy] {
+            if backend == IptablesVariant::Legacy && nf.legacy_tables(family).is_empty() {
                 log::debug!("{family}: no legacy tables, nothing to clean in legacy");
                 continue;
             }
@@ -691,9 +715,9 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
 
 /// Cleans one family in one backend. Returns whether anything was removed.
 fn cleanup_backend(
-    nf: &dyn Netfilter,
+    nf: &dyn Programs,
     family: Family,
-    backend: Backend,
+    backend: IptablesVariant,
     rs: Option<&Ruleset>,
 ) -> anyhow::Result<bool> {
     let saved = nf
@@ -776,7 +800,7 @@ mod tests {
             stderr: "ip6tables-nft-restore v1.8.9 (nf_tables): \nline 3: RULE_APPEND failed (Invalid argument): rule in chain ISTIO_X\n".into(),
             line: Some(3),
         };
-        let d = describe(Family::V6, Backend::Nft, text, &f);
+        let d = describe(Family::V6, IptablesVariant::Nft, text, &f);
         assert_eq!(
             d,
             "IPv6 (nft backend): /usr/sbin/ip6tables-nft-restore failed at line 3 \
@@ -809,11 +833,11 @@ mod tests {
         }
     }
 
-    impl Netfilter for Fake {
+    impl Programs for Fake {
         fn restore(
             &self,
             family: Family,
-            backend: Backend,
+            backend: IptablesVariant,
             input: &str,
         ) -> Result<(), RestoreFailure> {
             self.calls
@@ -824,11 +848,11 @@ mod tests {
                 None => Ok(()),
             }
         }
-        fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String> {
+        fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String> {
             self.calls
                 .borrow_mut()
                 .push(format!("save {family} {backend}"));
-            Ok(self.saves[usize::from(backend == Backend::Legacy)].clone())
+            Ok(self.saves[usize::from(backend == IptablesVariant::Legacy)].clone())
         }
         fn legacy_tables(&self, _: Family) -> Vec<String> {
             self.legacy.clone()
@@ -836,19 +860,15 @@ mod tests {
     }
 
     fn rulesets(args: &[&str]) -> Vec<Ruleset> {
-        use crate::cli::Defaults;
-        use crate::config::tests::resolve;
-        use crate::ruleset::{Facts, build};
+        use crate::capture::{Facts, build};
+        use crate::settings::cli::Defaults;
+        use crate::settings::config::tests::resolve;
         let cfg = resolve(Defaults::Native, args, &[]).unwrap();
         let facts = Facts {
             ipv6: true,
             dns_servers: vec![],
         };
-        facts
-            .families()
-            .into_iter()
-            .map(|f| build(&cfg, &facts, f))
-            .collect()
+        build(&cfg, &facts).rulesets()
     }
 
     #[test]
@@ -862,8 +882,14 @@ mod tests {
         let reports = apply(&fake, &Options::default(), &rs, &mut || Ok(())).unwrap();
         let calls = fake.calls.borrow();
         assert_eq!(calls.len(), 2);
-        assert_eq!(calls[0], format!("restore IPv4 nft\n{}", rs[0]));
-        assert_eq!(calls[1], format!("restore IPv6 nft\n{}", rs[1]));
+        assert_eq!(
+            calls[0],
+            format!("restore IPv4 nft\n{}", render::ruleset_text(&rs[0]))
+        );
+        assert_eq!(
+            calls[1],
+            format!("restore IPv6 nft\n{}", render::ruleset_text(&rs[1]))
+        );
         assert!(reports.iter().all(|r| r.outcome == Outcome::Applied));
     }
 
@@ -995,7 +1021,7 @@ mod tests {
     const FOREIGN_FILTER: &str =
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
 
-    fn choice(fake: &Fake, opts: Options) -> anyhow::Result<(Backend, Vec<String>)> {
+    fn choice(fake: &Fake, opts: Options) -> anyhow::Result<(IptablesVariant, Vec<String>)> {
         let c = choose(fake, &opts, Family::V4)?;
         Ok((c.backend, fake.calls.borrow().clone()))
     }
@@ -1004,7 +1030,7 @@ mod tests {
     fn backend_choice_without_footprints() {
         // Fresh namespace: nft, and not a single process.
         let (b, calls) = choice(&Fake::new(), Options::default()).unwrap();
-        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+        assert_eq!((b, calls.len()), (IptablesVariant::Nft, 0));
 
         // An empty legacy table (Istio's probe footprint) does not count.
         let fake = Fake {
@@ -1015,7 +1041,7 @@ mod tests {
         let (b, calls) = choice(&fake, Options::default()).unwrap();
         assert_eq!(
             (b, calls),
-            (Backend::Nft, vec!["save IPv4 legacy".to_owned()])
+            (IptablesVariant::Nft, vec!["save IPv4 legacy".to_owned()])
         );
 
         // Foreign legacy rules: legacy, after checking nft holds no Istio chains.
@@ -1025,7 +1051,7 @@ mod tests {
             ..Fake::new()
         };
         let (b, calls) = choice(&fake, Options::default()).unwrap();
-        assert_eq!(b, Backend::Legacy);
+        assert_eq!(b, IptablesVariant::Legacy);
         assert_eq!(calls, ["save IPv4 legacy", "save IPv4 nft"]);
 
         // Foreign legacy rules but Istio chains in nft: an error (two copies), or with
@@ -1049,7 +1075,7 @@ mod tests {
             Family::V4,
         )
         .unwrap();
-        assert!(c.clean_other && c.backend == Backend::Legacy);
+        assert!(c.clean_other && c.backend == IptablesVariant::Legacy);
 
         // Istio chains in legacy win.
         let fake = Fake {
@@ -1059,7 +1085,7 @@ mod tests {
         };
         assert_eq!(
             choice(&fake, Options::default()).unwrap().0,
-            Backend::Legacy
+            IptablesVariant::Legacy
         );
     }
 
@@ -1071,7 +1097,7 @@ mod tests {
             ..Fake::new()
         };
         let opts = Options {
-            force_backend: Some(Backend::Nft),
+            force_backend: Some(IptablesVariant::Nft),
             ..Options::default()
         };
         let e = choice(&fake, opts).unwrap_err();
@@ -1079,6 +1105,6 @@ mod tests {
 
         // Forcing nft on a namespace without legacy tables costs no process.
         let (b, calls) = choice(&Fake::new(), opts).unwrap();
-        assert_eq!((b, calls.len()), (Backend::Nft, 0));
+        assert_eq!((b, calls.len()), (IptablesVariant::Nft, 0));
     }
 }

@@ -6,74 +6,7 @@
 //! the calling thread's signal mask (for the section, and around the spawns of held
 //! restores); reads `/proc/thread-self/status`.
 //!
-//! # The namespace lock
-//!
-//! iptables-restore commits table by table, so a second run that starts while a first one is
-//! between two tables sees half a configuration: it would report drift, or "complete" tables
-//! the first run is about to commit. A bounded re-check loop could only guess when the first
-//! run is done; a lock knows. [`NetnsLock`] is an abstract Unix socket, `@istio-init/netns-lock`,
-//! bound in the target network namespace. Abstract socket names belong to the network
-//! namespace, so every run against that namespace finds the same lock, whatever its mount
-//! namespace, container or filesystem: an init container and a debug container at the same
-//! moment are serialised, a read-only root filesystem needs nothing, no privilege is needed,
-//! and nothing is left behind — the name is free again the moment the last descriptor closes,
-//! even after SIGKILL.
-//!
-//! The socket is deliberately inherited by the iptables programs istio-init starts (and by
-//! the one it hands over to with `exec` on the fast path): if istio-init is SIGKILLed while a
-//! restore is committing, the orphaned restore still holds the lock, and the next run waits
-//! for that transaction to finish instead of reading it half-done. The wait is bounded
-//! (`--restore-timeout` plus `--xtables-wait`, the longest one program may run), a termination
-//! signal ends it at once (nothing has been changed yet), and a timeout names the socket and
-//! how to find its holder. Any process in the pod's network namespace could bind the name
-//! first; the worst it achieves is that wait and its error (docs/threat-model.md).
-//!
-//! # The critical section
-//!
-//! SIGTERM, SIGINT and SIGHUP are blocked (`pthread_sigmask`) from before the namespace lock
-//! is taken — so no signal can fall between binding the lock and holding it — until
-//! the rules are complete or rolled back (the section ends before `--run-validation`, which
-//! changes nothing). The mask is set on the calling thread before the worker thread that
-//! enters the namespace is spawned, so every thread of the process — the worker and the
-//! threads that watch the iptables programs — blocks them, and a signal stays pending
-//! instead of killing the process between two tables or two families. When the section ends
-//! the lock is released first, then the pending signal takes effect with its default action
-//! (the process dies by it, as was asked), after a log line saying so; an error the run
-//! ended with is logged before that, since `main` will not get to print it. The iptables
-//! programs started inside the section inherit the mask (a blocked mask survives `exec`):
-//! a SIGTERM or SIGINT aimed at a restore, or at every process of the container, does not
-//! cut its transaction short either, nor does SIGHUP, except for held restores (below); only
-//! SIGKILL stops one, and that is what the timeout uses. The section lasts at most as long
-//! as the programs it waits for, each bounded by `--restore-timeout`. SIGKILL cannot be
-//! blocked: see `run.rs` and the module doc of `apply` for how the restores are held so that
-//! it cannot split the families, and what the next run repairs.
-//!
-//! # The held restores and SIGHUP
-//!
-//! The restores of a dual-stack run are held (stopped) until every one has its input, then
-//! released together (`run.rs`). If istio-init is SIGKILLed while they are held, the kernel
-//! sends their orphaned group SIGHUP then SIGCONT, and SIGHUP must end them: so they are
-//! spawned with SIGHUP (and SIGTSTP, which holds them) unblocked — [`GateUnblocked`] unblocks
-//! [`GATE`] on the spawning thread for the spawns only — while SIGTERM and SIGINT stay
-//! blocked in them.
-//!
-//! Just before, one read of `/proc/thread-self/status` ([`signal_state`]) checks that no
-//! deferred signal is pending — if one is, the run ends there, "nothing was changed", like
-//! the lock wait — and that neither SIGHUP nor SIGTSTP is ignored (an ignored disposition
-//! survives `exec`: then nothing is held, with a warning). A SIGHUP that arrives during the
-//! spawns themselves (a few hundred microseconds) goes to the one thread that does not block
-//! it, and its default action kills istio-init at once, without the log line (as a SIGKILL
-//! would; the lock is released with the process). That is safe because
-//! nothing has been changed yet: no route is added and no input written before the spawns
-//! end; the restores started so far are not stopped, so the kernel sends them nothing; and
-//! when istio-init's ends of their pipes close they read EOF and change nothing. A SIGTSTP in
-//! that window stops istio-init, as it would at any other moment (it is never deferred).
-//!
-//! The price: a SIGHUP aimed at a held restore itself, or at every process of the container,
-//! can end that restore between two tables. istio-init sees it fail and rolls back the other
-//! families (a SIGHUP meant for istio-init too is deferred until then, and ends it after);
-//! tables that restore had already committed stay, as after a restore killed at its deadline,
-//! until the next run completes them.
+//! Design: `docs/design.md`, "The namespace lock and deferred signals".
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;

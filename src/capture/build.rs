@@ -1,283 +1,74 @@
-//! Builds Istio's sidecar ruleset as typed data: tables → chains → rules, for one IP family.
-//!
-//! Pure. The rules, their conditions and their order follow istio-iptables (see
-//! `istio-iptables-behaviour.md` §4 and §5 in the shared docs); the step numbers in the comments
-//! refer to that section. Each rule holds typed matches and a typed target, so rendering
-//! (`restore.rs`) and the trace walker can never disagree about what a rule means.
+//! Istio's build steps (`istio-iptables-behaviour.md` §4, step numbers in the comments), run
+//! once for every programmed family: a rule that involves an address is emitted once per
+//! family, each copy right after the other, so the per-family projections keep istio-iptables'
+//! order and an inet table gets Istio's nftables order.
 
-use std::net::IpAddr;
+use super::{Capture, Facts, Match, Owner, Proto, Rule, Table, Target, chain, dns_capture};
+use crate::net::{Cidr, Family, Group, Iface, Port, PortItem};
+use crate::settings::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups};
 
-use crate::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups};
-use crate::net::{Cidr, Family, Group, Id, Iface, Mark, Port, PortItem};
-
-/// Facts about the target network namespace that shape the ruleset.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Facts {
-    /// Whether IPv6 rules are programmed.
-    pub ipv6: bool,
-    /// Nameservers from resolv.conf (only read when DNS capture needs them).
-    pub dns_servers: Vec<IpAddr>,
-}
-
-impl Facts {
-    pub fn dns_servers_of(&self, family: Family) -> impl Iterator<Item = IpAddr> + '_ {
-        self.dns_servers
-            .iter()
-            .copied()
-            .filter(move |a| Family::of(a) == family)
-    }
-
-    /// The families to program: IPv4 always (as Istio does), IPv6 when enabled.
-    pub fn families(&self) -> Vec<Family> {
-        if self.ipv6 {
-            vec![Family::V4, Family::V6]
-        } else {
-            vec![Family::V4]
-        }
-    }
-}
-
-/// Whether DNS capture is in effect: requested, and either capture-all or at least one server
-/// known (otherwise Istio disables it with a warning, and so do we).
-pub fn dns_capture(cfg: &Config, facts: &Facts) -> bool {
-    cfg.redirect_dns && (cfg.capture_all_dns || !facts.dns_servers.is_empty())
-}
-
-/// A netfilter table. The order of the variants is the order tables are rendered in
-/// (alphabetical, as istio-iptables renders them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Table {
-    Filter,
-    Mangle,
-    Nat,
-    Raw,
-}
-
-impl Table {
-    pub const ALL: [Table; 4] = [Table::Filter, Table::Mangle, Table::Nat, Table::Raw];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Filter => "filter",
-            Table::Mangle => "mangle",
-            Table::Nat => "nat",
-            Table::Raw => "raw",
-        }
-    }
-}
-
-/// Chain names. Istio's own chains all start with `ISTIO_`.
-pub mod chain {
-    pub const PREROUTING: &str = "PREROUTING";
-    pub const OUTPUT: &str = "OUTPUT";
-    pub const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
-    pub const ISTIO_OUTPUT: &str = "ISTIO_OUTPUT";
-    pub const ISTIO_OUTPUT_DNS: &str = "ISTIO_OUTPUT_DNS";
-    pub const ISTIO_REDIRECT: &str = "ISTIO_REDIRECT";
-    pub const ISTIO_IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
-    pub const ISTIO_DIVERT: &str = "ISTIO_DIVERT";
-    pub const ISTIO_TPROXY: &str = "ISTIO_TPROXY";
-    pub const ISTIO_DROP: &str = "ISTIO_DROP";
-
-    /// Every chain istio-init may create, for cleanup and drift checks.
-    pub const ISTIO_CHAINS: [&str; 8] = [
-        ISTIO_INBOUND,
-        ISTIO_OUTPUT,
-        ISTIO_OUTPUT_DNS,
-        ISTIO_REDIRECT,
-        ISTIO_IN_REDIRECT,
-        ISTIO_DIVERT,
-        ISTIO_TPROXY,
-        ISTIO_DROP,
-    ];
-
-    /// Names that are never declared with `-N` (built-in chains and verdicts).
-    pub fn is_builtin(name: &str) -> bool {
-        matches!(
-            name,
-            "INPUT"
-                | "OUTPUT"
-                | "FORWARD"
-                | "PREROUTING"
-                | "POSTROUTING"
-                | "ACCEPT"
-                | "RETURN"
-                | "DROP"
-        )
-    }
-}
-
-/// The transport protocol of a `-p` match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
-
-/// Whose socket sent a packet (`-m owner`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Owner {
-    Uid(Id),
-    Gid(Group),
-}
-
-/// One match of a rule. `neg` renders as a leading `!`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Match {
-    Proto(Proto),
-    InIface(Iface),
-    OutIface(Iface),
-    Src(Cidr),
-    Dst {
-        neg: bool,
-        net: Cidr,
-    },
-    Dport {
-        neg: bool,
-        port: PortItem,
-    },
-    Sport(PortItem),
-    /// `-m multiport [!] --dports a,b` (at most 15 ports; Istio only ever uses two).
-    Dports {
-        neg: bool,
-        ports: Vec<PortItem>,
-    },
-    Owner {
-        neg: bool,
-        owner: Owner,
-    },
-    /// `-m conntrack --ctstate <states>`.
-    CtState(&'static str),
-    /// `-m mark [!] --mark <mark>`.
-    Mark {
-        neg: bool,
-        mark: u32,
-    },
-    /// `-m connmark --mark <mark>`.
-    Connmark(u32),
-}
-
-/// What a rule does with a matching packet.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    /// `-j <chain>` to a user chain.
-    Jump(&'static str),
-    Return,
-    Accept,
-    Drop,
-    /// `-j REDIRECT --to-ports P` (`--to-port` when `singular`, as Istio writes the UDP DNS rule).
-    Redirect {
-        port: Port,
-        singular: bool,
-    },
-    /// `-j TPROXY --tproxy-mark M/0xffffffff --on-port P`.
-    Tproxy {
-        mark: Mark,
-        on_port: Port,
-    },
-    /// `-j MARK --set-mark M`.
-    SetMark(u32),
-    ConnmarkSave,
-    ConnmarkRestore,
-    /// `-j CT --zone Z`.
-    CtZone(u16),
-}
-
-impl Target {
-    /// The user chain this target jumps to, if any.
-    pub fn jump_chain(&self) -> Option<&'static str> {
-        match self {
-            Target::Jump(c) => Some(c),
-            _ => None,
-        }
-    }
-}
-
-/// One rule: appended to its chain, or inserted at a 1-based position.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Rule {
-    pub table: Table,
-    pub chain: &'static str,
-    /// `Some(n)`: `-I chain n` (applied in order, so positions are relative to the chain at
-    /// that moment); `None`: `-A chain`.
-    pub insert_at: Option<u32>,
-    pub matches: Vec<Match>,
-    pub target: Target,
-}
-
-/// The rules of one table: the chains it declares (in declaration order) and its rules in
-/// emission order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableRules {
-    pub table: Table,
-    pub new_chains: Vec<&'static str>,
-    pub rules: Vec<Rule>,
-}
-
-/// The ruleset of one IP family.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ruleset {
-    pub family: Family,
-    /// Non-empty tables only, in render order.
-    pub tables: Vec<TableRules>,
-}
-
-impl Ruleset {
-    pub fn rule_count(&self) -> usize {
-        self.tables.iter().map(|t| t.rules.len()).sum()
-    }
-
-    pub fn chain_count(&self) -> usize {
-        self.tables.iter().map(|t| t.new_chains.len()).sum()
-    }
-
-    pub fn table(&self, table: Table) -> Option<&TableRules> {
-        self.tables.iter().find(|t| t.table == table)
-    }
-
-    /// The rules of one chain in the order the kernel holds them after the whole ruleset is
-    /// applied to an empty chain (inserts resolved).
-    pub fn chain_rules(&self, table: Table, chain: &str) -> Vec<&Rule> {
-        let mut out: Vec<&Rule> = Vec::new();
-        if let Some(t) = self.table(table) {
-            for r in t.rules.iter().filter(|r| r.chain == chain) {
-                match r.insert_at {
-                    None => out.push(r),
-                    Some(n) => {
-                        let at = (n as usize).saturating_sub(1).min(out.len());
-                        out.insert(at, r);
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-/// Collects rules in emission order for one family.
+/// Collects rules in emission order.
 struct Builder {
-    family: Family,
+    families: Vec<Family>,
     rules: Vec<Rule>,
 }
 
 impl Builder {
-    fn append(&mut self, table: Table, chain: &'static str, matches: Vec<Match>, target: Target) {
+    /// Adds a rule, tagged with the family of its address if it has one; a rule for a family
+    /// that is not programmed is dropped.
+    fn push(
+        &mut self,
+        table: Table,
+        chain: &'static str,
+        insert_at: Option<u32>,
+        matches: Vec<Match>,
+        target: Target,
+    ) {
+        let family = matches.iter().find_map(|m| match m {
+            Match::Src(c) | Match::Dst { net: c, .. } => Some(c.family()),
+            _ => None,
+        });
+        if family.is_some_and(|f| !self.families.contains(&f)) {
+            return;
+        }
         self.rules.push(Rule {
+            family,
             table,
             chain,
-            insert_at: None,
+            insert_at,
             matches,
             target,
         });
+    }
+
+    fn append(&mut self, table: Table, chain: &'static str, matches: Vec<Match>, target: Target) {
+        self.push(table, chain, None, matches, target);
+    }
+
+    /// [`Builder::append`] of a rule without an address that only some of the programmed
+    /// families need: once for all of them, or once per family with an explicit tag.
+    fn append_for(
+        &mut self,
+        only: &[Family],
+        table: Table,
+        chain: &'static str,
+        matches: Vec<Match>,
+        target: Target,
+    ) {
+        if only == self.families.as_slice() {
+            self.append(table, chain, matches, target);
+            return;
+        }
+        for &f in only {
+            self.rules.push(Rule {
+                family: Some(f),
+                table,
+                chain,
+                insert_at: None,
+                matches: matches.clone(),
+                target: target.clone(),
+            });
+        }
     }
 
     fn insert(
@@ -288,53 +79,7 @@ impl Builder {
         matches: Vec<Match>,
         target: Target,
     ) {
-        self.rules.push(Rule {
-            table,
-            chain,
-            insert_at: Some(at),
-            matches,
-            target,
-        });
-    }
-
-    /// Groups the rules by table and derives the `-N` declarations the way istio-iptables
-    /// does: first every non-built-in chain that holds a rule, in first-use order, then every
-    /// jump target that holds none.
-    fn finish(self) -> Ruleset {
-        let mut tables = Vec::new();
-        for table in Table::ALL {
-            let rules: Vec<Rule> = self
-                .rules
-                .iter()
-                .filter(|r| r.table == table)
-                .cloned()
-                .collect();
-            if rules.is_empty() {
-                continue;
-            }
-            let mut new_chains: Vec<&'static str> = Vec::new();
-            for r in &rules {
-                if !chain::is_builtin(r.chain) && !new_chains.contains(&r.chain) {
-                    new_chains.push(r.chain);
-                }
-            }
-            for r in &rules {
-                if let Some(target) = r.target.jump_chain() {
-                    if !chain::is_builtin(target) && !new_chains.contains(&target) {
-                        new_chains.push(target);
-                    }
-                }
-            }
-            tables.push(TableRules {
-                table,
-                new_chains,
-                rules,
-            });
-        }
-        Ruleset {
-            family: self.family,
-            tables,
-        }
+        self.push(table, chain, Some(at), matches, target);
     }
 }
 
@@ -343,28 +88,20 @@ pub const DNS_PORT: Port = Port::fixed(15053);
 const PORT_53: PortItem = PortItem::One(Port::fixed(53));
 const PORT_15053: PortItem = PortItem::One(Port::fixed(15053));
 
-fn v4_or_v6(family: Family, v4: Cidr, v6: &str) -> Cidr {
-    match family {
-        Family::V4 => v4,
-        Family::V6 => v6.parse().unwrap_or(v4),
-    }
-}
-
-/// Builds the ruleset for one family. IPv6 rules are only built when asked for; callers use
-/// [`Facts::families`].
-pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
+/// Builds the capture for the families [`Facts::families`] enables.
+pub fn build(cfg: &Config, facts: &Facts) -> Capture {
     use Match::*;
     use Table::*;
     use chain::*;
 
+    let families = facts.families();
     let mut b = Builder {
-        family,
+        families: families.clone(),
         rules: Vec::new(),
     };
     let lo: Iface = "lo".parse().unwrap_or_else(|_| unreachable!());
-    let loopback = v4_or_v6(family, cfg.loopback_cidr, "::1/128");
-    let passthrough_v4: Cidr = "127.0.0.6/32".parse().unwrap_or(cfg.loopback_cidr);
-    let passthrough = v4_or_v6(family, passthrough_v4, "::6/128");
+    let loopback = |f: Family| cfg.loopback_of(f);
+    let passthrough = |f: Family| Cidr::host(f.passthrough());
     let tproxy = cfg.interception == Interception::Tproxy;
     let dns = dns_capture(cfg, facts);
     let tcp = || Proto(self::Proto::Tcp);
@@ -434,21 +171,23 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
                 Target::SetMark(cfg.tproxy_mark.get()),
             );
             b.append(Mangle, ISTIO_DIVERT, vec![], Target::Accept);
-            b.append(
-                Mangle,
-                ISTIO_TPROXY,
-                vec![
-                    Dst {
-                        neg: true,
-                        net: loopback,
+            for &f in &families {
+                b.append(
+                    Mangle,
+                    ISTIO_TPROXY,
+                    vec![
+                        Dst {
+                            neg: true,
+                            net: loopback(f),
+                        },
+                        tcp(),
+                    ],
+                    Target::Tproxy {
+                        mark: cfg.tproxy_mark,
+                        on_port: cfg.inbound_capture_port,
                     },
-                    tcp(),
-                ],
-                Target::Tproxy {
-                    mark: cfg.tproxy_mark,
-                    on_port: cfg.inbound_capture_port,
-                },
-            );
+                );
+            }
         }
         b.append(t, PREROUTING, vec![tcp()], Target::Jump(ISTIO_INBOUND));
         match &cfg.inbound_ports {
@@ -518,21 +257,23 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
     }
 
     // Step 10: the proxy's inbound passthrough source (127.0.0.6 / ::6) is never captured.
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        vec![OutIface(lo.clone()), Src(passthrough)],
-        Target::Return,
-    );
+    for &f in &families {
+        b.append(
+            Nat,
+            ISTIO_OUTPUT,
+            vec![OutIface(lo.clone()), Src(passthrough(f))],
+            Target::Return,
+        );
+    }
 
     // Steps 11 and 12: the proxy's own traffic.
     let include_has_loopback = match &cfg.outbound_include {
         OutboundCidrs::All => false,
         OutboundCidrs::Only(v) => v.iter().any(|c| c.is_loopback()),
     };
-    let not_loopback = Dst {
+    let not_loopback = |f: Family| Dst {
         neg: true,
-        net: loopback,
+        net: loopback(f),
     };
     let owners: Vec<(self::Owner, bool)> = cfg
         .proxy_uids
@@ -561,18 +302,20 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
                 port: tun,
             }
         };
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            vec![
-                OutIface(lo.clone()),
-                not_loopback.clone(),
-                tcp(),
-                skip_ports,
-                who(false),
-            ],
-            Target::Jump(ISTIO_IN_REDIRECT),
-        );
+        for &f in &families {
+            b.append(
+                Nat,
+                ISTIO_OUTPUT,
+                vec![
+                    OutIface(lo.clone()),
+                    not_loopback(f),
+                    tcp(),
+                    skip_ports.clone(),
+                    who(false),
+                ],
+                Target::Jump(ISTIO_IN_REDIRECT),
+            );
+        }
         // b: app-to-app traffic over lo is left alone (unless loopback is explicitly captured).
         if !include_has_loopback {
             let m = if dns {
@@ -618,18 +361,20 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
     }
 
     // Step 15: loopback destinations are never captured.
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        vec![Dst {
-            neg: false,
-            net: loopback,
-        }],
-        Target::Return,
-    );
+    for &f in &families {
+        b.append(
+            Nat,
+            ISTIO_OUTPUT,
+            vec![Dst {
+                neg: false,
+                net: loopback(f),
+            }],
+            Target::Return,
+        );
+    }
 
-    // Step 16: outbound CIDR exclusions of this family.
-    for c in cfg.outbound_exclude.iter().filter(|c| c.family() == family) {
+    // Step 16: outbound CIDR exclusions (of the programmed families: see `Builder::push`).
+    for c in &cfg.outbound_exclude {
         b.append(
             Nat,
             ISTIO_OUTPUT,
@@ -666,7 +411,7 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
             }
         }
         OutboundCidrs::Only(_) => {
-            for c in cfg.outbound_include.of(family) {
+            for c in families.iter().flat_map(|f| cfg.outbound_include.of(*f)) {
                 for v in &cfg.virt_interfaces {
                     b.insert(
                         Nat,
@@ -702,12 +447,15 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
             vec![tcp(), OutIface(lo.clone()), plain(false)],
             Target::Return,
         );
-        for (owner, _) in &owners {
+        for ((owner, _), &f) in owners
+            .iter()
+            .flat_map(|o| families.iter().map(move |f| (o, f)))
+        {
             b.append(
                 Mangle,
                 OUTPUT,
                 vec![
-                    not_loopback.clone(),
+                    not_loopback(f),
                     tcp(),
                     OutIface(lo.clone()),
                     Owner {
@@ -731,13 +479,15 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
             vec![tcp(), plain(false)],
             Target::Return,
         );
-        b.insert(
-            Mangle,
-            ISTIO_INBOUND,
-            2,
-            vec![tcp(), Src(passthrough), InIface(lo.clone())],
-            Target::Return,
-        );
+        for &f in &families {
+            b.insert(
+                Mangle,
+                ISTIO_INBOUND,
+                2,
+                vec![tcp(), Src(passthrough(f)), InIface(lo.clone())],
+                Target::Return,
+            );
+        }
         b.insert(
             Mangle,
             ISTIO_INBOUND,
@@ -754,7 +504,10 @@ pub fn build(cfg: &Config, facts: &Facts, family: Family) -> Ruleset {
         );
     }
 
-    b.finish()
+    Capture {
+        families,
+        rules: b.rules,
+    }
 }
 
 /// Step 14: redirect DNS to the agent and split its UDP conntrack into two zones.
@@ -763,9 +516,15 @@ fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
     use Table::*;
     use chain::*;
 
-    let family = b.family;
-    let servers: Vec<Cidr> = facts.dns_servers_of(family).map(Cidr::host).collect();
+    let servers: Vec<Cidr> = facts.dns_servers.iter().copied().map(Cidr::host).collect();
     let all = cfg.capture_all_dns;
+    // The families whose nameservers are captured (all of them with capture-all-dns).
+    let captured: Vec<Family> = b
+        .families
+        .iter()
+        .copied()
+        .filter(|f| all || facts.dns_servers_of(*f).next().is_some())
+        .collect();
     let tcp = || Proto(self::Proto::Tcp);
     let udp = || Proto(self::Proto::Udp);
     let dport53 = || Dport {
@@ -778,9 +537,13 @@ fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
     };
 
     b.append(Raw, OUTPUT, vec![], Target::Jump(ISTIO_OUTPUT_DNS));
-    if all || !servers.is_empty() {
-        b.append(Nat, ISTIO_OUTPUT, vec![], Target::Jump(ISTIO_OUTPUT_DNS));
-    }
+    b.append_for(
+        &captured,
+        Nat,
+        ISTIO_OUTPUT,
+        vec![],
+        Target::Jump(ISTIO_OUTPUT_DNS),
+    );
     for (proto, singular) in [(tcp(), false), (udp(), true)] {
         if all {
             b.append(
@@ -843,8 +606,14 @@ fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
             vec![udp(), Sport(PORT_53)],
             Target::CtZone(1),
         );
-    } else if !servers.is_empty() {
-        b.append(Raw, PREROUTING, vec![], Target::Jump(ISTIO_INBOUND));
+    } else {
+        b.append_for(
+            &captured,
+            Raw,
+            PREROUTING,
+            vec![],
+            Target::Jump(ISTIO_INBOUND),
+        );
         for s in &servers {
             b.append(
                 Raw,
@@ -872,12 +641,13 @@ fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Defaults;
-    use crate::config::tests::resolve;
+    use crate::capture::Ruleset;
+    use crate::settings::cli::Defaults;
+    use crate::settings::config::tests::resolve;
 
     fn default_v4() -> Ruleset {
         let cfg = resolve(Defaults::Native, &[], &[]).unwrap();
-        build(&cfg, &Facts::default(), Family::V4)
+        build(&cfg, &Facts::default()).family(Family::V4)
     }
 
     #[test]
@@ -901,7 +671,7 @@ mod tests {
                 dns_servers: vec!["10.0.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
             };
             for family in facts.families() {
-                let rs = build(&cfg, &facts, family);
+                let rs = build(&cfg, &facts).family(family);
                 for t in &rs.tables {
                     let mut seen = std::collections::BTreeSet::new();
                     for c in &t.new_chains {
@@ -939,7 +709,7 @@ mod tests {
     #[test]
     fn inserts_resolve_to_kernel_order() {
         let cfg = resolve(Defaults::Native, &["-k", "eth1,eth2"], &[]).unwrap();
-        let rs = build(&cfg, &Facts::default(), Family::V4);
+        let rs = build(&cfg, &Facts::default()).family(Family::V4);
         let pre = rs.chain_rules(Table::Nat, chain::PREROUTING);
         // The REDIRECT jumps were inserted last, so they come first; last interface first.
         let desc: Vec<String> = pre
@@ -980,7 +750,7 @@ mod tests {
             dns_servers: vec![],
         };
         for family in Family::ALL {
-            let rs = build(&cfg, &facts, family);
+            let rs = build(&cfg, &facts).family(family);
             for t in &rs.tables {
                 for r in &t.rules {
                     for m in &r.matches {
@@ -997,7 +767,7 @@ mod tests {
     fn dns_disabled_without_servers() {
         let cfg = resolve(Defaults::Native, &["--redirect-dns"], &[]).unwrap();
         assert!(!dns_capture(&cfg, &Facts::default()));
-        let rs = build(&cfg, &Facts::default(), Family::V4);
+        let rs = build(&cfg, &Facts::default()).family(Family::V4);
         assert!(rs.table(Table::Raw).is_none());
     }
 }

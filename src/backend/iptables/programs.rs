@@ -1,8 +1,8 @@
-//! The real programs behind [`super::Netfilter`]: `iptables-*-restore`/`*-save` found on
+//! The real programs behind [`super::Programs`]: `iptables-*-restore`/`*-save` found on
 //! `PATH`, run with argv only (never a shell) and an environment scrubbed down to the xtables
 //! variables, plus the legacy lock-file choice and the `/proc` view of legacy tables.
 //!
-//! Effects: spawns processes (see [`super::run`]), opens the lock file, reads
+//! Effects: spawns processes (see [`super::spawn`]), opens the lock file, reads
 //! `/proc/thread-self/net`.
 
 use std::path::{Path, PathBuf};
@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::config::Backend;
+use crate::backend::iptables::state;
 use crate::net::Family;
-use crate::state;
+use crate::settings::config::IptablesVariant;
 
-use super::run::{Ended, Job, run_all};
-use super::{Netfilter, RestoreFailure, tool_prefix};
+use super::spawn::{Ended, Job, run_all};
+use super::{Programs, RestoreFailure, tool_prefix};
 
 /// The real programs.
 #[derive(Debug)]
@@ -60,7 +60,12 @@ impl System {
     /// Finds `<prefix>-<backend>-<kind>` on PATH, else `<prefix>-<kind>` when it is a link to
     /// the right backend (a plain binary that is not a link is taken to be legacy, as iptables
     /// builds without nft are).
-    pub fn tool(&self, family: Family, backend: Backend, kind: &str) -> anyhow::Result<PathBuf> {
+    pub fn tool(
+        &self,
+        family: Family,
+        backend: IptablesVariant,
+        kind: &str,
+    ) -> anyhow::Result<PathBuf> {
         let prefix = tool_prefix(family);
         let specific = format!("{prefix}-{backend}-{kind}");
         let plain = format!("{prefix}-{kind}");
@@ -74,9 +79,9 @@ impl System {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let is = if name.contains("nft") {
-                Backend::Nft
+                IptablesVariant::Nft
             } else {
-                Backend::Legacy
+                IptablesVariant::Legacy
             };
             if is == backend {
                 return Ok(p);
@@ -146,14 +151,14 @@ fn find_on_path(path: &str, name: &str) -> Option<PathBuf> {
 
 impl System {
     /// How long a program of `backend` may run, and what set that limit (for the error).
-    fn limit(&self, backend: Backend) -> (Duration, String) {
+    fn limit(&self, backend: IptablesVariant) -> (Duration, String) {
         let t = self.timeout;
         match backend {
-            Backend::Nft => (
+            IptablesVariant::Nft => (
                 t,
                 format!("{t:?} (--restore-timeout, env ISTIO_INIT_RESTORE_TIMEOUT)"),
             ),
-            Backend::Legacy => {
+            IptablesVariant::Legacy => {
                 let wait = Duration::from_secs(u64::from(self.wait));
                 (
                     t + wait,
@@ -178,7 +183,7 @@ impl System {
     fn restore_job(
         &self,
         family: Family,
-        backend: Backend,
+        backend: IptablesVariant,
         input: &str,
     ) -> Result<Job, RestoreFailure> {
         let fail = |program: String, stderr: String| RestoreFailure {
@@ -192,7 +197,7 @@ impl System {
             .map_err(|e| fail(looked_for, format!("{e:#}")))?;
         let program = bin.display().to_string();
         let mut cmd = self.restore_command(&bin);
-        if backend == Backend::Legacy {
+        if backend == IptablesVariant::Legacy {
             cmd.arg(format!("--wait={}", self.wait));
             match self.legacy_lockfile() {
                 Ok(Some(f)) => {
@@ -241,8 +246,13 @@ fn restore_result(program: String, ended: Result<Ended, String>) -> Result<(), R
     })
 }
 
-impl Netfilter for System {
-    fn restore(&self, family: Family, backend: Backend, input: &str) -> Result<(), RestoreFailure> {
+impl Programs for System {
+    fn restore(
+        &self,
+        family: Family,
+        backend: IptablesVariant,
+        input: &str,
+    ) -> Result<(), RestoreFailure> {
         self.restore_all(&[(family, backend, input)], &mut || Ok(()))
             .ok()
             .and_then(|mut v| v.pop())
@@ -255,7 +265,7 @@ impl Netfilter for System {
     /// istio-init dies (killed before the release, none acts on its input).
     fn restore_all(
         &self,
-        jobs: &[(Family, Backend, &str)],
+        jobs: &[(Family, IptablesVariant, &str)],
         before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
         let mut results: Vec<Option<Result<(), RestoreFailure>>> = Vec::new();
@@ -283,7 +293,7 @@ impl Netfilter for System {
             .collect())
     }
 
-    fn save(&self, family: Family, backend: Backend) -> anyhow::Result<String> {
+    fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String> {
         let bin = self.tool(family, backend, "save")?;
         let mut cmd = Command::new(&bin);
         cmd.env_clear().envs(self.envs());
