@@ -16,8 +16,8 @@
 //! knows the kernel took the whole batch.
 
 use netlink_packet_core::{
-    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DefaultNla, Emitable, ErrorBuffer, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
+    NLM_F_REQUEST, NLMSG_ERROR, NetlinkBuffer,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
@@ -28,11 +28,9 @@ use netlink_packet_netfilter::nftables::{
     VerdictAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-    NetfilterSubsystem,
-};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterProtoFamily, NetfilterSubsystem};
 
+use super::Message;
 use crate::nft::{
     self, BaseChain, ChainType, Dir, Family, Hook, L4, Op, PortSet, Stmt, Transaction, Verdict,
 };
@@ -172,45 +170,40 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn put(
+    /// Appends one message: `body` after the nfnetlink header (`family`, `res_id`).
+    fn put<B: Emitable>(
         &mut self,
-        inner: NetfilterMessageInner,
+        kind: u16,
         family: NetfilterProtoFamily,
         res_id: u16,
+        body: B,
         flags: u16,
     ) {
-        let nf = NetfilterMessage::new(NetfilterHeader::new(family, 0, res_id), inner);
-        let mut m = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(nf));
-        m.header.flags = flags;
-        m.header.sequence_number = self.seq;
-        m.finalize();
-        let start = self.bytes.len();
-        self.bytes.resize(start + m.buffer_len(), 0);
-        m.serialize(&mut self.bytes[start..]);
+        let header = NetfilterHeader::new(family, 0, res_id);
+        let msg = Message {
+            kind,
+            body: Nf { header, body },
+        };
+        super::encode(&mut self.bytes, msg, flags, self.seq);
         self.seq += 1;
     }
 
     fn control(&mut self, c: ControlMessage) {
-        // The batch messages name the subsystem they carry in the res_id field.
+        // Subsystem 0 (the nfnetlink core); the batch names the subsystem it carries in the
+        // res_id field.
+        let kind = u16::from(u8::from(c.message_type()));
         let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
-        self.put(
-            c.into(),
-            NetfilterProtoFamily::Unspec,
-            subsys,
-            NLM_F_REQUEST,
-        );
+        self.put(kind, NetfilterProtoFamily::Unspec, subsys, c, NLM_F_REQUEST);
     }
 
     /// One nf_tables message of op `op`.
     fn nft(&mut self, op: usize, m: NfTablesMessage, flags: u16) {
+        let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
+        let kind = subsys << 8 | u16::from(u8::from(m.message_type()));
         self.seqs.push((self.seq, op));
         self.last_offset = Some(self.bytes.len());
-        self.put(
-            m.into(),
-            NetfilterProtoFamily::Inet,
-            0,
-            NLM_F_REQUEST | flags,
-        );
+        let flags = NLM_F_REQUEST | flags;
+        self.put(kind, NetfilterProtoFamily::Inet, 0, m, flags);
     }
 
     fn new_table(&mut self, op: usize, name: &str) {
@@ -707,6 +700,34 @@ fn range_neq(first: u16, last: u16) -> Expr {
     )
 }
 
+/// The code of an `NLMSG_ERROR` answer (0 for an acknowledgement), `None` if truncated.
+fn error_code(bytes: &[u8]) -> Option<i32> {
+    let payload = NetlinkBuffer::new_checked(bytes).ok()?.payload();
+    let code = ErrorBuffer::new_checked(payload).ok()?.code();
+    Some(code.map_or(0, |c| c.get()))
+}
+
+/// An nfnetlink message body: the nfnetlink header, then one of the crate's message bodies
+/// (whose `emit` writes only their attributes). Sent as [`Message`], not as the crate's
+/// all-kinds `NetfilterMessage`, so that only the nf_tables encoders land in the binary (see
+/// `netlink/mod.rs`).
+#[derive(Debug, Clone)]
+struct Nf<B> {
+    header: NetfilterHeader,
+    body: B,
+}
+
+impl<B: Emitable> Emitable for Nf<B> {
+    fn buffer_len(&self) -> usize {
+        self.header.buffer_len() + self.body.buffer_len()
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        self.header.emit(buffer);
+        self.body.emit(&mut buffer[self.header.buffer_len()..]);
+    }
+}
+
 /// Why a transaction was not applied. In every case nothing of it was.
 #[derive(Debug)]
 pub enum ApplyError {
@@ -841,20 +862,22 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
                 });
             }
         }
-        let mut off = 0;
-        while off < buf.len() {
-            let m = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..]).map_err(|e| {
-                ApplyError::Socket {
-                    what: "reading an answer",
-                    error: std::io::Error::other(e.to_string()),
-                }
-            })?;
-            let len = (m.header.length as usize).max(16);
-            off += (len + 3) & !3;
-            if let NetlinkPayload::Error(e) = m.payload {
-                match e.code {
-                    Some(code) => errors.push((m.header.sequence_number, -code.get())),
-                    None => acked |= Some(m.header.sequence_number) == last_seq,
+        let answers = super::split(&buf).map_err(|e| ApplyError::Socket {
+            what: "reading an answer",
+            error: std::io::Error::other(e.to_string()),
+        })?;
+        for (header, bytes) in answers {
+            if header.message_type != NLMSG_ERROR {
+                continue;
+            }
+            match error_code(bytes) {
+                Some(0) => acked |= Some(header.sequence_number) == last_seq,
+                Some(code) => errors.push((header.sequence_number, -code)),
+                None => {
+                    return Err(ApplyError::Socket {
+                        what: "reading an answer",
+                        error: std::io::Error::other("a truncated netlink error message"),
+                    });
                 }
             }
         }
