@@ -844,7 +844,8 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
     let mut acked = false;
     let mut overflow = false;
     let mut errors: Vec<(u32, i32)> = Vec::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // Answers carry only headers (NETLINK_CAP_ACK): 36 bytes each, one per `recv`.
+    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     loop {
         buf.clear();
         match s.recv(&mut buf, 0) {
