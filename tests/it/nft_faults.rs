@@ -92,9 +92,17 @@ fn native_nftables_killed_at_random_moments_leaves_no_table_or_the_whole_ruleset
         let table = format!("table inet istio-proxy-{t} {{");
         assert!(full.rules.contains(&table), "{table}:\n{}", full.rules);
     }
-    assert!(full.routing.contains("fwmark 0x539 lookup 133"), "{}", full.routing);
+    assert!(
+        full.routing.contains("fwmark 0x539 lookup 133"),
+        "{}",
+        full.routing
+    );
     assert_ne!(untouched.routing, full.routing);
-    assert!(!untouched.rules.contains("istio-proxy"), "{}", untouched.rules);
+    assert!(
+        !untouched.rules.contains("istio-proxy"),
+        "{}",
+        untouched.rules
+    );
 
     let max_delay = normal.mul_f64(1.3);
     let (rng, seed) = Rng::new();

@@ -231,7 +231,10 @@ fn net_admin_alone_with_an_empty_path_is_enough_and_net_raw_alone_touches_nothin
         return;
     }
     let Some(setpriv) = which("setpriv") else {
-        assert!(!crate::util::in_ci(), "{test}: setpriv (util-linux) is missing");
+        assert!(
+            !crate::util::in_ci(),
+            "{test}: setpriv (util-linux) is missing"
+        );
         eprintln!("skipped: {test}: setpriv (util-linux) is missing");
         return;
     };
@@ -308,12 +311,22 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     assert_ok(&run_istio_init(&ref_ipt, &ipt, &[]));
     assert_ok(&run_istio_init(&ref_nft, &nft, &[]));
     let iptables_rules = |ns: &Netns| {
-        [ns.rules("iptables-nft-save"), ns.rules("ip6tables-nft-save")].concat()
+        [
+            ns.rules("iptables-nft-save"),
+            ns.rules("ip6tables-nft-save"),
+        ]
+        .concat()
     };
     let want_ipt = iptables_rules(&ref_ipt);
     let want_nft = ours(&nft_state(&ref_nft).rules);
-    assert!(want_ipt.iter().any(|l| l.contains("ISTIO_TPROXY")), "{want_ipt:?}");
-    assert!(want_nft.contains("table inet istio-proxy-raw"), "{want_nft}");
+    assert!(
+        want_ipt.iter().any(|l| l.contains("ISTIO_TPROXY")),
+        "{want_ipt:?}"
+    );
+    assert!(
+        want_nft.contains("table inet istio-proxy-raw"),
+        "{want_nft}"
+    );
 
     // (a) The iptables mode's rules, then nftables: refused, untouched; --reconcile replaces.
     let ns = pod("coexa");
@@ -334,7 +347,11 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     ] {
         assert!(e.contains(want), "{want:?} not in {e}");
     }
-    assert_eq!(nft_state(&ns), before, "a refused run changed the namespace");
+    assert_eq!(
+        nft_state(&ns),
+        before,
+        "a refused run changed the namespace"
+    );
     let o = run_istio_init(&ns, &with(&nft, "--reconcile"), &[]);
     assert_ok(&o);
     assert_eq!(ns.istio_anywhere(), Vec::<String>::new(), "{}", stderr(&o));
@@ -354,7 +371,11 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
         ) && e.contains("--reconcile"),
         "{e}"
     );
-    assert_eq!(nft_state(&ns), before, "a refused run changed the namespace");
+    assert_eq!(
+        nft_state(&ns),
+        before,
+        "a refused run changed the namespace"
+    );
     let o = run_istio_init(&ns, &with(&ipt, "--reconcile"), &[]);
     assert_ok(&o);
     assert_eq!(iptables_rules(&ns), want_ipt, "{}", stderr(&o));
@@ -371,7 +392,12 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
         let o = run_istio_init(&ns, &with(mode, "--cleanup-only"), &[]);
         assert_ok(&o);
         let left = nft_state(&ns).rules;
-        assert_eq!(ns.istio_anywhere(), Vec::<String>::new(), "{tag}: {}", stderr(&o));
+        assert_eq!(
+            ns.istio_anywhere(),
+            Vec::<String>::new(),
+            "{tag}: {}",
+            stderr(&o)
+        );
         assert!(
             !left.contains("istio") && !left.contains("ISTIO"),
             "{tag}: {left}\n{}",
@@ -413,7 +439,9 @@ impl Monitor {
         };
         // Listening once it reports a change made after it started.
         for i in 0..50 {
-            if m.mark(&format!("iiprobe{i}"), Duration::from_millis(200)).is_some() {
+            if m.mark(&format!("iiprobe{i}"), Duration::from_millis(200))
+                .is_some()
+            {
                 return m;
             }
         }
@@ -478,7 +506,11 @@ fn a_rerun_from_tproxy_to_redirect_deletes_the_mangle_table_in_the_same_transact
 
     let ns = pod("tp2re");
     assert_ok(&run_istio_init(&ns, &tproxy, &[]));
-    assert!(nft_state(&ns).rules.contains("table inet istio-proxy-mangle"));
+    assert!(
+        nft_state(&ns)
+            .rules
+            .contains("table inet istio-proxy-mangle")
+    );
     let mut monitor = Monitor::start(&ns);
     let o = run_istio_init(&ns, &redirect, &[]);
     assert_ok(&o);
@@ -499,7 +531,9 @@ fn a_rerun_from_tproxy_to_redirect_deletes_the_mangle_table_in_the_same_transact
         "{events:#?}"
     );
     assert!(
-        events.iter().any(|l| l == "delete table inet istio-proxy-mangle"),
+        events
+            .iter()
+            .any(|l| l == "delete table inet istio-proxy-mangle"),
         "{events:#?}"
     );
     let after = nft_state(&ns).rules;
