@@ -28,7 +28,7 @@ use crate::util::{
 
 /// A pod-like namespace: loopback up, and a veth pair inside it with an IPv4 and an IPv6
 /// address, so the pod really is dual stack.
-fn pod(tag: &str) -> Netns {
+pub fn pod(tag: &str) -> Netns {
     let ns = Netns::new(tag);
     let batch = "link add v0 type veth peer name v1\n\
                  addr add 198.18.0.1/24 dev v0\n\
@@ -56,7 +56,7 @@ fn pod(tag: &str) -> Netns {
 
 /// A multi-table, dual-stack configuration: TPROXY (mangle + nat), DNS capture for a
 /// resolv.conf with one server per family (nat + raw), INVALID drop (mangle), IPv6 on.
-fn sidecar_args(resolv: &Path) -> Vec<String> {
+pub fn sidecar_args(resolv: &Path) -> Vec<String> {
     [
         "-m",
         "TPROXY",
@@ -72,7 +72,7 @@ fn sidecar_args(resolv: &Path) -> Vec<String> {
 }
 
 /// A directory holding the resolv.conf of [`sidecar_args`].
-fn resolv_dir(tag: &str) -> (ShimDir, std::path::PathBuf) {
+pub fn resolv_dir(tag: &str) -> (ShimDir, std::path::PathBuf) {
     let dir = ShimDir::new(tag);
     let resolv = dir.path.join("resolv.conf");
     std::fs::write(
@@ -85,7 +85,7 @@ fn resolv_dir(tag: &str) -> (ShimDir, std::path::PathBuf) {
 
 /// istio-init against `ns` (`--netns`), clean environment plus `env`, in its own process
 /// group (so a test can kill the group, as a container runtime would).
-fn istio_init_cmd(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Command {
+pub fn istio_init_cmd(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(bin());
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -100,7 +100,7 @@ fn istio_init_cmd(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Command 
     c
 }
 
-fn run_istio_init(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Output {
+pub fn run_istio_init(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Output {
     istio_init_cmd(ns, args, env)
         .output()
         .expect("running istio-init")
@@ -115,12 +115,13 @@ const COMPONENTS: [(&str, &str); 5] = [
     ("ip6tables-nft", "ip6tables-nft-save"),
     ("iptables-legacy", "iptables-legacy-save"),
     ("ip6tables-legacy", "ip6tables-legacy-save"),
-    (
-        "routing",
-        "ip -4 rule show; ip -6 rule show; ip -4 route show table 133; ip -6 route show \
-         table 133; ip -6 addr show dev lo",
-    ),
+    ("routing", ROUTING),
 ];
+
+/// The TPROXY routing state a run adds (policy rules, table 133, `::6` on lo), as one shell
+/// command line.
+pub const ROUTING: &str = "ip -4 rule show; ip -6 rule show; ip -4 route show table 133; \
+                           ip -6 route show table 133; ip -6 addr show dev lo";
 
 /// A snapshot of [`COMPONENTS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,10 +265,10 @@ fn wait_until_empty(ns: &Netns) -> Duration {
 }
 
 /// A small deterministic generator (xorshift64*), seeded from `FAULTS_SEED` or the clock.
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn new() -> (Rng, u64) {
+    pub fn new() -> (Rng, u64) {
         let seed = std::env::var("FAULTS_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -280,7 +281,7 @@ impl Rng {
         (Rng(seed), seed)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

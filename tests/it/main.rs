@@ -16,6 +16,7 @@ mod image;
 mod injection;
 mod kubernetes;
 mod layout;
+mod nft_faults;
 mod nft_mode;
 mod nftables;
 mod properties;

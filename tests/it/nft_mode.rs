@@ -5,9 +5,26 @@
 //! listings must be equal (counter values aside), and so must the two `--debug=netlink`
 //! listings of ours and Istio's (expression by expression). A re-run converges to the same
 //! ruleset, and `--cleanup-only` leaves nothing.
+//!
+//! Also, on the dual-stack TPROXY + DNS configuration of the fault tests (nat, mangle and raw
+//! tables): CAP_NET_ADMIN alone with an empty `PATH` is enough and CAP_NET_RAW alone touches
+//! nothing; the other mode's rules are refused, replaced with `--reconcile`, and removed by
+//! `--cleanup-only` in either mode; and a re-run with REDIRECT deletes the mangle table in the
+//! transaction that rewrites the others (seen with `nft monitor`). The kill test is in
+//! `nft_faults.rs`.
 
-use crate::nftables::{debug_listing, listing, nft_f};
-use crate::util::{Netns, TempDir, assert_ok, privileged, shared_conformance, stdout, which};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::faults::{ROUTING, istio_init_cmd, pod, resolv_dir, run_istio_init, sidecar_args};
+use crate::nftables::{debug_listing, listing, nft_f, zero_counters};
+use crate::util::{
+    Netns, TempDir, assert_code, assert_ok, bin, error_line, privileged, shared_conformance,
+    stderr, stdout, which,
+};
 
 /// Group names the owner-group cases use, resolvable inside the test namespaces.
 pub const GROUP_FILE: &str = "root:x:0:\njava:x:1001:\nftp:x:1002:\n";
@@ -86,7 +103,7 @@ impl NftCase {
     }
 }
 
-fn ready(test: &str) -> bool {
+pub fn ready(test: &str) -> bool {
     if !privileged(test) {
         return false;
     }
@@ -155,4 +172,371 @@ fn native_nftables_equals_istio_goldens_in_the_kernel() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---- The dual-stack TPROXY + DNS configuration: capabilities, coexistence, re-runs ----
+
+/// The fault tests' configuration (TPROXY, DNS capture for one nameserver per family, INVALID
+/// drop, IPv6 on), in nftables mode when `nft`.
+pub fn sidecar(resolv: &Path, nft: bool) -> Vec<String> {
+    let mut args = sidecar_args(resolv);
+    if nft {
+        args.push("--native-nftables".into());
+    }
+    args
+}
+
+fn with(args: &[String], extra: &str) -> Vec<String> {
+    args.iter().cloned().chain([extra.to_owned()]).collect()
+}
+
+/// A namespace's whole nf_tables ruleset (`nft list ruleset`, counters zeroed: iptables-nft's
+/// tables show too) and its TPROXY routing, read in one `ip netns exec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftState {
+    pub rules: String,
+    pub routing: String,
+}
+
+pub fn nft_state(ns: &Netns) -> NftState {
+    let script = format!("nft list ruleset && echo @@routing && {{ {ROUTING}; }} 2>&1");
+    let out = ns.ok(&["sh", "-c", &script]);
+    let (rules, routing) = out.split_once("@@routing\n").expect("the routing marker");
+    NftState {
+        rules: zero_counters(rules),
+        routing: routing.to_owned(),
+    }
+}
+
+/// The `table inet istio-proxy-*` blocks of a listing.
+pub fn ours(listing: &str) -> String {
+    let mut out = String::new();
+    let mut keep = false;
+    for l in listing.lines() {
+        if l.starts_with("table ") {
+            keep = l.starts_with("table inet istio-proxy-");
+        }
+        if keep {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn net_admin_alone_with_an_empty_path_is_enough_and_net_raw_alone_touches_nothing() {
+    let test = "net_admin_alone_with_an_empty_path_is_enough";
+    if !ready(test) {
+        return;
+    }
+    let Some(setpriv) = which("setpriv") else {
+        assert!(
+            !crate::util::in_ci(),
+            "{test}: setpriv (util-linux) is missing"
+        );
+        eprintln!("skipped: {test}: setpriv (util-linux) is missing");
+        return;
+    };
+    let (_dir, resolv) = resolv_dir("nftcaps");
+    let args = sidecar(&resolv, true);
+    let reference = pod("nftcapref");
+    let untouched = nft_state(&reference);
+    assert_ok(&run_istio_init(&reference, &args, &[]));
+    let full = nft_state(&reference);
+    for t in ["nat", "mangle", "raw"] {
+        let table = format!("table inet istio-proxy-{t} {{");
+        assert!(full.rules.contains(&table), "{table}:\n{}", full.rules);
+    }
+
+    // Inside the namespace (entering one would need CAP_SYS_ADMIN), with nothing but `caps` in
+    // the bounding set (so in every set of root's exec) and an empty PATH: no program can be
+    // found, so none can have been run.
+    let run = |ns: &Netns, caps: &str| {
+        let mut argv = vec![
+            "env".to_owned(),
+            "-i".into(),
+            "PATH=".into(),
+            setpriv.display().to_string(),
+            format!("--bounding-set=-all,{caps}"),
+            "--inh-caps=-all".into(),
+            "--".into(),
+            bin().into(),
+        ];
+        argv.extend(args.iter().cloned());
+        ns.run(&argv.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    let ns = pod("nftcapadmin");
+    let o = run(&ns, "+net_admin");
+    assert_ok(&o);
+    assert_eq!(nft_state(&ns), full, "{}", stderr(&o));
+
+    let ns = pod("nftcapraw");
+    let o = run(&ns, "+net_raw");
+    assert_code(&o, 1);
+    assert_eq!(
+        error_line(&o),
+        "error: missing capability CAP_NET_ADMIN: programming nftables needs CAP_NET_ADMIN; add \
+         them to the init container's securityContext.capabilities.add: [NET_ADMIN] (on GKE \
+         Autopilot the cluster must also allow them: --workload-policies=allow-net-admin)"
+    );
+    let after = nft_state(&ns);
+    assert_eq!(after, untouched);
+    assert!(!after.rules.contains("istio-proxy"), "{}", after.rules);
+    assert!(!after.routing.contains("fwmark"), "{}", after.routing);
+    assert!(!after.routing.contains("::6/128"), "{}", after.routing);
+}
+
+/// `--native-nftables --dry-run` loaded with `nft -f`: the nftables mode's rules, put there
+/// without istio-init's coexistence check.
+fn nft_rules_beside(ns: &Netns, nft_args: &[String]) {
+    let o = istio_init_cmd(ns, &with(nft_args, "--dry-run"), &[])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("running istio-init --dry-run");
+    assert_ok(&o);
+    nft_f(ns, &stdout(&o));
+}
+
+#[test]
+fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_cleanup() {
+    if !ready("the_other_modes_rules_are_refused") {
+        return;
+    }
+    let (_dir, resolv) = resolv_dir("coexist");
+    let (ipt, nft) = (sidecar(&resolv, false), sidecar(&resolv, true));
+    // Each mode alone in a fresh pod: what a replacement must equal.
+    let (ref_ipt, ref_nft) = (pod("coexrefipt"), pod("coexrefnft"));
+    assert_ok(&run_istio_init(&ref_ipt, &ipt, &[]));
+    assert_ok(&run_istio_init(&ref_nft, &nft, &[]));
+    let iptables_rules = |ns: &Netns| {
+        [
+            ns.rules("iptables-nft-save"),
+            ns.rules("ip6tables-nft-save"),
+        ]
+        .concat()
+    };
+    let want_ipt = iptables_rules(&ref_ipt);
+    let want_nft = ours(&nft_state(&ref_nft).rules);
+    assert!(
+        want_ipt.iter().any(|l| l.contains("ISTIO_TPROXY")),
+        "{want_ipt:?}"
+    );
+    assert!(
+        want_nft.contains("table inet istio-proxy-raw"),
+        "{want_nft}"
+    );
+
+    // (a) The iptables mode's rules, then nftables: refused, untouched; --reconcile replaces.
+    let ns = pod("coexa");
+    assert_ok(&run_istio_init(&ns, &ipt, &[]));
+    let before = nft_state(&ns);
+    let o = run_istio_init(&ns, &nft, &[]);
+    assert_code(&o, 1);
+    let e = error_line(&o);
+    for want in [
+        "this network namespace holds the iptables mode's Istio rules (",
+        "ip nat (iptables-nft)",
+        "ip6 nat (iptables-nft)",
+        "ip mangle (iptables-nft)",
+        "ip6 mangle (iptables-nft)",
+        "both would capture traffic",
+        "--cleanup-only",
+        "--reconcile",
+    ] {
+        assert!(e.contains(want), "{want:?} not in {e}");
+    }
+    assert_eq!(
+        nft_state(&ns),
+        before,
+        "a refused run changed the namespace"
+    );
+    let o = run_istio_init(&ns, &with(&nft, "--reconcile"), &[]);
+    assert_ok(&o);
+    assert_eq!(ns.istio_anywhere(), Vec::<String>::new(), "{}", stderr(&o));
+    assert_eq!(ours(&nft_state(&ns).rules), want_nft);
+
+    // (b) The nftables mode's rules, then iptables: refused, untouched; --reconcile replaces.
+    let ns = pod("coexb");
+    assert_ok(&run_istio_init(&ns, &nft, &[]));
+    let before = nft_state(&ns);
+    let o = run_istio_init(&ns, &ipt, &[]);
+    assert_code(&o, 1);
+    let e = error_line(&o);
+    assert!(
+        e.contains(
+            "this network namespace holds the nftables mode's Istio rules (inet \
+             istio-proxy-nat, inet istio-proxy-mangle, inet istio-proxy-raw)"
+        ) && e.contains("--reconcile"),
+        "{e}"
+    );
+    assert_eq!(
+        nft_state(&ns),
+        before,
+        "a refused run changed the namespace"
+    );
+    let o = run_istio_init(&ns, &with(&ipt, "--reconcile"), &[]);
+    assert_ok(&o);
+    assert_eq!(iptables_rules(&ns), want_ipt, "{}", stderr(&o));
+    assert_eq!(ours(&nft_state(&ns).rules), "");
+
+    // (c) Both modes' rules at once (the second loaded behind istio-init's back): either
+    // mode's --cleanup-only removes both.
+    for (tag, mode) in [("coexcipt", &ipt), ("coexcnft", &nft)] {
+        let ns = pod(tag);
+        assert_ok(&run_istio_init(&ns, &ipt, &[]));
+        nft_rules_beside(&ns, &nft);
+        assert!(!ns.istio_anywhere().is_empty());
+        assert_eq!(ours(&nft_state(&ns).rules), want_nft);
+        let o = run_istio_init(&ns, &with(mode, "--cleanup-only"), &[]);
+        assert_ok(&o);
+        let left = nft_state(&ns).rules;
+        assert_eq!(
+            ns.istio_anywhere(),
+            Vec::<String>::new(),
+            "{tag}: {}",
+            stderr(&o)
+        );
+        assert!(
+            !left.contains("istio") && !left.contains("ISTIO"),
+            "{tag}: {left}\n{}",
+            stderr(&o)
+        );
+    }
+}
+
+/// `nft monitor` in a namespace: its lines, once it is known to be listening.
+struct Monitor {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    ns: String,
+}
+
+impl Monitor {
+    fn start(ns: &Netns) -> Monitor {
+        let mut child = ns
+            .cmd(&["nft", "monitor"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning nft monitor");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { return };
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut m = Monitor {
+            child,
+            lines,
+            ns: ns.name.clone(),
+        };
+        // Listening once it reports a change made after it started.
+        for i in 0..50 {
+            if m.mark(&format!("iiprobe{i}"), Duration::from_millis(200))
+                .is_some()
+            {
+                return m;
+            }
+        }
+        panic!("nft monitor in {} never reported a change", ns.name);
+    }
+
+    /// Makes a marker change (a table added and deleted in one transaction) and returns the
+    /// lines reported before it, or `None` when it is not reported within `wait`.
+    fn mark(&mut self, name: &str, wait: Duration) -> Option<Vec<String>> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft"])
+            .arg(format!("add table inet {name}; delete table inet {name}"))
+            .output()
+            .expect("nft");
+        assert!(o.status.success(), "marker {name}: {}", stderr(&o));
+        let mut before = Vec::new();
+        loop {
+            let l = self.lines.recv_timeout(wait).ok()?;
+            if l == format!("add table inet {name}") {
+                break;
+            }
+            before.push(l);
+        }
+        // The rest of the marker's own transaction.
+        loop {
+            let l = self.lines.recv_timeout(wait).ok()?;
+            if l.starts_with("# new generation") {
+                return Some(before);
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_rerun_from_tproxy_to_redirect_deletes_the_mangle_table_in_the_same_transaction() {
+    if !ready("a_rerun_from_tproxy_to_redirect") {
+        return;
+    }
+    let (_dir, resolv) = resolv_dir("tp2re");
+    let tproxy = sidecar(&resolv, true);
+    let redirect: Vec<String> = [
+        "--redirect-dns",
+        "--ipv6=true",
+        "--native-nftables",
+        "--resolv-conf",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain([resolv.display().to_string()])
+    .collect();
+    let fresh = pod("tp2reref");
+    assert_ok(&run_istio_init(&fresh, &redirect, &[]));
+    let want = ours(&nft_state(&fresh).rules);
+    assert!(!want.contains("istio-proxy-mangle"), "{want}");
+
+    let ns = pod("tp2re");
+    assert_ok(&run_istio_init(&ns, &tproxy, &[]));
+    assert!(
+        nft_state(&ns)
+            .rules
+            .contains("table inet istio-proxy-mangle")
+    );
+    let mut monitor = Monitor::start(&ns);
+    let o = run_istio_init(&ns, &redirect, &[]);
+    assert_ok(&o);
+    let events = monitor
+        .mark("iiend", Duration::from_secs(5))
+        .expect("the end marker reported");
+    drop(monitor);
+
+    // One transaction: every change of the re-run before the one generation it made.
+    let generations: Vec<&String> = events
+        .iter()
+        .filter(|l| l.starts_with("# new generation"))
+        .collect();
+    assert_eq!(generations.len(), 1, "{events:#?}\n{}", stderr(&o));
+    // The process is named by the sending thread (`istio-init-apply`, cut to 15 bytes).
+    assert!(
+        events.last().is_some_and(|l| l.contains(" (istio-init")),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|l| l == "delete table inet istio-proxy-mangle"),
+        "{events:#?}"
+    );
+    let after = nft_state(&ns).rules;
+    assert!(!after.contains("istio-proxy-mangle"), "{after}");
+    assert_eq!(ours(&after), want);
 }

@@ -360,7 +360,7 @@ pub fn listing(ns: &Netns) -> String {
     zero_counters(&ns.ok(&["nft", "list", "ruleset"]))
 }
 
-fn zero_counters(s: &str) -> String {
+pub fn zero_counters(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let words: Vec<&str> = s.split(' ').collect();
     let mut i = 0;

@@ -3,6 +3,11 @@
 //! gids, and where each one lands — a proxy listener (checked with `SO_ORIGINAL_DST`) or the
 //! real destination — must be what the trace of the same connection says.
 //!
+//! Each check runs in both modes, each in fresh namespaces: the iptables mode's rules loaded
+//! with `iptables-restore`, and the nftables mode's by istio-init `--native-nftables` itself
+//! (one nf_tables batch, its own TPROXY routing); the trace (one capture model for both)
+//! must match the kernel in each, and every connection must land the same way in both.
+//!
 //! Sockets are created inside the namespaces by short-lived threads that `setns` into them;
 //! outbound client sockets are created with the thread's fsuid/fsgid set to the uid/gid under
 //! test, which is what `-m owner` matches.
@@ -28,7 +33,72 @@ use istio_init::settings::cli::TraceArgs;
 use istio_init::trace::{self, Connection, Verdict};
 use istio_init::{Env, build_all};
 
-use crate::util::{Netns, istio_init, output, privileged, stderr, stdout, veth};
+use crate::util::{
+    Netns, TempDir, assert_ok, istio_init, output, privileged, stderr, stdout, veth,
+};
+
+/// How the rules get into the pod namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `iptables-restore --noflush` of each family's rendering (the TPROXY routing by hand).
+    Iptables,
+    /// istio-init `--native-nftables` with the same arguments, run in the namespace.
+    Nftables,
+}
+
+/// Loads the rules of `argv` (istio-init's arguments after the program name, which resolved
+/// to `rulesets`) into `pod` in `mode`. `dns` is the nameservers the rulesets were built for.
+fn load(
+    mode: Mode,
+    pod: &Netns,
+    argv: &[&str],
+    env: &[(&str, &str)],
+    dns: &[&str],
+    rulesets: &[Ruleset],
+) {
+    match mode {
+        Mode::Iptables => {
+            for rs in rulesets {
+                let prog = match rs.family {
+                    Family::V4 => "iptables-restore",
+                    Family::V6 => "ip6tables-restore",
+                };
+                let o = pod.run_with_input(
+                    &[prog, "--noflush"],
+                    &istio_init::backend::iptables::render::ruleset_text(rs),
+                );
+                assert!(o.status.success(), "{prog}: {}", stderr(&o));
+            }
+        }
+        Mode::Nftables => {
+            let tmp = TempDir::new("trace");
+            let resolv: String = dns.iter().map(|s| format!("nameserver {s}\n")).collect();
+            let resolv = format!(
+                "--resolv-conf={}",
+                tmp.file("resolv.conf", resolv).display()
+            );
+            let mut args = argv.to_vec();
+            args.extend(["--native-nftables", &resolv]);
+            assert_ok(&pod.istio_init(&args, env));
+        }
+    }
+}
+
+/// The two modes' observations (one line per connection) must be the same.
+#[track_caller]
+fn assert_same_in_both_modes(iptables: &[String], nftables: &[String]) {
+    let differ: Vec<String> = iptables
+        .iter()
+        .zip(nftables)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("iptables: {a}\nnftables: {b}"))
+        .collect();
+    assert!(
+        differ.is_empty() && iptables.len() == nftables.len(),
+        "the modes disagree:\n{}",
+        differ.join("\n")
+    );
+}
 
 /// Runs `f` on a thread inside the namespace at `path` (sockets it creates belong there).
 fn in_ns<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -252,6 +322,14 @@ fn trace_verdicts_match_where_real_connections_land() {
     if !privileged("trace_verdicts_match_where_real_connections_land") {
         return;
     }
+    let iptables = sidecar_connections(Mode::Iptables);
+    let nftables = sidecar_connections(Mode::Nftables);
+    assert_same_in_both_modes(&iptables, &nftables);
+}
+
+/// The REDIRECT sidecar matrix in `mode`: each connection's trace checked against where it
+/// lands; returns what each connection did.
+fn sidecar_connections(mode: Mode) -> Vec<String> {
     let pod = Netns::new("trpod");
     let peer = Netns::new("trpeer");
     veth(
@@ -269,37 +347,30 @@ fn trace_verdicts_match_where_real_connections_land() {
 
     // A sidecar with DNS capture (the peer is the nameserver), an excluded CIDR per family, an
     // excluded outbound port and an excluded owner group.
-    let inv = cli::parse([
-        "istio-init",
+    let argv = [
         "--redirect-dns",
         "-x",
         "198.18.0.200/32,2001:db8::200/128",
         "-o",
         "5432",
         "--ipv6=true",
-    ])
-    .expect("args");
-    let env = |k: &str| (k == "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").then(|| "888".to_owned());
+    ];
+    let inv = cli::parse(std::iter::once("istio-init").chain(argv)).expect("args");
+    let env_vars = [("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888")];
+    let env = |k: &str| {
+        env_vars
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| (*v).to_owned())
+    };
     let cfg = istio_init::resolve(&inv, &Env { var: &env }).expect("config");
+    let dns = ["198.18.0.2", "2001:db8::2"];
     let facts = Facts {
         ipv6: true,
-        dns_servers: vec![
-            "198.18.0.2".parse().expect("ip"),
-            "2001:db8::2".parse().expect("ip"),
-        ],
+        dns_servers: dns.iter().map(|s| s.parse().expect("ip")).collect(),
     };
     let rulesets: Vec<Ruleset> = build_all(&cfg, &facts);
-    for rs in &rulesets {
-        let prog = match rs.family {
-            Family::V4 => "iptables-restore",
-            Family::V6 => "ip6tables-restore",
-        };
-        let o = pod.run_with_input(
-            &[prog, "--noflush"],
-            &istio_init::backend::iptables::render::ruleset_text(rs),
-        );
-        assert!(o.status.success(), "{prog}: {}", stderr(&o));
-    }
+    load(mode, &pod, &argv, &env_vars, &dns, &rulesets);
 
     let mut all = listeners(
         "pod",
@@ -351,6 +422,7 @@ fn trace_verdicts_match_where_real_connections_land() {
     }
 
     let mut seen_verdicts = BTreeMap::new();
+    let mut observed = Vec::new();
     for a in &matrix {
         let c = Connection::from_args(a).expect("connection");
         let t = trace::trace(&cfg, &rulesets, &c, &|_| None);
@@ -389,6 +461,7 @@ fn trace_verdicts_match_where_real_connections_land() {
             }
             _ => {}
         }
+        observed.push(format!("{c}: {:?} → {l:?}", t.verdict).replace(&eth, "<veth>"));
     }
     // The matrix really covers the verdicts it is meant to.
     for v in [
@@ -399,9 +472,10 @@ fn trace_verdicts_match_where_real_connections_land() {
     ] {
         assert!(
             seen_verdicts.get(v).copied().unwrap_or(0) >= 2,
-            "{v} not covered: {seen_verdicts:?}"
+            "{mode:?}: {v} not covered: {seen_verdicts:?}"
         );
     }
+    observed
 }
 
 #[test]
@@ -463,6 +537,13 @@ fn tproxy_trace_verdicts_match_the_kernel() {
     if !privileged("tproxy_trace_verdicts_match_the_kernel") {
         return;
     }
+    let iptables = tproxy_connections(Mode::Iptables);
+    let nftables = tproxy_connections(Mode::Nftables);
+    assert_same_in_both_modes(&iptables, &nftables);
+}
+
+/// The TPROXY matrix in `mode`, as [`sidecar_connections`].
+fn tproxy_connections(mode: Mode) -> Vec<String> {
     let pod = Netns::new("tppod");
     let peer = Netns::new("tppeer");
     veth(
@@ -472,31 +553,30 @@ fn tproxy_trace_verdicts_match_the_kernel() {
         &["198.18.0.2/24", "2001:db8::2/64"],
     );
     let eth = link_name(&pod);
-    let inv = cli::parse(["istio-init", "-m", "TPROXY", "--ipv6=true"]).expect("args");
+    let argv = ["-m", "TPROXY", "--ipv6=true"];
+    let inv = cli::parse(std::iter::once("istio-init").chain(argv)).expect("args");
     let cfg = istio_init::resolve(&inv, &Env { var: &|_| None }).expect("config");
     let facts = Facts {
         ipv6: true,
         dns_servers: Vec::new(),
     };
     let rulesets: Vec<Ruleset> = build_all(&cfg, &facts);
-    for rs in &rulesets {
-        let prog = match rs.family {
-            Family::V4 => "iptables-restore",
-            Family::V6 => "ip6tables-restore",
-        };
-        let o = pod.run_with_input(
-            &[prog, "--noflush"],
-            &istio_init::backend::iptables::render::ruleset_text(rs),
-        );
-        assert!(o.status.success(), "{prog}: {}", stderr(&o));
-    }
-    // The policy routing istio-init sets up for TPROXY (behaviour doc §6.7).
+    load(mode, &pod, &argv, &[], &[], &rulesets);
+    // The policy routing istio-init sets up for TPROXY (behaviour doc §6.7); in nftables mode
+    // istio-init itself added it.
     for v in ["-4", "-6"] {
-        pod.ok(&["ip", v, "rule", "add", "fwmark", "1337", "lookup", "133"]);
         let all = if v == "-4" { "0.0.0.0/0" } else { "::/0" };
-        pod.ok(&[
-            "ip", v, "route", "add", "local", all, "dev", "lo", "table", "133",
-        ]);
+        if mode == Mode::Iptables {
+            pod.ok(&["ip", v, "rule", "add", "fwmark", "1337", "lookup", "133"]);
+            pod.ok(&[
+                "ip", v, "route", "add", "local", all, "dev", "lo", "table", "133",
+            ]);
+        }
+        let routes = pod.ok(&["ip", v, "route", "show", "table", "133"]);
+        assert!(
+            routes.starts_with("local default dev lo"),
+            "{mode:?}: {routes}"
+        );
     }
     let mut all = listeners("pod", pod.path(), &[15001, 15006, 8080, 15021, 15008], &[]);
     all.extend(listeners("peer", peer.path(), &[80], &[]));
@@ -513,6 +593,7 @@ fn tproxy_trace_verdicts_match_the_kernel() {
         matrix.push(args("out", "tcp", &at(peer_ip, 80), 1000, 1000, &eth, me));
     }
     let mut seen = BTreeMap::new();
+    let mut observed = Vec::new();
     for a in &matrix {
         let c = Connection::from_args(a).expect("connection");
         let t = trace::trace(&cfg, &rulesets, &c, &|_| None);
@@ -555,6 +636,7 @@ fn tproxy_trace_verdicts_match_the_kernel() {
             }
             Verdict::Dropped => panic!("unexpected drop:\n{t}"),
         }
+        observed.push(format!("{c}: {:?} → {l:?}", t.verdict).replace(&eth, "<veth>"));
     }
     for v in [
         "Tproxy { port: 15006 }",
@@ -562,6 +644,7 @@ fn tproxy_trace_verdicts_match_the_kernel() {
         "Redirect { port: 15001 }",
         "Bypass",
     ] {
-        assert!(seen.contains_key(v), "{v} not covered: {seen:?}");
+        assert!(seen.contains_key(v), "{mode:?}: {v} not covered: {seen:?}");
     }
+    observed
 }

@@ -93,8 +93,11 @@ impl Firewall for Nftables {
         let tx = map::transaction(capture, &present, &self.group)
             .map_err(|map::UnknownGroup(g)| anyhow!("owner group {g:?} does not resolve"))?;
         let summary = counts(capture, &tx);
+        // Encoded before the routes go in (`at_commit`), so that a SIGKILL between the two
+        // has as little time as possible to land in.
+        let batch = wire::encode(&tx).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
         (how.at_commit)()?;
-        wire::apply(&tx).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
+        wire::send(&tx, &batch).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
         if present.is_empty() {
             log::info!("nftables: applied {summary} in one transaction");
         } else {
