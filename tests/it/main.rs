@@ -16,6 +16,7 @@ mod image;
 mod injection;
 mod kubernetes;
 mod layout;
+mod pods;
 mod properties;
 mod readme;
 mod trace;

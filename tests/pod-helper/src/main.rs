@@ -4,6 +4,7 @@
 //! ```text
 //! pod-helper serve NAME [PORT,...] [--transparent]   listen on every PORT (IPv4 and IPv6)
 //! pod-helper connect ADDR:PORT...                    connect to each, print what answered
+//! pod-helper wait ADDR                               wait until the namespace has ADDR
 //! ```
 //!
 //! `serve` answers every connection with one line and closes it:
@@ -11,6 +12,9 @@
 //! original destination is `SO_ORIGINAL_DST` (what NAT rewrote) when the kernel has it, else the
 //! accepted socket's local address (what TPROXY keeps). With no port it only stays alive.
 //! `--transparent` sets `IP_TRANSPARENT` (TPROXY needs it; so does CAP_NET_ADMIN).
+//! `wait` stands in for the kubelet's network setup (CNI ADD) before any container starts: it
+//! returns once `ADDR` can be bound, which the test arranges after the pod's interface, its
+//! other addresses and (Istio CNI mode) the rules are in place; it gives up after 60 s.
 //! `connect` prints `ADDR -> <answer>` per address, or `ADDR -> error: <why>`.
 //!
 //! Built by the test with `+crt-static` and an explicit `--target`; see tests/it/image.rs.
@@ -125,6 +129,18 @@ fn connect(addr: &str) -> String {
     }
 }
 
+fn wait(addr: &str) -> Result<(), String> {
+    let ip: std::net::IpAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    for _ in 0..1200 {
+        if std::net::TcpListener::bind((ip, 0)).is_ok() {
+            println!("{addr} is up");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{addr} did not appear within 60 s"))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -148,7 +164,8 @@ fn main() {
             }
             Ok(())
         }
-        _ => Err("usage: pod-helper serve NAME [PORT,...] [--transparent] | connect ADDR:PORT...".into()),
+        Some("wait") if args.len() >= 2 => wait(&args[1]),
+        _ => Err("usage: pod-helper serve NAME [PORT,...] [--transparent] | connect ADDR:PORT... | wait ADDR".into()),
     };
     if let Err(e) = result {
         eprintln!("pod-helper: {e}");
