@@ -755,7 +755,9 @@ fn debug(img: &Image, plan: &Plan, entrypoint: Option<&str>, args: &[String]) ->
         "--cap-drop=all",
     ])
     .arg("--cap-add=NET_ADMIN,NET_RAW")
-    .arg(format!("--network=container:{}-{}", plan.pod, plan.app));
+    // In the pod, sharing its network namespace: what `kubectl debug` does with an
+    // ephemeral container (`--network=container:` is refused for a container in a pod).
+    .arg(format!("--pod={}", plan.pod));
     if let Some(e) = entrypoint {
         c.arg(format!("--entrypoint={e}"));
     }
