@@ -655,6 +655,17 @@ struct Conn {
     got: String,
 }
 
+impl Conn {
+    /// The proxy capture port the connection landed on, if it was captured (a proxy
+    /// listener other than the port it was sent to).
+    fn captured_on(&self) -> Option<&str> {
+        let mut words = self.got.split(' ');
+        let who = words.next()?;
+        let port = words.next()?.strip_prefix("port=")?;
+        (who == "istio-proxy" && port != self.dst.port().to_string()).then_some(port)
+    }
+}
+
 fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("ip"), port)
 }
@@ -764,7 +775,7 @@ fn debug(img: &Image, plan: &Plan, entrypoint: Option<&str>, args: &[String]) ->
     output(c.arg(INIT_IMAGE).args(args))
 }
 
-/// `explain`, `trace` (each connection made) and a dry run from the debug container, against
+/// `explain`, `trace` (each kind of connection made) and a dry run from the debug container, against
 /// what the traffic did and what the kernel holds.
 fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
     let flags = plan.config_flags();
@@ -776,11 +787,15 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
     );
     assert!(o.status.success(), "explain: {}", stderr(&o));
     let explained = stdout(&o);
+    // One trace per kind of connection (direction, sender, family, captured or not), run side
+    // by side: each is a container start.
+    let mut kinds = BTreeSet::new();
+    let traced: Vec<&Conn> = conns
+        .iter()
+        .filter(|c| kinds.insert((c.dir, c.uid, c.dst.is_ipv4(), c.captured_on().is_some())))
+        .collect();
     for c in conns {
-        let landed = c.got.split(' ').nth(1).unwrap_or_default();
-        let port = landed.trim_start_matches("port=");
-        let captured = c.got.starts_with("istio-proxy ") && c.dst.port().to_string() != port;
-        if captured {
+        if let Some(port) = c.captured_on() {
             assert!(
                 explained.contains(&format!("port {port}")),
                 "explain never names port {port}, where {} {} landed:\n{explained}",
@@ -788,40 +803,58 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
                 c.dst
             );
         }
-        let mut args: Vec<String> = vec!["trace".into(), c.dir.into(), c.dst.to_string()];
-        if c.dir == "out" {
-            args.extend([
-                "--uid".into(),
-                c.uid.to_string(),
-                "--gid".into(),
-                c.gid.to_string(),
-            ]);
-        }
-        args.extend(flags.iter().cloned());
-        let o = debug(img, plan, None, &args);
-        assert!(o.status.success(), "trace {args:?}: {}", stderr(&o));
-        let t = stdout(&o);
+    }
+    let traces: Vec<(&Conn, Output)> = std::thread::scope(|s| {
+        let handles: Vec<_> = traced
+            .iter()
+            .map(|c| {
+                let mut args: Vec<String> = vec!["trace".into(), c.dir.into(), c.dst.to_string()];
+                if c.dir == "out" {
+                    args.extend([
+                        "--uid".into(),
+                        c.uid.to_string(),
+                        "--gid".into(),
+                        c.gid.to_string(),
+                    ]);
+                }
+                args.extend(flags.iter().cloned());
+                (*c, s.spawn(move || debug(img, plan, None, &args)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(c, h)| (c, h.join().expect("trace thread")))
+            .collect()
+    });
+    for (c, o) in &traces {
+        assert!(
+            o.status.success(),
+            "trace {} {}: {}",
+            c.dir,
+            c.dst,
+            stderr(o)
+        );
+        let t = stdout(o);
         let verdict = t
             .lines()
             .find(|l| l.starts_with("Verdict: "))
             .unwrap_or_default();
-        if captured {
-            assert!(
+        match c.captured_on() {
+            Some(port) => assert!(
                 verdict.contains(&format!("port {port}")),
                 "{}: {} {} landed on {port}; trace: {verdict}\n{t}",
                 plan.manifest,
                 c.dir,
                 c.dst
-            );
-        } else {
-            assert!(
+            ),
+            None => assert!(
                 verdict.starts_with("Verdict: bypass"),
                 "{}: {} {} bypassed ({}); trace: {verdict}\n{t}",
                 plan.manifest,
                 c.dir,
                 c.dst,
                 c.got
-            );
+            ),
         }
     }
     let o = debug(
@@ -840,7 +873,7 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
         "{}: the pod's rules vs the debug container's dry run",
         plan.manifest
     );
-    conns.len() + 2
+    traces.len() + 3
 }
 
 /// The manifests to run: `POD_E2E_MANIFEST` (scripts/pod-e2e.sh), else every injected pod.
