@@ -236,7 +236,7 @@ impl Plan {
         flag(&self.args, name)
     }
 
-    /// Where an outbound connection from a non-proxy process lands: `NAME port=N orig=ADDR`.
+    /// Where an outbound connection from a non-proxy process lands: `NAME port=N orig=A local=A`.
     fn outbound(&self, dst: SocketAddr) -> String {
         let port = dst.port();
         let captured = !ports(self.arg("-o").unwrap_or("")).contains(&port)
@@ -244,10 +244,16 @@ impl Plan {
                 || (covers(self.arg("-i").unwrap_or("*"), dst.ip())
                     && !covers(self.arg("-x").unwrap_or(""), dst.ip())));
         if captured {
+            // REDIRECT in OUTPUT sends it to the loopback address.
             let p = self.arg("-p").unwrap_or("15001");
-            format!("istio-proxy port={p} orig={dst}")
+            let lo = if dst.is_ipv4() {
+                "127.0.0.1:"
+            } else {
+                "[::1]:"
+            };
+            format!("istio-proxy port={p} orig={dst} local={lo}{p}")
         } else {
-            format!("peer port={port} orig={dst}")
+            format!("peer port={port} orig={dst} local={dst}")
         }
     }
 
@@ -262,12 +268,18 @@ impl Plan {
                 ports(b).contains(&port)
             };
         if captured {
-            let z = self.arg("-z").unwrap_or("15006");
-            format!("istio-proxy port={z} orig={dst}")
+            let z: u16 = self.arg("-z").and_then(|z| z.parse().ok()).unwrap_or(15006);
+            // TPROXY keeps the destination; REDIRECT rewrites it to the capture port.
+            let local = if self.tproxy {
+                dst
+            } else {
+                SocketAddr::new(dst.ip(), z)
+            };
+            format!("istio-proxy port={z} orig={dst} local={local}")
         } else if self.proxy_ports.contains(&port) {
-            format!("istio-proxy port={port} orig={dst}")
+            format!("istio-proxy port={port} orig={dst} local={dst}")
         } else {
-            format!("{} port={port} orig={dst}", self.app)
+            format!("{} port={port} orig={dst} local={dst}", self.app)
         }
     }
 
@@ -703,7 +715,7 @@ fn traffic(img: &Image, helper_bin: &Path, peer: &Netns, plan: &Plan) -> Vec<Con
     // The proxy's own traffic bypasses.
     let own = [sock(PEER_V4, PEER_PORT), sock(PEER_V6, PEER_PORT)];
     for (dst, got) in exec("istio-proxy", &own) {
-        let want = format!("peer port={PEER_PORT} orig={dst}");
+        let want = format!("peer port={PEER_PORT} orig={dst} local={dst}");
         conns.push(Conn {
             dir: "out",
             uid: plan.proxy_uid,

@@ -8,9 +8,10 @@
 //! ```
 //!
 //! `serve` answers every connection with one line and closes it:
-//! `NAME port=<listening port> orig=<original destination> from=<client address>`, where the
-//! original destination is `SO_ORIGINAL_DST` (what NAT rewrote) when the kernel has it, else the
-//! accepted socket's local address (what TPROXY keeps). With no port it only stays alive.
+//! `NAME port=<listening port> orig=<original destination> local=<local address> from=<client>`,
+//! where the original destination is `SO_ORIGINAL_DST` (what NAT rewrote) when the kernel has it,
+//! else the accepted socket's local address; REDIRECT shows in `local` as the proxy port, TPROXY
+//! as the original destination itself. With no port it only stays alive.
 //! `--transparent` sets `IP_TRANSPARENT` (TPROXY needs it; so does CAP_NET_ADMIN).
 //! `wait` stands in for the kubelet's network setup (CNI ADD) before any container starts: it
 //! returns once `ADDR` can be bound, which the test arranges after the pod's interface, its
@@ -69,10 +70,12 @@ fn answer(name: &str, port: u16, mut s: TcpStream) {
     let local = s.local_addr().ok();
     let orig = original_dst(&s).or(local);
     let from = s.peer_addr().ok();
+    let show = |a: Option<SocketAddr>| a.map_or("-".into(), |a| a.to_string());
     let line = format!(
-        "{name} port={port} orig={} from={}",
-        orig.map_or("-".into(), |a| a.to_string()),
-        from.map_or("-".into(), |a| a.to_string())
+        "{name} port={port} orig={} local={} from={}",
+        show(orig),
+        show(local),
+        show(from)
     );
     let _ = writeln!(s, "{line}");
     println!("{line}");
