@@ -712,10 +712,27 @@ fn traffic(img: &Image, helper_bin: &Path, peer: &Netns, plan: &Plan) -> Vec<Con
             got,
         });
     }
-    // The proxy's own traffic bypasses.
-    let own = [sock(PEER_V4, PEER_PORT), sock(PEER_V6, PEER_PORT)];
+    // The proxy's own traffic bypasses, except to the pod's own address (over lo), which goes
+    // to inbound capture as if it came from outside.
+    let app_port = plan.app_ports.first().copied().unwrap_or(80);
+    let own = [
+        sock(PEER_V4, PEER_PORT),
+        sock(PEER_V6, PEER_PORT),
+        sock(POD_V4, app_port),
+        sock(POD_V6, app_port),
+    ];
     for (dst, got) in exec("istio-proxy", &own) {
-        let want = format!("peer port={PEER_PORT} orig={dst} local={dst}");
+        let want = if dst.port() == PEER_PORT {
+            format!("peer port={PEER_PORT} orig={dst} local={dst}")
+        } else {
+            let z = plan.arg("-z").unwrap_or("15006");
+            let lo = if dst.is_ipv4() {
+                "127.0.0.1:"
+            } else {
+                "[::1]:"
+            };
+            format!("istio-proxy port={z} orig={dst} local={lo}{z}")
+        };
         conns.push(Conn {
             dir: "out",
             uid: plan.proxy_uid,
@@ -799,12 +816,22 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
     );
     assert!(o.status.success(), "explain: {}", stderr(&o));
     let explained = stdout(&o);
-    // One trace per kind of connection (direction, sender, family, captured or not), run side
+    // One trace per kind of connection (direction, sender, to the pod itself or not, family,
+    // captured or not), run side
     // by side: each is a container start.
     let mut kinds = BTreeSet::new();
     let traced: Vec<&Conn> = conns
         .iter()
-        .filter(|c| kinds.insert((c.dir, c.uid, c.dst.is_ipv4(), c.captured_on().is_some())))
+        .filter(|c| {
+            let own = [POD_V4, POD_V6].contains(&c.dst.ip().to_string().as_str());
+            kinds.insert((
+                c.dir,
+                c.uid,
+                own,
+                c.dst.is_ipv4(),
+                c.captured_on().is_some(),
+            ))
+        })
         .collect();
     for c in conns {
         if let Some(port) = c.captured_on() {
@@ -828,6 +855,11 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
                         "--gid".into(),
                         c.gid.to_string(),
                     ]);
+                    // To the pod's own address the kernel routes over lo; trace assumes eth0
+                    // for every non-loopback destination, so say so.
+                    if [POD_V4, POD_V6].contains(&c.dst.ip().to_string().as_str()) {
+                        args.extend(["--iface".into(), "lo".into()]);
+                    }
                 }
                 args.extend(flags.iter().cloned());
                 (*c, s.spawn(move || debug(img, plan, None, &args)))
