@@ -434,11 +434,10 @@ fn runnable(manifest: &str, text: &str, pod: &str, variant: &[&str]) -> (Value, 
         containers.push(helper(name, serve(name, &ports)));
         names.push(name.to_owned());
     }
-    let network = helper(
+    let mut network = helper(
         "network",
         vec![HELPER.into(), "wait".into(), POD_V4.into(), pod.into()],
     );
-    let mut network = network;
     network["securityContext"] =
         json!({"runAsUser": 65534, "runAsGroup": 65534, "capabilities": {"drop": ["ALL"]}});
 
@@ -479,11 +478,14 @@ struct Running<'a> {
     peer_server: Option<Child>,
     /// What `podman kube play` printed and its exit status.
     play: Option<Output>,
+    /// The runnable manifest given to `podman kube play`.
+    file: PathBuf,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         let _ = output(podman(self.img).args(["pod", "rm", "--force", "--time", "0", &self.pod]));
+        let _ = std::fs::remove_file(&self.file);
         if let Some(mut c) = self.peer_server.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -564,6 +566,7 @@ fn play<'a>(
         pod: plan.pod.clone(),
         peer_server: Some(server),
         play: None,
+        file,
     };
     let pid = match wait_pid(&plan.pod, &mut child) {
         Ok(p) => p,
