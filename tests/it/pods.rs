@@ -972,8 +972,13 @@ fn injected_pods_run_by_a_pod_engine_capture_real_traffic() {
                 serde_json::to_string_pretty(&spec).unwrap_or_default()
             );
             // The init container exited 0 before any other container started.
-            let (code, _, finished) = state(img, &pod, &plan.init);
+            let (code, init_started, finished) = state(img, &pod, &plan.init);
             assert_eq!(code, 0, "{manifest}: {} exit code", plan.init);
+            assert!(
+                init_started > 0 && finished >= init_started,
+                "{manifest}: {} did not run ({init_started}, {finished})",
+                plan.init
+            );
             for c in &plan.containers {
                 let (_, started, _) = state(img, &pod, c);
                 assert!(
@@ -1054,7 +1059,8 @@ fn validation_fails_without_rules(
         !running.played().status.success(),
         "{manifest}: kube play succeeded without the rules"
     );
-    let (code, _, _) = state(img, &pod, &plan.init);
+    let (code, started, _) = state(img, &pod, &plan.init);
+    assert!(started > 0, "{manifest}: istio-validation never ran");
     assert_eq!(code, 126, "{manifest}: istio-validation without rules");
     for c in &plan.containers {
         let (_, started, _) = state(img, &pod, c);
