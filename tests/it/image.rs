@@ -265,17 +265,25 @@ fn reference_rules(args: &[&str], backend: &str) -> String {
     let reference = Netns::new(&format!("imgref{backend}"));
     let dry = host_run(&reference, &[args, &["--dry-run"]].concat());
     assert!(dry.status.success(), "dry run: {}", stderr(&dry));
-    loaded_rules(&stdout(&dry), backend)
+    loaded_rules(&stdout(&dry), "iptables", backend)
 }
 
-/// The IPv4 rules the host's own iptables (`backend`: nft or legacy) holds after loading the
-/// IPv4 part of a dry run's output into a fresh namespace (iptables-save, normalised).
-pub(crate) fn loaded_rules(dry_run: &str, backend: &str) -> String {
+/// The rules the host's own `family` (`iptables` or `ip6tables`) of `backend` (nft or legacy)
+/// holds after loading that family's part of a dry run into a fresh namespace (iptables-save,
+/// normalised).
+pub(crate) fn loaded_rules(dry_run: &str, family: &str, backend: &str) -> String {
     let reference = Netns::new(&format!("imgload{backend}"));
-    let restore = format!("iptables-{backend}-restore");
-    let r = reference.run_with_input(&[&restore, "--noflush"], &ipv4_part(dry_run));
+    let part = match family {
+        "ip6tables" => dry_run
+            .split_once("\n# IPv6")
+            .map(|(_, v6)| format!("# IPv6{v6}"))
+            .unwrap_or_default(),
+        _ => ipv4_part(dry_run),
+    };
+    let restore = format!("{family}-{backend}-restore");
+    let r = reference.run_with_input(&[&restore, "--noflush"], &part);
     assert!(r.status.success(), "reference {restore}: {}", stderr(&r));
-    saved(&reference, &format!("iptables-{backend}-save"))
+    saved(&reference, &format!("{family}-{backend}-save"))
 }
 
 /// The injector's default argument list, verbatim, run by the image with only NET_ADMIN and

@@ -911,16 +911,19 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
         &[flags, vec!["--dry-run".into()], plan.variant.clone()].concat(),
     );
     assert!(o.status.success(), "dry run: {}", stderr(&o));
-    let want = image::loaded_rules(&stdout(&o), "nft");
-    let o = debug(img, plan, Some("/usr/sbin/iptables-nft-save"), &[]);
-    assert!(o.status.success(), "iptables-nft-save: {}", stderr(&o));
-    assert_eq!(
-        util::normalized_save(&stdout(&o)),
-        want,
-        "{}: the pod's rules vs the debug container's dry run",
-        plan.manifest
-    );
-    traces.len() + 3
+    let dry = stdout(&o);
+    for family in ["iptables", "ip6tables"] {
+        let save = format!("/usr/sbin/{family}-nft-save");
+        let o = debug(img, plan, Some(&save), &[]);
+        assert!(o.status.success(), "{save}: {}", stderr(&o));
+        assert_eq!(
+            util::normalized_save(&stdout(&o)),
+            image::loaded_rules(&dry, family, "nft"),
+            "{}: the pod's {family} rules vs the debug container's dry run",
+            plan.manifest
+        );
+    }
+    traces.len() + 4
 }
 
 /// The manifests to run: `POD_E2E_MANIFEST` (scripts/pod-e2e.sh), else every injected pod.
