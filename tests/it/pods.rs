@@ -204,6 +204,13 @@ fn covers(list: &str, ip: IpAddr) -> bool {
             .any(|n| n.contains(&ip))
 }
 
+/// Where a connection a REDIRECT in OUTPUT sent to the proxy's `port` lands: on the loopback
+/// address, with the original destination kept for `SO_ORIGINAL_DST`.
+fn redirected_locally(port: &str, dst: SocketAddr) -> String {
+    let lo = if dst.is_ipv4() { "127.0.0.1" } else { "[::1]" };
+    format!("istio-proxy port={port} orig={dst} local={lo}:{port}")
+}
+
 /// What the rewrite found in the manifest, and what the traffic must do.
 #[derive(Debug, Clone)]
 struct Plan {
@@ -244,14 +251,7 @@ impl Plan {
                 || (covers(self.arg("-i").unwrap_or("*"), dst.ip())
                     && !covers(self.arg("-x").unwrap_or(""), dst.ip())));
         if captured {
-            // REDIRECT in OUTPUT sends it to the loopback address.
-            let p = self.arg("-p").unwrap_or("15001");
-            let lo = if dst.is_ipv4() {
-                "127.0.0.1:"
-            } else {
-                "[::1]:"
-            };
-            format!("istio-proxy port={p} orig={dst} local={lo}{p}")
+            redirected_locally(self.arg("-p").unwrap_or("15001"), dst)
         } else {
             format!("peer port={port} orig={dst} local={dst}")
         }
@@ -728,13 +728,7 @@ fn traffic(img: &Image, helper_bin: &Path, peer: &Netns, plan: &Plan) -> Vec<Con
         let want = if dst.port() == PEER_PORT {
             format!("peer port={PEER_PORT} orig={dst} local={dst}")
         } else {
-            let z = plan.arg("-z").unwrap_or("15006");
-            let lo = if dst.is_ipv4() {
-                "127.0.0.1:"
-            } else {
-                "[::1]:"
-            };
-            format!("istio-proxy port={z} orig={dst} local={lo}{z}")
+            redirected_locally(plan.arg("-z").unwrap_or("15006"), dst)
         };
         conns.push(Conn {
             dir: "out",
