@@ -64,7 +64,7 @@ use crate::util::{self, Netns, output, stderr, stdout};
 /// Extra istio-init arguments every pod is also run with, one pod run per entry (appended to the
 /// init container's args). Add `&["--native-nftables"]` here once that backend exists (today it
 /// exits 2).
-const ARG_VARIANTS: &[&[&str]] = &[&[]];
+const ARG_VARIANTS: &[&[&str]] = &[&[], &["--native-nftables"]];
 
 const POD_V4: &str = "198.18.0.1";
 const PEER_V4: &str = "198.18.0.2";
@@ -907,6 +907,25 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
     );
     assert!(o.status.success(), "dry run: {}", stderr(&o));
     let dry = stdout(&o);
+    if plan.variant.iter().any(|v| v == "--native-nftables") {
+        // The image has no `nft`: the host's reads the pod's namespace, and a scratch
+        // namespace loaded with the debug container's dry run.
+        let scratch = util::Netns::new("poddry");
+        crate::nftables::nft_f(&scratch, &dry);
+        let o = output(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", pod_netns(img, plan)))
+                .args(["nft", "list", "ruleset"]),
+        );
+        assert!(o.status.success(), "nft list ruleset in the pod: {}", stderr(&o));
+        assert_eq!(
+            crate::nftables::zero_counters(&stdout(&o)),
+            crate::nftables::listing(&scratch),
+            "{}: the pod's nftables rules vs the debug container's dry run",
+            plan.manifest
+        );
+        return traces.len() + 3;
+    }
     for family in ["iptables", "ip6tables"] {
         let save = format!("/usr/sbin/{family}-nft-save");
         let o = debug(img, plan, Some(&save), &[]);
@@ -919,6 +938,20 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
         );
     }
     traces.len() + 4
+}
+
+/// The network namespace of a running pod (`/proc/PID/ns/net` of one of its containers).
+fn pod_netns(img: &Image, plan: &Plan) -> String {
+    let o = output(podman(img).args([
+        "ps",
+        "--filter",
+        &format!("pod={}", plan.pod),
+        "--format",
+        "{{.ID}}",
+    ]));
+    let id = stdout(&o).lines().next().unwrap_or_default().to_owned();
+    let o = output(podman(img).args(["inspect", "--format", "{{.State.Pid}}", &id]));
+    format!("/proc/{}/ns/net", stdout(&o).trim())
 }
 
 /// The manifests to run: `POD_E2E_MANIFEST` (scripts/pod-e2e.sh), else every injected pod.
