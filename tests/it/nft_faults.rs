@@ -15,15 +15,17 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::faults::{Rng, istio_init_cmd, pod, resolv_dir, run_istio_init};
-use crate::nft_mode::{NftState, nft_state, ready, sidecar};
-use crate::util::{assert_ok, stderr};
+use crate::faults::{
+    WORKERS, istio_init_cmd, kill_iterations, kill_trials, normal_run, pod, resolv_dir,
+    run_istio_init,
+};
+use crate::nft_mode::{NftState, nft_state, ready, reference, sidecar};
+use crate::util::stderr;
 
 /// How one part of the namespace (rules or routing) relates to a fresh and a clean-run one.
 fn part(have: &str, untouched: &str, full: &str) -> &'static str {
@@ -67,31 +69,13 @@ fn native_nftables_killed_at_random_moments_leaves_no_table_or_the_whole_ruleset
     if !ready("native_nftables_killed_at_random_moments") {
         return;
     }
-    let iterations: usize = std::env::var("FAULTS_ITERATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(200);
-    const WORKERS: usize = 3;
+    let iterations = kill_iterations(200);
     let (_dir, resolv) = resolv_dir("nftkill");
     let args = sidecar(&resolv, true);
 
-    // References: a fresh pod, and one configured by a clean run (timed, to spread the kills
-    // over a whole run).
-    let reference = pod("nftkillref");
-    let untouched = nft_state(&reference);
-    let mut normal = Duration::ZERO;
-    for _ in 0..3 {
-        let ns = pod("nftkillcal");
-        let t = Instant::now();
-        assert_ok(&run_istio_init(&ns, &args, &[]));
-        normal = normal.max(t.elapsed());
-    }
-    assert_ok(&run_istio_init(&reference, &args, &[]));
-    let full = nft_state(&reference);
-    for t in ["nat", "mangle", "raw"] {
-        let table = format!("table inet istio-proxy-{t} {{");
-        assert!(full.rules.contains(&table), "{table}:\n{}", full.rules);
-    }
+    // References: a fresh pod, and one configured by a clean run.
+    let (untouched, full) = reference("nftkillref", &args);
+    let normal = normal_run(&args);
     assert!(
         full.routing.contains("fwmark 0x539 lookup 133"),
         "{}",
@@ -104,27 +88,12 @@ fn native_nftables_killed_at_random_moments_leaves_no_table_or_the_whole_ruleset
         untouched.rules
     );
 
+    // Delays from 0 to 1.3× a clean run: before, around and after the routes and the batch.
     let max_delay = normal.mul_f64(1.3);
-    let (rng, seed) = Rng::new();
-    let rng = Mutex::new(rng);
     let tally = Mutex::new(Tally::default());
-    let next = AtomicUsize::new(0);
     let started = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..WORKERS {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= iterations {
-                        return;
-                    }
-                    let delay = Duration::from_micros(
-                        rng.lock().unwrap().below(max_delay.as_micros() as u64 + 1),
-                    );
-                    one_kill(i, delay, &args, &untouched, &full, &tally);
-                }
-            });
-        }
+    let seed = kill_trials(iterations, max_delay, |i, delay| {
+        one_kill(i, delay, &args, &untouched, &full, &tally);
     });
 
     let t = tally.into_inner().unwrap();
