@@ -17,6 +17,10 @@
 //! (`VmHWM`, logged by istio-init at debug level) and CPU time, and the number of
 //! iptables processes it started (through a logging shim on `PATH`). istio-init runs with its
 //! default (info) logging into a pipe, as in a pod.
+//!
+//! `BENCH_MODE=nftables` measures `--native-nftables` instead (see [`nftables`]): istio-init
+//! against a bare `iptables-nft-restore` of the equivalent iptables text, `nft -f` of the
+//! equivalent nftables text, and Istio's native mode's three `nft` processes.
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
@@ -121,6 +125,10 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
+    if std::env::var("BENCH_MODE").as_deref() == Ok("nftables") {
+        nftables(rounds, &path);
+        return;
+    }
     let restore = path
         .split(':')
         .map(|d| std::path::Path::new(d).join("iptables-nft-restore"))
@@ -287,4 +295,179 @@ fn main() {
         calls.lines().count(),
         calls.lines().collect::<Vec<_>>().join(", ")
     );
+}
+
+/// The text istio-init prints with `--dry-run` for the injector's default arguments.
+fn dry_run(extra: &[&str]) -> String {
+    let dry = Command::new(istio_init_bin())
+        .env_clear()
+        .args(INJECTOR_DEFAULT_ARGS)
+        // Run here, in the host's namespace: IPv6 off as in a fresh pod namespace (auto).
+        .args(["--dry-run", "--ipv6=false"])
+        .args(extra)
+        .output()
+        .expect("dry run");
+    String::from_utf8(dry.stdout).expect("utf-8")
+}
+
+fn find(path: &str, name: &str) -> std::path::PathBuf {
+    path.split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} on PATH"))
+}
+
+/// `--native-nftables` on fresh namespaces, interleaved with: a bare `iptables-nft-restore` of
+/// the same rules as iptables text; `nft -f` of the same transaction (what Istio's native mode
+/// finally runs, without the table replacement istio-init's dry run prints first); and Istio's
+/// native mode's three `nft` processes (`nft --version`, `nft --check` of a test table, then
+/// `nft -f`), run one after the other in one namespace as its library does.
+fn nftables(rounds: usize, path: &str) {
+    let restore = find(path, "iptables-nft-restore");
+    let nft = find(path, "nft");
+    let ipt_text = dry_run(&[]);
+    let nft_text: String = dry_run(&["--native-nftables"])
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("delete table"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let check = "add table inet istio-init-bench-check\n";
+    let mut cases: Vec<(&str, Samples)> = [
+        "istio-init --native-nftables",
+        "iptables-nft-restore --noflush",
+        "nft -f (the same transaction)",
+        "Istio's native mode (3 nft runs)",
+    ]
+    .into_iter()
+    .map(|n| (n, Samples::default()))
+    .collect();
+    let run = |which: usize| -> (Duration, Duration) {
+        match which {
+            0 => {
+                let (w, c, _) = run_fresh(istio_init(path, &["--native-nftables"]), None);
+                (w, c)
+            }
+            1 => {
+                let mut cmd = Command::new(&restore);
+                cmd.arg("--noflush").env_clear();
+                let (w, c, _) = run_fresh(cmd, Some(&ipt_text));
+                (w, c)
+            }
+            2 => {
+                let mut cmd = Command::new(&nft);
+                cmd.args(["-f", "-"]).env_clear();
+                let (w, c, _) = run_fresh(cmd, Some(&nft_text));
+                (w, c)
+            }
+            _ => {
+                // One namespace for the three: a shell would add a process of its own, so
+                // the three run from a small driver thread instead.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        unshare(CloneFlags::CLONE_NEWNET).expect("unshare");
+                        let cpu0 = children_cpu();
+                        let t0 = Instant::now();
+                        let steps: [(&[&str], Option<&str>); 3] = [
+                            (&["--version"], None),
+                            (&["--check", "-f", "-"], Some(check)),
+                            (&["-f", "-"], Some(&nft_text)),
+                        ];
+                        for (args, input) in steps {
+                            let mut child = Command::new(&nft)
+                                .args(args)
+                                .env_clear()
+                                .stdin(Stdio::piped())
+                                .stdout(Stdio::null())
+                                .stderr(Stdio::piped())
+                                .spawn()
+                                .expect("spawn nft");
+                            let mut stdin = child.stdin.take().expect("stdin");
+                            if let Some(t) = input {
+                                stdin.write_all(t.as_bytes()).expect("write");
+                            }
+                            drop(stdin);
+                            let out = child.wait_with_output().expect("wait");
+                            assert!(out.status.success(), "nft {args:?}: {out:?}");
+                        }
+                        (t0.elapsed(), children_cpu() - cpu0)
+                    })
+                    .join()
+                    .expect("bench thread")
+                })
+            }
+        }
+    };
+    for _ in 0..5 {
+        for which in 0..cases.len() {
+            run(which);
+        }
+    }
+    for round in 0..rounds {
+        for k in 0..cases.len() {
+            let which = (round + k) % cases.len();
+            let (w, c) = run(which);
+            cases[which].1.wall.push(w);
+            cases[which].1.cpu.push(c);
+        }
+    }
+    let mut rss: Vec<u64> = Vec::new();
+    for _ in 0..rounds.clamp(20, 100) {
+        let (_, _, err) = run_fresh(
+            istio_init(
+                path,
+                &["--native-nftables", "--log_output_level=default:debug"],
+            ),
+            None,
+        );
+        if let Some(kib) = err
+            .lines()
+            .find_map(|l| l.split("peak RSS ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+        {
+            rss.push(kib);
+        }
+    }
+    rss.sort_unstable();
+    println!(
+        "nftables benchmark: the injector's default arguments + --native-nftables (IPv4 REDIRECT), \
+         {rounds} interleaved rounds, fresh namespace each run"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>14}",
+        "", "median wall", "p90 wall", "median CPU"
+    );
+    let mut medians = Vec::new();
+    for (name, s) in &mut cases {
+        let (w, p, c) = (
+            pct(&mut s.wall, 50),
+            pct(&mut s.wall, 90),
+            pct(&mut s.cpu, 50),
+        );
+        println!("{name:<34} {:>12} {:>12} {:>14}", ms(w), ms(p), ms(c));
+        medians.push((w, c));
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let (ii, restore, nft_f, istio) = (medians[0], medians[1], medians[2], medians[3]);
+    println!(
+        "istio-init / iptables-nft-restore: wall {:.2}x, CPU {:.2}x (target <= 0.5x)",
+        ratio(ii.0, restore.0),
+        ratio(ii.1, restore.1)
+    );
+    println!(
+        "istio-init / nft -f: wall {:.2}x, CPU {:.2}x (target <= 0.3x)",
+        ratio(ii.0, nft_f.0),
+        ratio(ii.1, nft_f.1)
+    );
+    println!(
+        "Istio's native mode / istio-init: wall {:.1}x, CPU {:.1}x (target >= 15x)",
+        ratio(istio.0, ii.0),
+        ratio(istio.1, ii.1)
+    );
+    if let (Some(min), Some(max)) = (rss.first(), rss.last()) {
+        println!(
+            "istio-init peak RSS: median {} KiB, range {min}..{max} KiB (target <= 1536 KiB)",
+            rss[rss.len() / 2]
+        );
+    }
 }

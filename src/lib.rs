@@ -24,8 +24,8 @@ use std::io::Write;
 
 use anyhow::Context;
 
+use crate::backend::iptables as apply;
 use crate::backend::iptables::Iptables;
-use crate::backend::iptables::{self as apply, render as restore};
 use crate::backend::nftables::Nftables;
 use crate::backend::{Firewall, Install};
 use crate::capture::{Capture, Facts, Ruleset};
@@ -226,9 +226,10 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
         let facts = target_facts(&cfg)?;
         log_summary(&cfg, &facts);
         let capture = capture::build(&cfg, &facts);
-        log_rulesets(&capture.rulesets());
+        let fw = firewall(&cfg, env);
+        fw.log_plan(&capture);
         log::info!("dry run: printing the ruleset, no rule changes will be made");
-        let text = firewall(&cfg, env).render(&capture);
+        let text = fw.render(&capture);
         if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -256,22 +257,6 @@ fn log_summary(cfg: &Config, facts: &Facts) {
         "what the rules do:\n{}",
         explain::summary(cfg, facts).trim_end()
     );
-}
-
-fn log_rulesets(rulesets: &[Ruleset]) {
-    for rs in rulesets {
-        log::info!(
-            "{} ruleset: {} rules in {} new chains",
-            rs.family,
-            rs.rule_count(),
-            rs.chain_count()
-        );
-        log::debug!(
-            "{} restore input:\n{}",
-            rs.family,
-            restore::ruleset_text(rs)
-        );
-    }
 }
 
 /// The backend this configuration selects (`--native-nftables`), and the other one.
@@ -390,7 +375,6 @@ fn install(
     }
     let capture = capture::build(cfg, facts);
     let plan = netlink::route::RoutePlan::new(cfg, facts);
-    let rulesets = capture.rulesets();
     let mut routes = Some(netlink::route::prepare(&plan).context("configuring TPROXY routing")?);
     let mut added: Option<netlink::route::Added> = None;
     // What the rules do is logged while the backend gets ready (the restores load their
@@ -402,7 +386,7 @@ fn install(
             rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
             at_commit: &mut || {
                 log_summary(cfg, facts);
-                log_rulesets(&rulesets);
+                fw.log_plan(&capture);
                 logged = true;
                 if let Some(r) = routes.take() {
                     added = Some(r.commit().context("configuring TPROXY routing")?);
@@ -411,14 +395,14 @@ fn install(
             },
             before_handover: &|| {
                 log_summary(cfg, facts);
-                log_rulesets(&rulesets);
+                fw.log_plan(&capture);
                 log_resource_use();
             },
         },
     );
     if !logged {
         log_summary(cfg, facts);
-        log_rulesets(&rulesets);
+        fw.log_plan(&capture);
     }
     if let Some(a) = &added {
         a.report();

@@ -46,6 +46,8 @@ pub trait Firewall: Sync {
     /// The dry-run document: exactly what [`Firewall::install`] writes, in the syntax of the
     /// program that would load it.
     fn render(&self, capture: &Capture) -> String;
+    /// Logs what an install writes: counts at info level, the text at debug level.
+    fn log_plan(&self, capture: &Capture);
     /// Installs the capture, all or nothing: on error the namespace is as it was. A re-run of
     /// the same capture is a no-op (or converges, as the backend's options say).
     fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()>;

@@ -10,12 +10,14 @@
 //!
 //! Encoding copies nft 1.0's, expression by expression and attribute by attribute, so that
 //! `nft list ruleset` and `nft --debug=netlink list ruleset` show the same as after `nft -f` of
-//! [`nft::render`]'s text (the only byte-level difference: nft numbers the nested attribute of
-//! each set element 1, 2, 3…, the crate writes 1 for all; the kernel ignores that number).
+//! [`nft::render`]'s text. The batch is byte for byte nft's (checked while developing by
+//! decoding nft's `sendmsg` under strace for all 28 goldens and the range cases of the tests),
+//! except that its last message asks for an acknowledgement (`NLM_F_ACK`), so that [`send`]
+//! knows the kernel took the whole batch.
 
 use netlink_packet_core::{
-    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DefaultNla, Emitable, ErrorBuffer, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
+    NLM_F_REQUEST, NLMSG_ERROR, NetlinkBuffer,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
@@ -26,11 +28,9 @@ use netlink_packet_netfilter::nftables::{
     VerdictAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-    NetfilterSubsystem,
-};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterProtoFamily, NetfilterSubsystem};
 
+use super::Message;
 use crate::nft::{
     self, BaseChain, ChainType, Dir, Family, Hook, L4, Op, PortSet, Stmt, Transaction, Verdict,
 };
@@ -133,6 +133,7 @@ pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
         seqs: Vec::with_capacity(tx.ops.len() + 4),
         seq: 1,
         set_id: 0,
+        last_offset: None,
     };
     let begin_seq = enc.seq;
     enc.control(ControlMessage::BatchBegin);
@@ -142,6 +143,14 @@ pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
             text: nft::render_op(op),
             reason,
         })?;
+    }
+    // Only the last message asks for an acknowledgement (errors are always reported): the
+    // kernel sends the answers after processing the whole batch, so that one acknowledgement
+    // confirms it, and thousands of answers cannot overflow the socket's receive buffer.
+    if let Some(off) = enc.last_offset {
+        let mut m = NetlinkBuffer::new(&mut enc.bytes[off..]);
+        let flags = m.flags();
+        m.set_flags(flags | NLM_F_ACK);
     }
     enc.control(ControlMessage::BatchEnd);
     Ok(Batch {
@@ -156,47 +165,45 @@ struct Encoder {
     seqs: Vec<(u32, usize)>,
     seq: u32,
     set_id: u32,
+    /// Where the last nf_tables message starts in `bytes`.
+    last_offset: Option<usize>,
 }
 
 impl Encoder {
-    fn put(
+    /// Appends one message: `body` after the nfnetlink header (`family`, `res_id`).
+    fn put<B: Emitable>(
         &mut self,
-        inner: NetfilterMessageInner,
+        kind: u16,
         family: NetfilterProtoFamily,
         res_id: u16,
+        body: B,
         flags: u16,
     ) {
-        let nf = NetfilterMessage::new(NetfilterHeader::new(family, 0, res_id), inner);
-        let mut m = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(nf));
-        m.header.flags = flags;
-        m.header.sequence_number = self.seq;
-        m.finalize();
-        let start = self.bytes.len();
-        self.bytes.resize(start + m.buffer_len(), 0);
-        m.serialize(&mut self.bytes[start..]);
+        let header = NetfilterHeader::new(family, 0, res_id);
+        let msg = Message {
+            kind,
+            body: Nf { header, body },
+        };
+        super::encode(&mut self.bytes, msg, flags, self.seq);
         self.seq += 1;
     }
 
     fn control(&mut self, c: ControlMessage) {
-        // The batch messages name the subsystem they carry in the res_id field.
+        // Subsystem 0 (the nfnetlink core); the batch names the subsystem it carries in the
+        // res_id field.
+        let kind = u16::from(u8::from(c.message_type()));
         let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
-        self.put(
-            c.into(),
-            NetfilterProtoFamily::Unspec,
-            subsys,
-            NLM_F_REQUEST,
-        );
+        self.put(kind, NetfilterProtoFamily::Unspec, subsys, c, NLM_F_REQUEST);
     }
 
-    /// One nf_tables message of op `op`, acknowledged one by one.
+    /// One nf_tables message of op `op`.
     fn nft(&mut self, op: usize, m: NfTablesMessage, flags: u16) {
+        let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
+        let kind = subsys << 8 | u16::from(u8::from(m.message_type()));
         self.seqs.push((self.seq, op));
-        self.put(
-            m.into(),
-            NetfilterProtoFamily::Inet,
-            0,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
-        );
+        self.last_offset = Some(self.bytes.len());
+        let flags = NLM_F_REQUEST | flags;
+        self.put(kind, NetfilterProtoFamily::Inet, 0, m, flags);
     }
 
     fn new_table(&mut self, op: usize, name: &str) {
@@ -450,7 +457,10 @@ impl Encoder {
             SetAttribute::KeyType(raw::TYPE_INET_SERVICE),
             SetAttribute::KeyLen(2),
             SetAttribute::Id(id),
-            SetAttribute::Description(vec![SetDescription::Size(elems.len() as u32)]),
+            // nft counts an interval open to 65535 as two elements, though it sends one.
+            SetAttribute::Description(vec![SetDescription::Size(
+                (elems.len() + usize::from(elems.last().is_some_and(|e| e.2))) as u32,
+            )]),
             SetAttribute::UserData(set_udata(proto, dir, interval)),
         ];
         self.nft(
@@ -460,7 +470,8 @@ impl Encoder {
         );
         let elements = elems
             .into_iter()
-            .map(|(key, end, open)| {
+            .enumerate()
+            .map(|(i, (key, end, open))| {
                 let mut e = Vec::with_capacity(3);
                 if end {
                     e.push(SetElementAttribute::Flags(SetElementFlags::IntervalEnd));
@@ -473,7 +484,11 @@ impl Encoder {
                     u.extend(raw::SET_ELEM_F_INTERVAL_OPEN.to_ne_bytes());
                     e.push(SetElementAttribute::UserData(u));
                 }
-                ListAttribute::Element(e)
+                // nft numbers the nest of each element 1, 2, 3… (the kernel ignores the
+                // number; the crate's `ListAttribute::Element` always writes 1).
+                let mut body = vec![0; e.as_slice().buffer_len()];
+                e.as_slice().emit(&mut body);
+                ListAttribute::Other(DefaultNla::new((i + 1) as u16 | NLA_F_NESTED, body))
             })
             .collect();
         let attributes = vec![
@@ -654,24 +669,23 @@ fn data_nla(kind: u16, value: Vec<u8>) -> DefaultNla {
     DefaultNla::new(kind | NLA_F_NESTED, buf)
 }
 
-fn ct_load(key: u32) -> Expr {
+/// `ct load KEY => reg 1` (`reg` = NFTA_CT_DREG) or `ct set KEY with reg 1` (NFTA_CT_SREG).
+fn ct(key: u32, reg: u16) -> Expr {
     raw_expr(
         "ct",
         vec![
             u32_nla(raw::NFTA_CT_KEY, key),
-            u32_nla(raw::NFTA_CT_DREG, Register::Reg1.into()),
+            u32_nla(reg, Register::Reg1.into()),
         ],
     )
 }
 
+fn ct_load(key: u32) -> Expr {
+    ct(key, raw::NFTA_CT_DREG)
+}
+
 fn ct_set(key: u32) -> Expr {
-    raw_expr(
-        "ct",
-        vec![
-            u32_nla(raw::NFTA_CT_KEY, key),
-            u32_nla(raw::NFTA_CT_SREG, Register::Reg1.into()),
-        ],
-    )
+    ct(key, raw::NFTA_CT_SREG)
 }
 
 fn range_neq(first: u16, last: u16) -> Expr {
@@ -686,6 +700,34 @@ fn range_neq(first: u16, last: u16) -> Expr {
     )
 }
 
+/// The code of an `NLMSG_ERROR` answer (0 for an acknowledgement), `None` if truncated.
+fn error_code(bytes: &[u8]) -> Option<i32> {
+    let payload = NetlinkBuffer::new_checked(bytes).ok()?.payload();
+    let code = ErrorBuffer::new_checked(payload).ok()?.code();
+    Some(code.map_or(0, |c| c.get()))
+}
+
+/// An nfnetlink message body: the nfnetlink header, then one of the crate's message bodies
+/// (whose `emit` writes only their attributes). Sent as [`Message`], not as the crate's
+/// all-kinds `NetfilterMessage`, so that only the nf_tables encoders land in the binary (see
+/// `netlink/mod.rs`).
+#[derive(Debug, Clone)]
+struct Nf<B> {
+    header: NetfilterHeader,
+    body: B,
+}
+
+impl<B: Emitable> Emitable for Nf<B> {
+    fn buffer_len(&self) -> usize {
+        self.header.buffer_len() + self.body.buffer_len()
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        self.header.emit(buffer);
+        self.body.emit(&mut buffer[self.header.buffer_len()..]);
+    }
+}
+
 /// Why a transaction was not applied. In every case nothing of it was.
 #[derive(Debug)]
 pub enum ApplyError {
@@ -698,8 +740,9 @@ pub enum ApplyError {
     },
     /// The kernel refused the transaction.
     Refused(Refused),
-    /// The kernel answered fewer messages than were sent.
-    Unconfirmed { answered: usize, sent: usize },
+    /// No answer to the last message: the outcome is unknown (`overflow`: answers were lost
+    /// to a full receive buffer).
+    Unconfirmed { overflow: bool },
 }
 
 /// The kernel's refusal: the first message it refused, mapped back to its op.
@@ -715,6 +758,8 @@ pub struct Refused {
     pub features: Vec<&'static str>,
     /// How many other messages the kernel refused (often consequences of the first).
     pub others: usize,
+    /// Whether more refusals were lost to a full receive buffer.
+    pub lost: bool,
 }
 
 impl std::fmt::Display for ApplyError {
@@ -739,15 +784,21 @@ impl std::fmt::Display for ApplyError {
                         r.features.join(", ")
                     )?;
                 }
-                if r.others > 0 {
-                    write!(f, " ({} more messages refused)", r.others)?;
+                if r.others > 0 || r.lost {
+                    let more = if r.lost { " or more" } else { "" };
+                    write!(f, " ({}{more} more messages refused)", r.others)?;
                 }
                 write!(f, "; nothing was applied")
             }
-            ApplyError::Unconfirmed { answered, sent } => write!(
+            ApplyError::Unconfirmed { overflow } => write!(
                 f,
-                "the kernel confirmed {answered} of {sent} nf_tables messages; the transaction's \
-                 outcome is unknown"
+                "the kernel did not acknowledge the nf_tables transaction{}; its outcome is \
+                 unknown",
+                if *overflow {
+                    " (answers lost: receive buffer full)"
+                } else {
+                    ""
+                }
             ),
         }
     }
@@ -762,9 +813,9 @@ pub fn apply(tx: &Transaction) -> Result<(), ApplyError> {
 }
 
 /// Sends a batch in one `send` on a fresh `NETLINK_NETFILTER` socket of the calling thread's
-/// network namespace and reads every answer. The kernel processes the whole batch inside the
-/// `send`, so the answers are all queued when it returns; one error anywhere means the kernel
-/// applied nothing. `tx` is the transaction the batch was encoded from (to name a refused op).
+/// network namespace and reads every answer: the errors, and the acknowledgement of the last
+/// message. The kernel processes the whole batch inside the `send`, so the answers are all
+/// queued when it returns; one error anywhere means the kernel applied nothing. `tx` is the transaction the batch was encoded from (to name a refused op).
 pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     let sock = |what| move |error| ApplyError::Socket { what, error };
@@ -772,6 +823,15 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
     s.bind_auto().map_err(sock("bind"))?;
     // Answers carry only the header of the message they answer.
     s.set_cap_ack(true).map_err(sock("NETLINK_CAP_ACK"))?;
+    // A netlink message must fit the socket's send buffer (about 200 KiB by default); a
+    // larger batch gets a buffer its size (forced: CAP_NET_ADMIN is needed anyway).
+    if batch.bytes().len() > 128 * 1024 {
+        use nix::sys::socket::{setsockopt, sockopt::SndBufForce};
+        setsockopt(&s, SndBufForce, &batch.bytes().len()).map_err(|e| ApplyError::Socket {
+            what: "SO_SNDBUFFORCE",
+            error: e.into(),
+        })?;
+    }
     let n = s.send(batch.bytes(), 0).map_err(sock("send"))?;
     if n != batch.bytes().len() {
         return Err(ApplyError::Socket {
@@ -780,14 +840,22 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
         });
     }
     s.set_non_blocking(true).map_err(sock("O_NONBLOCK"))?;
-    let mut answered = 0;
+    let last_seq = batch.seqs.last().map(|&(seq, _)| seq);
+    let mut acked = false;
+    let mut overflow = false;
     let mut errors: Vec<(u32, i32)> = Vec::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // Answers carry only headers (NETLINK_CAP_ACK): 36 bytes each, one per `recv`.
+    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     loop {
         buf.clear();
         match s.recv(&mut buf, 0) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // More errors than the receive buffer holds: the first ones are still queued.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
+                overflow = true;
+                continue;
+            }
             Err(e) => {
                 return Err(ApplyError::Socket {
                     what: "recv",
@@ -795,20 +863,22 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
                 });
             }
         }
-        let mut off = 0;
-        while off < buf.len() {
-            let m = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..]).map_err(|e| {
-                ApplyError::Socket {
-                    what: "reading an answer",
-                    error: std::io::Error::other(e.to_string()),
-                }
-            })?;
-            let len = (m.header.length as usize).max(16);
-            off += (len + 3) & !3;
-            if let NetlinkPayload::Error(e) = m.payload {
-                answered += 1;
-                if let Some(code) = e.code {
-                    errors.push((m.header.sequence_number, -code.get()));
+        let answers = super::split(&buf).map_err(|e| ApplyError::Socket {
+            what: "reading an answer",
+            error: std::io::Error::other(e.to_string()),
+        })?;
+        for (header, bytes) in answers {
+            if header.message_type != NLMSG_ERROR {
+                continue;
+            }
+            match error_code(bytes) {
+                Some(0) => acked |= Some(header.sequence_number) == last_seq,
+                Some(code) => errors.push((header.sequence_number, -code)),
+                None => {
+                    return Err(ApplyError::Socket {
+                        what: "reading an answer",
+                        error: std::io::Error::other("a truncated netlink error message"),
+                    });
                 }
             }
         }
@@ -827,13 +897,11 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             errno: nix::errno::Errno::from_raw(errno),
             features: op_ref.map(nft::kernel_features).unwrap_or_default(),
             others: errors.len() - 1,
+            lost: overflow,
         }));
     }
-    if answered < batch.messages() {
-        return Err(ApplyError::Unconfirmed {
-            answered,
-            sent: batch.messages(),
-        });
+    if last_seq.is_some() && !acked {
+        return Err(ApplyError::Unconfirmed { overflow });
     }
     Ok(())
 }
@@ -841,6 +909,81 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::nft::{Chain, PortRange, Rule};
+
+    fn tx(stmts: Vec<Stmt>) -> Transaction {
+        Transaction {
+            ops: vec![
+                Op::DeleteTable("t".into()),
+                Op::AddTable("t".into()),
+                Op::AddChain(Chain {
+                    table: "t".into(),
+                    name: "c".into(),
+                    base: None,
+                }),
+                Op::AddRule(Rule {
+                    table: "t".into(),
+                    chain: "c".into(),
+                    stmts,
+                }),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_message_maps_back_to_its_op() {
+        let ports = vec![PortRange::port(53), PortRange::range(1000, 2000)];
+        let b = encode(&tx(vec![
+            Stmt::Port {
+                proto: L4::Tcp,
+                dir: Dir::Dst,
+                negate: true,
+                ports,
+            },
+            Stmt::Verdict(Verdict::Return),
+        ]))
+        .unwrap();
+        // add + delete table, add table, chain, set + elements + rule.
+        assert_eq!(b.messages(), 7);
+        let ops: Vec<Option<usize>> = (b.begin_seq..b.begin_seq + 9).map(|s| b.op_of(s)).collect();
+        let want = [
+            None,
+            Some(0),
+            Some(0),
+            Some(1),
+            Some(2),
+            Some(3),
+            Some(3),
+            Some(3),
+            None,
+        ];
+        assert_eq!(ops, want);
+        // Begin, the messages, end: every header's length adds up to the whole batch.
+        let mut off = 0;
+        let mut n = 0;
+        while off < b.bytes().len() {
+            off += NetlinkBuffer::new(&b.bytes()[off..]).length() as usize;
+            n += 1;
+        }
+        assert_eq!((off, n), (b.bytes().len(), 9));
+    }
+
+    #[test]
+    fn invalid_rules_are_not_encoded() {
+        let e = encode(&tx(vec![
+            Stmt::L4Proto(L4::Udp),
+            Stmt::Port {
+                proto: L4::Tcp,
+                dir: Dir::Dst,
+                negate: false,
+                ports: vec![PortRange::port(53)],
+            },
+        ]))
+        .unwrap_err();
+        assert_eq!(e.op, 3);
+        assert!(e.reason.contains("conflicting protocols"), "{e}");
+    }
 
     #[test]
     fn prefix_masks() {

@@ -273,8 +273,8 @@ pub fn explicit(stmts: &[Stmt]) -> Result<Vec<Stmt>, String> {
             return Err("a verdict must be the last statement of a rule".into());
         }
         match s {
-            Stmt::L4Proto(p) => set_l4(&mut l4, *p, None)?,
-            Stmt::NfProto(f) => set_l3(&mut l3, *f, None)?,
+            Stmt::L4Proto(p) => require(&mut l4, *p, None, Stmt::L4Proto, l4_word)?,
+            Stmt::NfProto(f) => require(&mut l3, *f, None, Stmt::NfProto, family_word)?,
             Stmt::Port { proto, ports, .. } => {
                 if ports.is_empty() {
                     return Err("a port match needs at least one port".into());
@@ -282,9 +282,15 @@ pub fn explicit(stmts: &[Stmt]) -> Result<Vec<Stmt>, String> {
                 if let Some(p) = ports.iter().find(|p| p.first > p.last) {
                     return Err(format!("port range {}-{} is reversed", p.first, p.last));
                 }
-                set_l4(&mut l4, *proto, Some(&mut out))?;
+                require(&mut l4, *proto, Some(&mut out), Stmt::L4Proto, l4_word)?;
             }
-            Stmt::Addr { net, .. } => set_l3(&mut l3, family(net), Some(&mut out))?,
+            Stmt::Addr { net, .. } => require(
+                &mut l3,
+                family(net),
+                Some(&mut out),
+                Stmt::NfProto,
+                family_word,
+            )?,
             Stmt::Iifname(n) | Stmt::Oifname(n) => check_ifname(n)?,
             Stmt::Redirect(_) if l4.is_none() => {
                 return Err("`redirect to :PORT` needs a transport protocol match first".into());
@@ -308,39 +314,25 @@ pub fn explicit(stmts: &[Stmt]) -> Result<Vec<Stmt>, String> {
     Ok(out)
 }
 
-fn set_l4(have: &mut Option<L4>, want: L4, deps: Option<&mut Vec<Stmt>>) -> Result<(), String> {
-    match *have {
-        Some(h) if h != want => Err(format!(
-            "conflicting protocols: {} after a {} match",
-            l4_word(want),
-            l4_word(h)
-        )),
-        Some(_) => Ok(()),
-        None => {
-            if let Some(out) = deps {
-                out.push(Stmt::L4Proto(want));
-            }
-            *have = Some(want);
-            Ok(())
-        }
-    }
-}
-
-fn set_l3(
-    have: &mut Option<Family>,
-    want: Family,
+/// Records the protocol a match needs at one layer: nothing when it is known already, the
+/// dependency `dep` (appended to `deps`, if given) when it is not, an error on a conflict.
+fn require<T: Copy + PartialEq>(
+    have: &mut Option<T>,
+    want: T,
     deps: Option<&mut Vec<Stmt>>,
+    dep: impl FnOnce(T) -> Stmt,
+    word: fn(T) -> &'static str,
 ) -> Result<(), String> {
     match *have {
         Some(h) if h != want => Err(format!(
-            "conflicting protocols: {} after an {} match",
-            family_word(want),
-            family_word(h)
+            "conflicting protocols: {} after a {} match",
+            word(want),
+            word(h)
         )),
         Some(_) => Ok(()),
         None => {
             if let Some(out) = deps {
-                out.push(Stmt::NfProto(want));
+                out.push(dep(want));
             }
             *have = Some(want);
             Ok(())

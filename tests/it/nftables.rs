@@ -4,7 +4,8 @@
 //!   applied as one netlink batch in one namespace, loaded with `nft -f` in another, and the
 //!   IR's rendered text with `nft -f` in a third: `nft list ruleset` (counters aside) and
 //!   `nft --debug=netlink list ruleset` (handles, counters and anonymous set numbers aside)
-//!   must be identical;
+//!   must be identical, and so must the kernel's own description of every anonymous set
+//!   (flags, key, size, nft's user data: a netlink dump);
 //! - the same for port ranges, interval sets and address prefixes the goldens do not have;
 //! - a batch the kernel refuses at its end names that op and leaves a populated namespace
 //!   byte-identical and a fresh one empty;
@@ -432,6 +433,69 @@ pub fn debug_listing(ns: &Netns) -> String {
     out
 }
 
+/// What the kernel holds of every set (anonymous ones included), read with an
+/// `NFT_MSG_GETSET` dump: its attributes but the name, handle and id, which depend on the
+/// creation order. Listings do not show a set's user data or size; this does.
+fn sets(ns: &Netns) -> Vec<String> {
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_netfilter::nftables::{NfTablesMessage, SetAttribute, SetMessage};
+    use netlink_packet_netfilter::{
+        NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+    };
+    use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
+    in_netns(ns, || {
+        let mut s = Socket::new(NETLINK_NETFILTER).unwrap();
+        s.bind_auto().unwrap();
+        let get = NfTablesMessage::GetSet(SetMessage { attributes: vec![] });
+        let nf = NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), get);
+        let mut m = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(nf));
+        m.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        m.header.sequence_number = 1;
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        s.send(&buf, 0).unwrap();
+        let mut found = Vec::new();
+        loop {
+            let (data, _) = s.recv_from_full().unwrap();
+            let mut off = 0;
+            while off < data.len() {
+                let m = NetlinkMessage::<NetfilterMessage>::deserialize(&data[off..]).unwrap();
+                off += (m.header.length as usize + 3) & !3;
+                match m.payload {
+                    NetlinkPayload::Done(_) => {
+                        found.sort();
+                        return found;
+                    }
+                    NetlinkPayload::Error(e) => panic!("set dump: {e:?}"),
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewSet(set)),
+                        ..
+                    }) => {
+                        let attrs: Vec<String> = set
+                            .attributes
+                            .iter()
+                            .filter(|a| {
+                                !matches!(
+                                    a,
+                                    SetAttribute::Name(_)
+                                        | SetAttribute::Handle(_)
+                                        | SetAttribute::Id(_)
+                                )
+                            })
+                            .map(|a| format!("{a:?}"))
+                            .collect();
+                        found.push(attrs.join(" "));
+                    }
+                    other => panic!("unexpected answer to a set dump: {other:?}"),
+                }
+            }
+        }
+    })
+}
+
 pub fn nft_f(ns: &Netns, text: &str) {
     let o = ns.run_with_input(&["nft", "-f", "-"], text);
     assert!(
@@ -492,6 +556,15 @@ impl Trio {
                 diffs.push(format!(
                     "{name}: nft --debug=netlink list ruleset after our {what} differs:\n{}",
                     line_diff(&want_debug, &got)
+                ));
+            }
+        }
+        let want_sets = sets(&self.reference);
+        for (what, ns) in [("batch", &self.ours), ("rendered text", &self.rendered)] {
+            let got = sets(ns);
+            if got != want_sets {
+                diffs.push(format!(
+                    "{name}: the sets after our {what} differ:\n  nft:  {want_sets:?}\n  ours: {got:?}"
                 ));
             }
         }
@@ -572,13 +645,7 @@ fn addr(dir: Dir, negate: bool, net: &str) -> Stmt {
     }
 }
 
-/// Port ranges (which Istio's nft mode cannot write), interval sets and prefixes of every
-/// kind, checked as the goldens are; the reference is the IR's own rendering.
-#[test]
-fn ranges_sets_and_prefixes_apply_as_nft_applies_them() {
-    if !ready("ranges_sets_and_prefixes_apply_as_nft_applies_them") {
-        return;
-    }
+fn ranges_tx() -> Transaction {
     use Dir::{Dst, Src};
     use L4::{Tcp, Udp};
     let r = Stmt::Verdict(Verdict::Return);
@@ -646,7 +713,17 @@ fn ranges_sets_and_prefixes_apply_as_nft_applies_them() {
         }),
     ];
     ops.extend(rules.into_iter().map(|s| rule("c", s)));
-    let tx = Transaction { ops };
+    Transaction { ops }
+}
+
+/// Port ranges (which Istio's nft mode cannot write), interval sets and prefixes of every
+/// kind, checked as the goldens are; the reference is the IR's own rendering.
+#[test]
+fn ranges_sets_and_prefixes_apply_as_nft_applies_them() {
+    if !ready("ranges_sets_and_prefixes_apply_as_nft_applies_them") {
+        return;
+    }
+    let tx = ranges_tx();
     let text = istio_init::nft::render(&tx);
     let trio = Trio::new(&group_file());
     let diffs = trio.compare("ranges", &text, &tx);
@@ -762,4 +839,64 @@ fn net_raw_alone_is_refused() {
         other => panic!("expected EPERM, got {other:?}"),
     }
     assert_eq!(ns.ok(&["nft", "list", "ruleset"]), "");
+}
+
+/// A batch far beyond the socket's default send buffer still goes in one `send`.
+#[test]
+fn large_batch_is_applied() {
+    if !ready("large_batch_is_applied") {
+        return;
+    }
+    let mut ops = vec![
+        Op::AddTable("t".into()),
+        Op::AddChain(Chain {
+            table: "t".into(),
+            name: "c".into(),
+            base: None,
+        }),
+    ];
+    ops.extend((1..=3000u16).map(|p| {
+        rule(
+            "c",
+            vec![
+                ports(L4::Tcp, Dir::Dst, false, &[(p, p)]),
+                Stmt::Counter,
+                Stmt::Verdict(Verdict::Return),
+            ],
+        )
+    }));
+    let tx = Transaction { ops };
+    let size = nftables::encode(&tx).unwrap().bytes().len();
+    assert!(size > 256 * 1024, "only {size} bytes");
+    let ns = Netns::new("nftlarge");
+    apply_in(&ns, &tx).expect("a large batch");
+    let listed = listing(&ns);
+    assert_eq!(
+        listed.matches("counter packets N bytes N return").count(),
+        3000
+    );
+    assert!(listed.contains("tcp dport 3000 counter"), "{listed}");
+
+    // Without its chain every rule is refused: the first refusal is reported, nothing applied.
+    let mut orphans = tx.clone();
+    orphans.ops[0] = Op::AddTable("u".into());
+    orphans.ops.remove(1);
+    for op in &mut orphans.ops[1..] {
+        if let Op::AddRule(r) = op {
+            r.table = "u".into();
+        }
+    }
+    let fresh = Netns::new("nftlarge2");
+    match apply_in(&fresh, &orphans) {
+        Err(ApplyError::Refused(r)) => {
+            assert_eq!(
+                (r.op, r.errno),
+                (Some(1), nix::errno::Errno::ENOENT),
+                "{r:?}"
+            );
+            assert!(r.others > 0, "{r:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(fresh.ok(&["nft", "list", "ruleset"]), "");
 }

@@ -103,6 +103,22 @@ impl crate::backend::Firewall for Iptables {
         render::dry_run_text(&capture.rulesets())
     }
 
+    fn log_plan(&self, capture: &Capture) {
+        for rs in capture.rulesets() {
+            log::info!(
+                "{} ruleset: {} rules in {} new chains",
+                rs.family,
+                rs.rule_count(),
+                rs.chain_count()
+            );
+            log::debug!(
+                "{} restore input:\n{}",
+                rs.family,
+                render::ruleset_text(&rs)
+            );
+        }
+    }
+
     fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
         let rulesets = capture.rulesets();
         let plain = Plain {

@@ -81,6 +81,13 @@ impl Firewall for Nftables {
         }
     }
 
+    fn log_plan(&self, capture: &Capture) {
+        if let Ok(tx) = map::transaction(capture, &[], &self.group) {
+            log::info!("nftables ruleset: {}", counts(capture, &tx));
+            log::debug!("nftables transaction:\n{}", nft::render(&tx));
+        }
+    }
+
     fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
         let present = present()?;
         let tx = map::transaction(capture, &present, &self.group)
