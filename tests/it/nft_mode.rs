@@ -383,7 +383,7 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     assert_eq!(ours(&nft_state(&ns).rules), "");
 
     // (c) Both modes' rules at once (the second loaded behind istio-init's back): either
-    // mode's --cleanup-only removes both.
+    // mode's --cleanup-only removes both; a second cleanup finds nothing and changes nothing.
     for (tag, mode) in [("coexcipt", &ipt), ("coexcnft", &nft)] {
         let ns = pod(tag);
         assert_ok(&run_istio_init(&ns, &ipt, &[]));
@@ -403,6 +403,13 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
             !left.contains("istio") && !left.contains("ISTIO"),
             "{tag}: {left}\n{}",
             stderr(&o)
+        );
+        let cleaned = nft_state(&ns);
+        assert_ok(&run_istio_init(&ns, &with(mode, "--cleanup-only"), &[]));
+        assert_eq!(
+            nft_state(&ns),
+            cleaned,
+            "{tag}: a second cleanup changed something"
         );
     }
 }
