@@ -29,6 +29,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+# The pod end-to-end test's helper (tests/it/pods.rs builds it) is a package of its own.
+echo "== tests/pod-helper: fmt, clippy"
+cargo fmt --manifest-path tests/pod-helper/Cargo.toml -- --check
+cargo clippy --manifest-path tests/pod-helper/Cargo.toml --target-dir target/pod-helper --locked -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -269,25 +269,6 @@ impl Capture {
         self.families.iter().map(|f| self.family(*f)).collect()
     }
 
-    /// The tables that hold rules, in render order.
-    pub fn tables(&self) -> Vec<Table> {
-        Table::ALL
-            .into_iter()
-            .filter(|t| self.rules.iter().any(|r| r.table == *t))
-            .collect()
-    }
-
-    /// The chains a table declares (see [`chains_of`]).
-    pub fn chains(&self, table: Table) -> Vec<&'static str> {
-        let rules: Vec<Rule> = self
-            .rules
-            .iter()
-            .filter(|r| r.table == table)
-            .cloned()
-            .collect();
-        chains_of(&rules)
-    }
-
     /// The rules of one chain in the order the kernel holds them once all of them are applied
     /// to an empty chain (inserts resolved), for both families: positions count every rule
     /// before them, whatever its family, as one inet chain holds them.

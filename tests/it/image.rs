@@ -15,11 +15,11 @@ use std::sync::OnceLock;
 
 use crate::util::{self, Netns, output, stderr, stdout};
 
-/// The image loaded into a private podman store.
+/// The image loaded into a private podman store (shared with tests/it/pods.rs).
 #[derive(Debug)]
-struct Image {
+pub(crate) struct Image {
     /// Image id in the private store.
-    id: String,
+    pub(crate) id: String,
     root: PathBuf,
     runroot: PathBuf,
 }
@@ -59,7 +59,7 @@ impl<'a> Run<'a> {
 
 impl Image {
     /// `podman` with the private store (vfs), runc and no systemd or journald.
-    fn podman(&self) -> Command {
+    pub(crate) fn podman(&self) -> Command {
         let mut c = Command::new("podman");
         c.arg("--root")
             .arg(&self.root)
@@ -183,7 +183,7 @@ fn fnv(p: &Path) -> u32 {
 
 /// The image, or `None` (after printing `skipped:`) when this machine cannot build or run it.
 /// Panics under CI when something is missing, and always when the build itself fails.
-fn image(test: &str) -> Option<&'static Image> {
+pub(crate) fn image(test: &str) -> Option<&'static Image> {
     if !util::privileged(test) {
         return None;
     }
@@ -265,10 +265,25 @@ fn reference_rules(args: &[&str], backend: &str) -> String {
     let reference = Netns::new(&format!("imgref{backend}"));
     let dry = host_run(&reference, &[args, &["--dry-run"]].concat());
     assert!(dry.status.success(), "dry run: {}", stderr(&dry));
-    let restore = format!("iptables-{backend}-restore");
-    let r = reference.run_with_input(&[&restore, "--noflush"], &ipv4_part(&stdout(&dry)));
+    loaded_rules(&stdout(&dry), "iptables", backend)
+}
+
+/// The rules the host's own `family` (`iptables` or `ip6tables`) of `backend` (nft or legacy)
+/// holds after loading that family's part of a dry run into a fresh namespace (iptables-save,
+/// normalised).
+pub(crate) fn loaded_rules(dry_run: &str, family: &str, backend: &str) -> String {
+    let reference = Netns::new(&format!("imgload{backend}"));
+    let part = match family {
+        "ip6tables" => dry_run
+            .split_once("\n# IPv6")
+            .map(|(_, v6)| format!("# IPv6{v6}"))
+            .unwrap_or_default(),
+        _ => ipv4_part(dry_run),
+    };
+    let restore = format!("{family}-{backend}-restore");
+    let r = reference.run_with_input(&[&restore, "--noflush"], &part);
     assert!(r.status.success(), "reference {restore}: {}", stderr(&r));
-    saved(&reference, &format!("iptables-{backend}-save"))
+    saved(&reference, &format!("{family}-{backend}-save"))
 }
 
 /// The injector's default argument list, verbatim, run by the image with only NET_ADMIN and
@@ -680,15 +695,8 @@ fn image_loads_every_istio_golden_with_both_backends() {
             run.opts.push(mount.clone());
             let o = img.run(&run);
             assert!(o.status.success(), "{save} in the image: {}", stderr(&o));
-            let printed: Vec<String> = stdout(&o)
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| match l.strip_prefix(':') {
-                    Some(_) => l.rsplit_once(' ').map_or(l, |(a, _)| a).to_owned(),
-                    None => l.to_owned(),
-                })
-                .collect();
-            assert_eq!(printed.join("\n"), host, "{save} in the image vs the host");
+            let printed = util::normalized_save(&stdout(&o));
+            assert_eq!(printed, host, "{save} in the image vs the host");
             for l in host.lines() {
                 let mut words = l.split(' ');
                 while let Some(w) = words.next() {

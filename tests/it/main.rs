@@ -19,6 +19,7 @@ mod layout;
 mod nft_faults;
 mod nft_mode;
 mod nftables;
+mod pods;
 mod properties;
 mod readme;
 mod trace;

@@ -203,20 +203,23 @@ impl Netns {
     /// `iptables-save` (or `ip6tables-save`) output of one backend without comments and
     /// counters: `*table`, `:CHAIN` declarations and rules.
     pub fn save(&self, program: &str) -> String {
-        let out = self.ok(&[program]);
-        out.lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| {
-                // ":CHAIN POLICY [pkts:bytes]" -> ":CHAIN POLICY"
-                if l.starts_with(':') {
-                    l.rsplit_once(' ').map_or(l, |(a, _)| a).to_owned()
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        normalized_save(&self.ok(&[program]))
     }
+}
+
+/// `iptables-save` output without comments and counters (`:CHAIN POLICY [p:b]` → `:CHAIN POLICY`).
+pub fn normalized_save(out: &str) -> String {
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            if l.starts_with(':') {
+                l.rsplit_once(' ').map_or(l, |(a, _)| a).to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Drop for Netns {
