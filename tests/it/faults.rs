@@ -265,10 +265,10 @@ fn wait_until_empty(ns: &Netns) -> Duration {
 }
 
 /// A small deterministic generator (xorshift64*), seeded from `FAULTS_SEED` or the clock.
-pub struct Rng(u64);
+struct Rng(u64);
 
 impl Rng {
-    pub fn new() -> (Rng, u64) {
+    fn new() -> (Rng, u64) {
         let seed = std::env::var("FAULTS_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -281,7 +281,7 @@ impl Rng {
         (Rng(seed), seed)
     }
 
-    pub fn below(&mut self, n: u64) -> u64 {
+    fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -397,12 +397,7 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
     if !privileged("killed_at_random_moments") {
         return;
     }
-    // FAULTS_ITERATIONS=N runs more, to measure how often each outcome happens.
-    let iterations: usize = std::env::var("FAULTS_ITERATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(300);
-    const WORKERS: usize = 3;
+    let iterations = kill_iterations(300);
     let cgroups = cgroup2_root();
     if cgroups.is_none() {
         let msg = "no cgroup v2 with cgroup.kill: cannot kill a run with its restores at once";
@@ -412,18 +407,10 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
     let (_dir, resolv) = resolv_dir("kill");
     let args = sidecar_args(&resolv);
 
-    // References: a fresh pod namespace, and one configured by a normal run (timed, to
-    // calibrate the delays).
+    // References: a fresh pod namespace, and one configured by a normal run.
     let reference = pod("killref");
     let untouched = snapshot(&reference);
-    let mut normal = Vec::new();
-    for _ in 0..3 {
-        let ns = pod("killcal");
-        let t = Instant::now();
-        assert_ok(&run_istio_init(&ns, &args, &[]));
-        normal.push(t.elapsed());
-    }
-    let normal_run = *normal.iter().max().unwrap();
+    let normal = normal_run(&args);
     assert_ok(&run_istio_init(&reference, &args, &[]));
     let full = snapshot(&reference);
     assert_ne!(untouched, full);
@@ -431,33 +418,16 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
         assert_ne!(untouched.0[c], full.0[c], "{c} is not changed by a run");
     }
     // Delays from 0 to 1.3× a normal run: kills land before, during and after the restores.
-    let max_delay = normal_run.mul_f64(1.3);
-    let (rng, seed) = Rng::new();
-    let rng = Mutex::new(rng);
+    let max_delay = normal.mul_f64(1.3);
     let tally = Mutex::new(Tally::default());
-    let next = AtomicUsize::new(0);
     let started = Instant::now();
-
-    std::thread::scope(|s| {
-        for _ in 0..WORKERS {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= iterations {
-                        return;
-                    }
-                    let kind = [Stop::Term, Stop::Kill, Stop::Container][i % 3];
-                    if kind == Stop::Container && cgroups.is_none() {
-                        continue;
-                    }
-                    let delay = Duration::from_micros(
-                        rng.lock().unwrap().below(max_delay.as_micros() as u64 + 1),
-                    );
-                    let cg = cgroups.as_deref();
-                    one_kill(i, kind, delay, cg, &args, &untouched, &full, &tally);
-                }
-            });
+    let seed = kill_trials(iterations, max_delay, |i, delay| {
+        let kind = [Stop::Term, Stop::Kill, Stop::Container][i % 3];
+        if kind == Stop::Container && cgroups.is_none() {
+            return;
         }
+        let cg = cgroups.as_deref();
+        one_kill(i, kind, delay, cg, &args, &untouched, &full, &tally);
     });
 
     let t = tally.into_inner().unwrap();
@@ -477,6 +447,61 @@ fn killed_at_random_moments_the_namespace_is_untouched_or_full_and_the_next_run_
          longest wait for orphaned restores {:.1?}",
         t.completed, t.reruns, t.orphan_wait_max
     );
+}
+
+/// The number of kill trials: `FAULTS_ITERATIONS`, else `default`.
+pub fn kill_iterations(default: usize) -> usize {
+    // FAULTS_ITERATIONS=N runs more, to measure how often each outcome happens.
+    std::env::var("FAULTS_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// How many kill trials run at a time.
+pub const WORKERS: usize = 3;
+
+/// The longest of three normal runs of `args` in fresh pods: what the kill delays are spread
+/// over.
+pub fn normal_run(args: &[String]) -> Duration {
+    (0..3)
+        .map(|_| {
+            let ns = pod("killcal");
+            let t = Instant::now();
+            assert_ok(&run_istio_init(&ns, args, &[]));
+            t.elapsed()
+        })
+        .max()
+        .expect("three runs")
+}
+
+/// Runs `trial(i, delay)` for every `i` below `iterations`, [`WORKERS`] at a time, each with
+/// a random delay up to `max_delay` (seeded as [`Rng::new`] says). Returns the seed.
+pub fn kill_trials(
+    iterations: usize,
+    max_delay: Duration,
+    trial: impl Fn(usize, Duration) + Sync,
+) -> u64 {
+    let (rng, seed) = Rng::new();
+    let rng = Mutex::new(rng);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= iterations {
+                        return;
+                    }
+                    let delay = Duration::from_micros(
+                        rng.lock().unwrap().below(max_delay.as_micros() as u64 + 1),
+                    );
+                    trial(i, delay);
+                }
+            });
+        }
+    });
+    seed
 }
 
 /// One iteration of the kill test: a fresh pod, istio-init killed after `delay`, then the

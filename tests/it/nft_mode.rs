@@ -208,6 +208,30 @@ pub fn nft_state(ns: &Netns) -> NftState {
     }
 }
 
+/// A fresh pod's state and the state a clean run of `args` (nftables mode, the three tables)
+/// leaves in another.
+pub fn reference(tag: &str, args: &[String]) -> (NftState, NftState) {
+    let ns = pod(tag);
+    let untouched = nft_state(&ns);
+    assert_ok(&run_istio_init(&ns, args, &[]));
+    let full = nft_state(&ns);
+    for t in ["nat", "mangle", "raw"] {
+        let table = format!("table inet istio-proxy-{t} {{");
+        assert!(full.rules.contains(&table), "{table}:\n{}", full.rules);
+    }
+    (untouched, full)
+}
+
+/// Runs `args` where the other mode's rules are: refused (exit 1), nothing changed. Returns
+/// the error line.
+fn refused(ns: &Netns, args: &[String]) -> String {
+    let before = nft_state(ns);
+    let o = run_istio_init(ns, args, &[]);
+    assert_code(&o, 1);
+    assert_eq!(nft_state(ns), before, "a refused run changed the namespace");
+    error_line(&o)
+}
+
 /// The `table inet istio-proxy-*` blocks of a listing.
 pub fn ours(listing: &str) -> String {
     let mut out = String::new();
@@ -240,14 +264,7 @@ fn net_admin_alone_with_an_empty_path_is_enough_and_net_raw_alone_touches_nothin
     };
     let (_dir, resolv) = resolv_dir("nftcaps");
     let args = sidecar(&resolv, true);
-    let reference = pod("nftcapref");
-    let untouched = nft_state(&reference);
-    assert_ok(&run_istio_init(&reference, &args, &[]));
-    let full = nft_state(&reference);
-    for t in ["nat", "mangle", "raw"] {
-        let table = format!("table inet istio-proxy-{t} {{");
-        assert!(full.rules.contains(&table), "{table}:\n{}", full.rules);
-    }
+    let (untouched, full) = reference("nftcapref", &args);
 
     // Inside the namespace (entering one would need CAP_SYS_ADMIN), with nothing but `caps` in
     // the bounding set (so in every set of root's exec) and an empty PATH: no program can be
@@ -331,10 +348,7 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     // (a) The iptables mode's rules, then nftables: refused, untouched; --reconcile replaces.
     let ns = pod("coexa");
     assert_ok(&run_istio_init(&ns, &ipt, &[]));
-    let before = nft_state(&ns);
-    let o = run_istio_init(&ns, &nft, &[]);
-    assert_code(&o, 1);
-    let e = error_line(&o);
+    let e = refused(&ns, &nft);
     for want in [
         "this network namespace holds the iptables mode's Istio rules (",
         "ip nat (iptables-nft)",
@@ -347,11 +361,6 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     ] {
         assert!(e.contains(want), "{want:?} not in {e}");
     }
-    assert_eq!(
-        nft_state(&ns),
-        before,
-        "a refused run changed the namespace"
-    );
     let o = run_istio_init(&ns, &with(&nft, "--reconcile"), &[]);
     assert_ok(&o);
     assert_eq!(ns.istio_anywhere(), Vec::<String>::new(), "{}", stderr(&o));
@@ -360,10 +369,7 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     // (b) The nftables mode's rules, then iptables: refused, untouched; --reconcile replaces.
     let ns = pod("coexb");
     assert_ok(&run_istio_init(&ns, &nft, &[]));
-    let before = nft_state(&ns);
-    let o = run_istio_init(&ns, &ipt, &[]);
-    assert_code(&o, 1);
-    let e = error_line(&o);
+    let e = refused(&ns, &ipt);
     assert!(
         e.contains(
             "this network namespace holds the nftables mode's Istio rules (inet \
@@ -371,18 +377,13 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
         ) && e.contains("--reconcile"),
         "{e}"
     );
-    assert_eq!(
-        nft_state(&ns),
-        before,
-        "a refused run changed the namespace"
-    );
     let o = run_istio_init(&ns, &with(&ipt, "--reconcile"), &[]);
     assert_ok(&o);
     assert_eq!(iptables_rules(&ns), want_ipt, "{}", stderr(&o));
     assert_eq!(ours(&nft_state(&ns).rules), "");
 
     // (c) Both modes' rules at once (the second loaded behind istio-init's back): either
-    // mode's --cleanup-only removes both.
+    // mode's --cleanup-only removes both; a second cleanup finds nothing and changes nothing.
     for (tag, mode) in [("coexcipt", &ipt), ("coexcnft", &nft)] {
         let ns = pod(tag);
         assert_ok(&run_istio_init(&ns, &ipt, &[]));
@@ -402,6 +403,13 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
             !left.contains("istio") && !left.contains("ISTIO"),
             "{tag}: {left}\n{}",
             stderr(&o)
+        );
+        let cleaned = nft_state(&ns);
+        assert_ok(&run_istio_init(&ns, &with(mode, "--cleanup-only"), &[]));
+        assert_eq!(
+            nft_state(&ns),
+            cleaned,
+            "{tag}: a second cleanup changed something"
         );
     }
 }
