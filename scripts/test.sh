@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full test suite — the README's test command, and what CI runs (.ci/run calls it).
-# Installs iptables and iproute2 (and buildah, podman and runc for the image tests) when they are
+# Installs iptables, iproute2 and nftables (and buildah, podman and runc for the image tests) when they are
 # missing and it can (root + apt-get), then:
 # formatting, lints, every test (privileged namespace tests included), and the static build.
 # Under CI=true a privileged test that cannot run fails instead of skipping.
@@ -11,6 +11,9 @@ have() { command -v "$1" >/dev/null 2>&1; }
 missing=()
 have iptables-nft-restore || missing+=(iptables)
 have ip || missing+=(iproute2)
+# nft is only the reference for the nftables-mode comparisons (istio-init itself runs no program
+# in that mode): tests/it/nft_mode.rs, nftables.rs, nft_faults.rs, pods.rs.
+have nft || missing+=(nftables)
 # The image tests (tests/it/image.rs) build with buildah and run with podman on runc.
 have buildah || missing+=(buildah)
 have podman || missing+=(podman)

@@ -917,7 +917,11 @@ fn debug_flow(img: &Image, plan: &Plan, conns: &[Conn]) -> usize {
                 .arg(format!("--net={}", pod_netns(img, plan)))
                 .args(["nft", "list", "ruleset"]),
         );
-        assert!(o.status.success(), "nft list ruleset in the pod: {}", stderr(&o));
+        assert!(
+            o.status.success(),
+            "nft list ruleset in the pod: {}",
+            stderr(&o)
+        );
         assert_eq!(
             crate::nftables::zero_counters(&stdout(&o)),
             crate::nftables::listing(&scratch),
