@@ -273,14 +273,20 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn messages_split_on_aligned_boundaries() {
+    /// A rule dump request numbered 1, encoded (any message type: framing ignores it).
+    fn one_rule_request() -> Vec<u8> {
         let mut buf = Vec::new();
         let rule = Message {
             kind: 100,
             body: RuleMessage::default(),
         };
         encode(&mut buf, rule, DUMP, 1);
+        buf
+    }
+
+    #[test]
+    fn messages_split_on_aligned_boundaries() {
+        let mut buf = one_rule_request();
         let first = buf.len();
         let route = Message {
             kind: 101,
@@ -298,12 +304,7 @@ mod tests {
 
     #[test]
     fn a_truncated_message_is_an_error_not_a_shorter_answer() {
-        let mut buf = Vec::new();
-        let rule = Message {
-            kind: 100,
-            body: RuleMessage::default(),
-        };
-        encode(&mut buf, rule, DUMP, 1);
+        let mut buf = one_rule_request();
         buf.truncate(buf.len() - 4);
         assert!(matches!(split(&buf), Err(Error::Decode(_))));
     }
