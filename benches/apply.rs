@@ -103,6 +103,14 @@ fn istio_init(path: &str, extra: &[&str]) -> Command {
     c
 }
 
+/// The peak RSS istio-init logs at debug level ("peak RSS N KiB").
+fn peak_rss(log: &str) -> Option<u64> {
+    log.lines()
+        .find_map(|l| l.split("peak RSS ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 fn pct(v: &mut [Duration], p: usize) -> Duration {
     v.sort();
     v[(v.len() * p / 100).min(v.len() - 1)]
@@ -190,12 +198,7 @@ fn main() {
             istio_init(&path, &["--log_output_level=default:debug"]),
             None,
         );
-        if let Some(kib) = err
-            .lines()
-            .find_map(|l| l.split("peak RSS ").nth(1))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-        {
+        if let Some(kib) = peak_rss(&err) {
             rss.push(kib);
         }
         // "user N us, sys M us"
@@ -419,12 +422,7 @@ fn nftables(rounds: usize, path: &str) {
             ),
             None,
         );
-        if let Some(kib) = err
-            .lines()
-            .find_map(|l| l.split("peak RSS ").nth(1))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-        {
+        if let Some(kib) = peak_rss(&err) {
             rss.push(kib);
         }
     }

@@ -548,14 +548,14 @@ impl Trio {
             if got != want {
                 diffs.push(format!(
                     "{name}: nft list ruleset after our {what} differs:\n{}",
-                    line_diff(&want, &got)
+                    crate::golden::diff(&want, &got)
                 ));
             }
             let got = debug_listing(ns);
             if got != want_debug {
                 diffs.push(format!(
                     "{name}: nft --debug=netlink list ruleset after our {what} differs:\n{}",
-                    line_diff(&want_debug, &got)
+                    crate::golden::diff(&want_debug, &got)
                 ));
             }
         }
@@ -573,21 +573,6 @@ impl Trio {
         }
         diffs
     }
-}
-
-fn line_diff(want: &str, got: &str) -> String {
-    let (w, g): (Vec<&str>, Vec<&str>) = (want.lines().collect(), got.lines().collect());
-    let mut s = String::new();
-    for i in 0..w.len().max(g.len()) {
-        let (a, b) = (w.get(i).copied(), g.get(i).copied());
-        if a != b {
-            s.push_str(&format!(
-                "  line {}: nft: {a:?}\n           ours: {b:?}\n",
-                i + 1
-            ));
-        }
-    }
-    s
 }
 
 #[test]
