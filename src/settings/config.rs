@@ -1064,6 +1064,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn native_nftables_from_flag_or_env_in_both_invocation_styles() {
+        for d in [Defaults::Native, Defaults::Istio] {
+            assert!(!resolve(d, &[], &[]).unwrap().native_nftables);
+            assert!(
+                resolve(d, &["--native-nftables"], &[])
+                    .unwrap()
+                    .native_nftables
+            );
+            assert!(
+                resolve(d, &[], &[("NATIVE_NFTABLES", "true")])
+                    .unwrap()
+                    .native_nftables
+            );
+            // The command line wins over the env var, as for every option.
+            assert!(
+                !resolve(
+                    d,
+                    &["--native-nftables=false"],
+                    &[("NATIVE_NFTABLES", "true")]
+                )
+                .unwrap()
+                .native_nftables
+            );
+        }
+    }
+
+    #[test]
     fn native_defaults_are_the_standard_sidecar() {
         let c = resolve(Defaults::Native, &[], &[]).unwrap();
         assert_eq!(c.inbound_ports, InboundPorts::All);
