@@ -6,7 +6,7 @@
 //! routing exactly as they were.
 //!
 //! The expected messages are written from the rules of each value type (see `src/net.rs` and
-//! `src/config.rs`), not recorded from the program's output.
+//! `src/settings/config.rs`), not recorded from the program's output.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
