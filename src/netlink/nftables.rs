@@ -772,11 +772,22 @@ impl std::fmt::Display for ApplyError {
             ApplyError::Refused(r) => {
                 let reason = format!("{} ({})", r.errno.desc(), r.errno);
                 match &r.text {
-                    Some(text) => write!(f, "the kernel refused `{text}`: {reason}")?,
+                    // One line: a table's delete is written as two commands.
+                    Some(text) => write!(
+                        f,
+                        "the kernel refused `{}`: {reason}",
+                        text.replace('\n', "; ")
+                    )?,
                     None => write!(f, "the kernel refused the nf_tables transaction: {reason}")?,
                 }
-                if r.errno == nix::errno::Errno::EPERM {
+                if r.errno == nix::errno::Errno::EPERM && r.op.is_none() {
                     write!(f, "; CAP_NET_ADMIN is needed in the network namespace")?;
+                } else if r.errno == nix::errno::Errno::EPERM {
+                    write!(
+                        f,
+                        "; the kernel refuses this without CAP_NET_ADMIN, and to anyone but the \
+                         owner of a table created with `flags owner` (another process holds it)"
+                    )?;
                 } else if !r.features.is_empty() {
                     write!(
                         f,

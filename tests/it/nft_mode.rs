@@ -548,3 +548,76 @@ fn a_rerun_from_tproxy_to_redirect_deletes_the_mangle_table_in_the_same_transact
     assert!(!after.contains("istio-proxy-mangle"), "{after}");
     assert_eq!(ours(&after), want);
 }
+
+/// A failure inside the transaction, through the binary: another process holds
+/// `inet istio-proxy-raw` as its owner (`nft -i` with `flags owner`; the kernel deletes such a
+/// table when its owner's socket closes), so the kernel refuses the delete that a re-run's
+/// transaction starts with. The whole transaction is refused: the nat and mangle tables of the
+/// first run stay byte for byte, the error names the refused command on one line, and once the
+/// owner is gone the same run succeeds.
+#[test]
+fn a_refused_command_anywhere_leaves_every_table_as_it_was() {
+    if !ready("a_refused_command_anywhere_leaves_every_table_as_it_was") {
+        return;
+    }
+    let tmp = TempDir::new("nftown");
+    let resolv = tmp.file(
+        "resolv.conf",
+        "nameserver 198.18.0.53\nnameserver 2001:db8::53\n",
+    );
+    let args = sidecar(&resolv, true);
+    let (_, full) = reference("nftownref", &args);
+    let ns = pod("nftown");
+    assert_ok(&run_istio_init(&ns, &args, &[]));
+    assert_eq!(nft_state(&ns), full);
+    ns.ok(&["nft", "delete", "table", "inet", "istio-proxy-raw"]);
+    // The owner: an interactive nft that keeps its netlink socket open until its stdin closes.
+    let mut owner = ns
+        .cmd(&["nft", "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nft -i");
+    {
+        use std::io::Write;
+        let stdin = owner.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(b"add table inet istio-proxy-raw { flags owner; }\n")
+            .expect("writing to nft -i");
+        stdin.flush().expect("flush");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !nft_state(&ns).rules.contains("flags owner") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nft -i made no owned table"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A re-run with another configuration (its nat rules differ), refused at the raw table.
+    let changed = with(&args, "--envoy-port=15009");
+    let line = refused(&ns, &changed);
+    assert!(
+        line.contains(
+            "the kernel refused `add table inet istio-proxy-raw; delete table inet istio-proxy-raw`"
+        ) && line.contains("EPERM")
+            && line.contains("flags owner")
+            && line.ends_with("nothing was applied"),
+        "{line}"
+    );
+    drop(owner.stdin.take());
+    assert!(owner.wait().expect("nft -i").success());
+    assert_ok(&run_istio_init(&ns, &changed, &[]));
+    let after = nft_state(&ns);
+    assert!(
+        after.rules.contains("redirect to :15009"),
+        "{}",
+        after.rules
+    );
+    assert!(
+        after.rules.contains("table inet istio-proxy-raw {"),
+        "{}",
+        after.rules
+    );
+}
