@@ -16,8 +16,8 @@
 //! knows the kernel took the whole batch.
 
 use netlink_packet_core::{
-    DefaultNla, Emitable, ErrorBuffer, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
-    NLM_F_REQUEST, NLMSG_ERROR, NetlinkBuffer,
+    DefaultNla, Emitable, ErrorBuffer, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_APPEND,
+    NLM_F_CREATE, NLM_F_REQUEST, NLMSG_ERROR, NetlinkBuffer, Nla,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
@@ -250,10 +250,15 @@ impl Encoder {
                 for s in &stmts {
                     self.stmt(i, &r.table, s, &mut exprs);
                 }
+                // Each expression, then the list, written out once (see [`emitted`]).
+                let exprs = exprs
+                    .iter()
+                    .map(|e| ListAttribute::Other(emitted(e)))
+                    .collect();
                 let attributes = vec![
                     RuleAttribute::Table(r.table.clone()),
                     RuleAttribute::Chain(r.chain.clone()),
-                    RuleAttribute::Expressions(exprs),
+                    RuleAttribute::Other(emitted(&RuleAttribute::Expressions(exprs))),
                 ];
                 self.nft(
                     i,
@@ -655,6 +660,24 @@ fn raw_expr(name: &str, attributes: Vec<DefaultNla>) -> Expr {
         attributes,
     }
     .into()
+}
+
+/// An attribute written out once, kept as its bytes (kind and flags included). The crate's
+/// nested attributes measure themselves by walking their whole subtree, several times at every
+/// level of the message, so a rule's expressions as the crate types them cost time in
+/// proportion to their size times their depth (it was a third of this process's own CPU time
+/// on a pod start); as bytes they are measured and copied in constant time.
+fn emitted<N: Nla>(nla: &N) -> DefaultNla {
+    let mut value = vec![0; nla.value_len()];
+    nla.emit_value(&mut value);
+    let mut kind = nla.kind();
+    if nla.is_nested() {
+        kind |= NLA_F_NESTED;
+    }
+    if nla.is_network_byteorder() {
+        kind |= NLA_F_NET_BYTEORDER;
+    }
+    DefaultNla::new(kind, value)
 }
 
 fn u32_nla(kind: u16, value: u32) -> DefaultNla {
