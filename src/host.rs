@@ -89,7 +89,7 @@ pub fn decide_ipv6(cfg: &Config) -> Ipv6Decision {
             enabled: false,
             reason: format!("disabled by {source}"),
         },
-        Ipv6Mode::Auto => match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+        Ipv6Mode::Auto => match crate::sys::read_proc("/proc/thread-self/net/if_inet6") {
             Err(_) => Ipv6Decision {
                 enabled: false,
                 reason: "IPv6 is disabled in this kernel or namespace (no /proc/net/if_inet6)"

@@ -311,7 +311,7 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
             let limit =
                 cfg.restore_timeout + std::time::Duration::from_secs(cfg.xtables_wait.into());
             s.hold(guard::NetnsLock::acquire(limit)?);
-            caps::restrict(fw.capabilities())?;
+            caps::restrict(fw.capabilities(), !cfg.native_nftables)?;
         }
         let facts = gather_facts(cfg)?;
         if !programs {
@@ -461,7 +461,7 @@ fn log_resource_use() {
     if !log::log_enabled!(log::Level::Debug) {
         return;
     }
-    let peak = std::fs::read_to_string("/proc/self/status")
+    let peak = sys::read_proc("/proc/self/status")
         .ok()
         .and_then(|st| {
             st.lines()

@@ -62,16 +62,21 @@ pub fn preflight(needed: &[Capability], what: &str) -> anyhow::Result<()> {
 
 /// Drops every capability but `needed` from every set of the calling thread, and sets
 /// no-new-privs, so that the programs it spawns run with exactly those whatever their
-/// files say. The bounding set can only shrink with `CAP_SETPCAP`; without it, no-new-privs
-/// still keeps children from gaining more than the permitted set.
-pub fn restrict(needed: &[Capability]) -> anyhow::Result<()> {
+/// files say: with no-new-privs an `exec` never gains a capability beyond the permitted set.
+/// With `bounding`, the bounding set is narrowed too (one `prctl` per capability, which the
+/// iptables mode's tests read back in its restores); the nftables mode, whose install starts
+/// no program, leaves it to no-new-privs. The bounding set can only shrink with
+/// `CAP_SETPCAP`; without it, no-new-privs alone keeps children within the permitted set.
+pub fn restrict(needed: &[Capability], bounding: bool) -> anyhow::Result<()> {
     let needed: CapsHashSet = needed.iter().copied().collect();
     let permitted =
         caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
     let keep: CapsHashSet = needed.intersection(&permitted).copied().collect();
     let effective =
         caps::read(None, CapSet::Effective).context("reading the effective capabilities")?;
-    if effective.contains(&Capability::CAP_SETPCAP) {
+    if !bounding {
+        // See above: no-new-privs bounds every exec of this thread.
+    } else if effective.contains(&Capability::CAP_SETPCAP) {
         // Dropping a capability the set does not hold succeeds, so there is no need to read
         // the set first (one prctl per capability instead of two).
         for c in caps::all().into_iter().filter(|c| !needed.contains(c)) {

@@ -200,7 +200,7 @@ pub struct SignalState {
 /// One read of `/proc/thread-self/status` (nix has no `sigpending`): the pending masks
 /// (`ShdPnd`, `SigPnd`) and the ignored one (`SigIgn`).
 pub fn signal_state() -> SignalState {
-    let Ok(text) = std::fs::read_to_string("/proc/thread-self/status") else {
+    let Ok(text) = super::read_proc("/proc/thread-self/status") else {
         return SignalState::default();
     };
     let mask = |keys: &[&str]| {

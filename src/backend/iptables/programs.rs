@@ -330,7 +330,7 @@ impl Programs for System {
             Family::V6 => "ip6_tables_names",
         };
         // thread-self: the namespace of this thread, which may have entered another one.
-        std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+        crate::sys::read_proc(&format!("/proc/thread-self/net/{file}"))
             .map(|t| t.split_whitespace().map(str::to_owned).collect())
             .unwrap_or_default()
     }
