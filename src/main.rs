@@ -32,6 +32,7 @@ extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
 /// line could then land in a netlink socket): each closed one is pointed at `/dev/null`, as
 /// std's runtime start does. One `poll` when all three are open, which they are in a pod.
 fn standard_descriptors() {
+    use nix::fcntl::FdFlag;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
     let mut fds = [
@@ -48,12 +49,15 @@ fn standard_descriptors() {
             .is_some_and(|r| r.contains(PollFlags::POLLNVAL))
         {
             // The lowest free descriptor is the closed one (they are checked in order).
+            // Without close-on-exec (std opens with it), so that a program istio-init
+            // starts or becomes inherits it as its own standard descriptor.
             if let Ok(null) = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/null")
             {
-                let _ = null.into_raw_fd();
+                let fd = null.into_raw_fd();
+                let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(FdFlag::empty()));
             }
         }
     }

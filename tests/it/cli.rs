@@ -69,3 +69,86 @@ fn dry_run_with_netns_reads_the_target_namespace() {
         assert!(!ns.ok(&["iptables-save"]).contains("ISTIO"));
     }
 }
+
+/// The binary starts at glibc's `main`, not std's runtime start (src/main.rs), so it checks
+/// the standard descriptors itself: started with all three closed, a real nftables-mode run
+/// has `/dev/null` on 0, 1 and 2 (seen while it waits for the namespace lock the test holds;
+/// unchecked, the namespace file and the sockets it opens would take them, and its log lines
+/// would be written there), then applies exactly the rules it applies normally.
+#[test]
+fn a_run_with_its_standard_descriptors_closed_has_dev_null_on_them() {
+    use crate::faults::{istio_init_cmd, pod, resolv_dir};
+    use crate::nft_mode::{nft_state, ready, reference, sidecar};
+    use std::time::{Duration, Instant};
+    if !ready("a_run_with_its_standard_descriptors_closed") {
+        return;
+    }
+    let (_dir, resolv) = resolv_dir("closedfds");
+    let args = sidecar(&resolv, true);
+    let (_, full) = reference("fdsref", &args);
+    let ns = pod("fdsclosed");
+    // The namespace lock, held as another run holds it (its abstract socket bound in the
+    // namespace), but close-on-exec so that the process under test does not inherit it.
+    let lock = crate::util::in_netns(&ns, || {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+        let name = istio_init::sys::guard::LOCK_NAME;
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
+        bind(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).unwrap();
+        sock
+    });
+    // The command the tests run istio-init with, through a shell that closes 0, 1 and 2.
+    let cmd = istio_init_cmd(&ns, &args, &[]);
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$@\" <&- >&- 2>&-")
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .spawn()
+        .expect("running istio-init with closed descriptors");
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{}/fd/{n}", child.id())).ok();
+    // istio-init waiting for the lock (the shell has become istio-init, and its namespace
+    // file and lock socket are open: descriptors 3 and 4).
+    // Whether a descriptor is close-on-exec (`flags:` of fdinfo, octal; O_CLOEXEC 02000000).
+    let cloexec = |n: u32| {
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{n}", child.id()));
+        info.ok().and_then(|i| {
+            let flags = i.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            Some(u32::from_str_radix(flags.trim(), 8).ok()? & 0o2_000_000 != 0)
+        })
+    };
+    let started = Instant::now();
+    let (mut seen, mut inherited);
+    loop {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", child.id())).ok();
+        seen = [fd(0), fd(1), fd(2), fd(3), fd(4)];
+        inherited = (0..3).map(cloexec).collect::<Vec<_>>();
+        let waiting = exe.is_some_and(|e| e.ends_with("istio-init")) && seen[4].is_some();
+        if waiting || started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(lock);
+    let status = child.wait().expect("waiting for istio-init");
+    for (n, link) in seen.iter().take(3).enumerate() {
+        assert_eq!(
+            link.as_deref(),
+            Some(std::path::Path::new("/dev/null")),
+            "descriptor {n}: {seen:?}"
+        );
+    }
+    // Not close-on-exec: a program istio-init starts or becomes inherits them.
+    assert_eq!(inherited, [Some(false); 3], "{seen:?}");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(nft_state(&ns), full);
+}
