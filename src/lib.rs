@@ -362,7 +362,10 @@ fn install(
     other: &dyn Firewall,
     facts: &Facts,
 ) -> anyhow::Result<()> {
-    let found = other.inspect()?;
+    // One dump of the nf_tables tables for the whole run: the coexistence check and the
+    // backend read it (the namespace lock keeps other istio-init runs out meanwhile).
+    let tables = netlink::tables::list(None)?;
+    let found = other.inspect(&tables)?;
     if !found.what.is_empty() && !cfg.reconcile {
         anyhow::bail!(
             "this network namespace holds the {} mode's Istio rules ({}): with the {} rules both \
@@ -383,6 +386,7 @@ fn install(
     let installed = fw.install(
         &capture,
         &mut Install {
+            tables: &tables,
             rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
             at_commit: &mut || {
                 log_summary(cfg, facts);

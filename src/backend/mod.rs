@@ -9,9 +9,13 @@ pub mod iptables;
 pub mod nftables;
 
 use crate::capture::Capture;
+use crate::netlink::tables::Table;
 
-/// What an install is allowed to do beyond writing the rules.
+/// What an install is allowed to do beyond writing the rules, and what it may take as read.
 pub struct Install<'a> {
+    /// The namespace's nf_tables tables, listed once per run (see `lib.rs`'s `install`) and
+    /// unchanged since: the coexistence check and the backend read the same snapshot.
+    pub tables: &'a [Table],
     /// Nothing is left to do after the rules (no routes, no validation, no other namespace to
     /// return from): the backend may hand the process over to the program that applies them.
     pub rules_only: bool,
@@ -25,6 +29,7 @@ pub struct Install<'a> {
 impl std::fmt::Debug for Install<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Install")
+            .field("tables", &self.tables)
             .field("rules_only", &self.rules_only)
             .finish_non_exhaustive()
     }
@@ -54,6 +59,6 @@ pub trait Firewall: Sync {
     /// Removes what any istio-init run may have installed with this backend; `capture` is the
     /// current configuration's, for rules in built-in chains.
     fn remove(&self, capture: &Capture) -> anyhow::Result<()>;
-    /// This backend's capture, if present.
-    fn inspect(&self) -> anyhow::Result<Found>;
+    /// This backend's capture, if present; `tables` is the namespace's nf_tables tables.
+    fn inspect(&self, tables: &[Table]) -> anyhow::Result<Found>;
 }

@@ -1,7 +1,7 @@
 //! The handover: on a fresh namespace where a single `iptables-nft-restore --noflush` does all
 //! the work, istio-init becomes that program (`exec`) instead of starting it and waiting.
 //!
-//! Effects: one `NETLINK_NETFILTER` socket (a dump of the nf_tables tables of one family),
+//! Effects: reads the run's dump of the nf_tables tables (handed over, never re-dumped) and
 //! reads `/proc/thread-self/net/ip{,6}_tables_names`, a pipe (or, past a page, an anonymous
 //! in-memory file) for the input, `alarm`, and `execve`.
 //!
@@ -74,6 +74,7 @@ pub fn handover(
     opts: &Options,
     rulesets: &[Ruleset],
     plain: Plain,
+    nf_tables: &[tables::Table],
     timeout: Duration,
 ) -> Option<Handover> {
     let why_not = |why: &str| {
@@ -100,10 +101,14 @@ pub fn handover(
     if !sys.legacy_tables(family).is_empty() {
         return why_not("legacy tables exist");
     }
-    match tables::list(Some(family)).map(|t| t.len()) {
-        Ok(0) => {}
-        Ok(n) => return why_not(&format!("nf_tables already holds {n} {family} tables")),
-        Err(e) => return why_not(&format!("{e:#}")),
+    let family_tables = nf_tables
+        .iter()
+        .filter(|t| t.family == tables::nfproto(family))
+        .count();
+    if family_tables > 0 {
+        return why_not(&format!(
+            "nf_tables already holds {family_tables} {family} tables"
+        ));
     }
     let program = match sys.tool(family, IptablesVariant::Nft, "restore") {
         Ok(p) => p,

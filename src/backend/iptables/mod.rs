@@ -130,6 +130,7 @@ impl crate::backend::Firewall for Iptables {
             &self.options,
             &rulesets,
             plain,
+            how.tables,
             self.timeout,
         ) {
             (how.before_handover)();
@@ -143,10 +144,10 @@ impl crate::backend::Firewall for Iptables {
         cleanup(&self.programs, &capture.rulesets())
     }
 
-    fn inspect(&self) -> anyhow::Result<Found> {
+    fn inspect(&self, nf_tables: &[tables::Table]) -> anyhow::Result<Found> {
         let mut found = Found::default();
         // iptables-nft: its ISTIO_* chains are read over netlink (no program runs).
-        for t in tables::list(None).context("listing nf_tables tables")? {
+        for t in nf_tables {
             let word = match t.family {
                 NetfilterProtoFamily::IPv4 => "ip",
                 NetfilterProtoFamily::IPv6 => "ip6",

@@ -3,7 +3,8 @@
 //! one kernel transaction across every table and both families, no program run, only
 //! `CAP_NET_ADMIN`.
 //!
-//! Effects: `NETLINK_NETFILTER` sockets (a dump of the tables and chains, then the batch);
+//! Effects: `NETLINK_NETFILTER` sockets (the batch; an install reads the run's one dump of the
+//! tables, handed over in [`Install`], and a removal dumps them itself);
 //! reads `/proc/thread-self/net/ip{,6}_tables_names` for the coexistence check.
 //!
 //! Design: `docs/design.md`, "The nftables backend".
@@ -16,7 +17,8 @@ use netlink_packet_netfilter::NetfilterProtoFamily;
 use crate::backend::{Firewall, Found, Install};
 use crate::capture::Capture;
 use crate::net::Family;
-use crate::netlink::{nftables as wire, tables};
+use crate::netlink::nftables as wire;
+use crate::netlink::tables::{self, Table};
 use crate::nft::{self, Op, Transaction};
 
 /// The nftables backend.
@@ -26,14 +28,20 @@ pub struct Nftables {
     pub group: fn(&str) -> Option<u32>,
 }
 
+/// This backend's tables among `tables` (the namespace's nf_tables tables).
+pub fn ours(tables: &[Table]) -> Vec<String> {
+    tables
+        .iter()
+        .filter(|t| t.family == NetfilterProtoFamily::Inet && map::is_ours(&t.name))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
 /// This backend's tables present in the current network namespace.
 pub fn present() -> anyhow::Result<Vec<String>> {
-    Ok(tables::list(None)
-        .context("listing nf_tables tables")?
-        .into_iter()
-        .filter(|t| t.family == NetfilterProtoFamily::Inet && map::is_ours(&t.name))
-        .map(|t| t.name)
-        .collect())
+    Ok(ours(
+        &tables::list(None).context("listing nf_tables tables")?,
+    ))
 }
 
 /// Deletes these tables of this backend in one transaction.
@@ -89,7 +97,7 @@ impl Firewall for Nftables {
     }
 
     fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
-        let present = present()?;
+        let present = ours(how.tables);
         let tx = map::transaction(capture, &present, &self.group)
             .map_err(|map::UnknownGroup(g)| anyhow!("owner group {g:?} does not resolve"))?;
         let summary = counts(capture, &tx);
@@ -120,9 +128,9 @@ impl Firewall for Nftables {
         Ok(())
     }
 
-    fn inspect(&self) -> anyhow::Result<Found> {
+    fn inspect(&self, tables: &[Table]) -> anyhow::Result<Found> {
         Ok(Found {
-            what: present()?
+            what: ours(tables)
                 .into_iter()
                 .map(|t| format!("inet {t}"))
                 .collect(),
