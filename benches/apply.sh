@@ -1,9 +1,14 @@
 #!/bin/sh
 # Apply benchmark, one command, as root: builds the static release binary (what the image
-# ships: +crt-static needs the explicit target, see house style) and runs benches/apply.rs,
-# which interleaves istio-init and a bare iptables-nft-restore on fresh namespaces.
+# ships, scripts/build-static.sh) and runs benches/apply.rs against it, which interleaves
+# istio-init and a bare iptables-nft-restore on fresh namespaces.
 #   benches/apply.sh                 # 200 rounds
 #   BENCH_ROUNDS=1000 benches/apply.sh
+#   BENCH_MODE=nftables benches/apply.sh
+# The binary is the release build itself, not the one `cargo bench` would build for the
+# bench profile: that one's symbol names differ, so link/hot-symbols.txt would not lay it out.
 set -eu
 cd "$(dirname "$0")/.."
+bin=$(scripts/build-static.sh | tail -n1)
+ISTIO_INIT_BIN="${ISTIO_INIT_BIN:-$PWD/$bin}" \
 RUSTFLAGS='-C target-feature=+crt-static' exec cargo bench --target x86_64-unknown-linux-gnu --bench apply
