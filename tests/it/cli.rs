@@ -152,3 +152,27 @@ fn a_run_with_its_standard_descriptors_closed_has_dev_null_on_them() {
     assert!(status.success(), "{status:?}");
     assert_eq!(nft_state(&ns), full);
 }
+
+/// `SIGPIPE` is ignored (src/main.rs does what std's runtime start would): a run whose
+/// stderr is a pipe nobody reads any more loses its log lines but still applies its rules
+/// and exits 0, instead of dying of `SIGPIPE` at its first log line.
+#[test]
+fn a_run_whose_log_pipe_is_closed_still_applies_its_rules() {
+    use crate::faults::{istio_init_cmd, pod, resolv_dir};
+    use crate::nft_mode::{nft_state, ready, reference, sidecar};
+    if !ready("a_run_whose_log_pipe_is_closed") {
+        return;
+    }
+    let (_dir, resolv) = resolv_dir("closedpipe");
+    let args = sidecar(&resolv, true);
+    let (_, full) = reference("piperef", &args);
+    let ns = pod("pipeclosed");
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let status = istio_init_cmd(&ns, &args, &[])
+        .stderr(std::process::Stdio::from(write))
+        .status()
+        .expect("running istio-init");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(nft_state(&ns), full);
+}

@@ -21,7 +21,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::util::{
-    Netns, ShimDir, assert_ok, bin, blocked_signals, error_line, mask, privileged, stderr, which,
+    Netns, ShimDir, assert_ok, bin, blocked_signals, error_line, ignored_signals, mask, privileged,
+    stderr, which,
 };
 
 // ---- Fixtures ----
@@ -1242,11 +1243,18 @@ fn restores_run_in_their_own_process_group_and_only_held_ones_leave_sighup_unblo
             .iter()
             .map(|p| (blocked_signals(p), stat_fields(p).expect("running")))
             .collect();
+        // istio-init ignores SIGPIPE (a restore that exits unread fails its write, it does
+        // not end the run); the restores get it back at its default.
+        let pipe = mask(&[Signal::SIGPIPE]);
+        let ignored: Vec<u64> = sleepers.iter().map(|p| ignored_signals(p) & pipe).collect();
+        let own_ignored = ignored_signals(&istio_pid) & pipe;
         for p in &sleepers {
             kill(Pid::from_raw(p.parse().unwrap()), Signal::SIGKILL).unwrap();
         }
         let o = child.wait_with_output().unwrap();
 
+        assert_eq!(own_ignored, pipe, "istio-init does not ignore SIGPIPE");
+        assert!(ignored.iter().all(|i| *i == 0), "a restore ignores SIGPIPE");
         for (blocked, fields) in &seen {
             assert_eq!(*blocked, want_blocked, "ipv6={ipv6}: {blocked:x}");
             assert_ne!(fields[2], istio_pid, "in istio-init's process group");

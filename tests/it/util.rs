@@ -527,12 +527,21 @@ impl Drop for ShimDir {
 
 /// The signals a process blocks (`SigBlk` of `/proc/PID/status`).
 pub fn blocked_signals(pid: &str) -> u64 {
+    status_mask(pid, "SigBlk:")
+}
+
+/// The signals process `pid` ignores (`SigIgn` of its status).
+pub fn ignored_signals(pid: &str) -> u64 {
+    status_mask(pid, "SigIgn:")
+}
+
+fn status_mask(pid: &str, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .find_map(|l| l.strip_prefix(key))
         .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-        .expect("SigBlk")
+        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
 }
 
 /// `signals` as a kernel signal mask.
