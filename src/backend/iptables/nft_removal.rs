@@ -7,7 +7,7 @@
 //! chains from foreign ones, `iptables-nft-restore` of scratch chains, deleted again at once),
 //! and dumps the rules of the chains concerned over `NETLINK_NETFILTER`. Changes no rule.
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 
 use super::state::{self, TableCleanup};
 use super::{Programs, delete_scratch, read_ours, scratch_names};
@@ -54,7 +54,7 @@ pub fn batched(
         let mine = scratch_names();
         for plan in state::cleanup_plan(&live, &canon) {
             let (ops, what) = table_ops(family, &live, &plan, &|c| mine.owns(c))
-                .with_context(|| format!("{family}: nothing was changed"))?;
+                .map_err(|e| anyhow!("{family}: {e:#}; nothing was changed"))?;
             out.ops.extend(ops);
             out.what.push(what);
         }
