@@ -27,7 +27,7 @@ use anyhow::Context;
 use crate::backend::iptables as apply;
 use crate::backend::iptables::Iptables;
 use crate::backend::nftables::Nftables;
-use crate::backend::{Firewall, Install};
+use crate::backend::{Batched, Firewall, Install};
 use crate::capture::{Capture, Facts, Ruleset};
 use crate::exit::UsageError;
 use crate::settings::annotations::PodSettings;
@@ -355,7 +355,9 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
 /// Routes and rules: the routing is read and checked before the backend starts, and only the
 /// additions are left for the last moment before the rules; a failed install removes the
 /// routes this run added. The other mode's rules would capture traffic too: found, they stop
-/// the run, or with `--reconcile` are removed once the new rules are in place.
+/// the run, or with `--reconcile` are removed: in the new rules' own transaction where both
+/// are nf_tables objects (the nftables mode replacing iptables-nft rules), otherwise once the
+/// new rules are in place.
 fn install(
     cfg: &Config,
     fw: &dyn Firewall,
@@ -377,6 +379,18 @@ fn install(
         );
     }
     let capture = capture::build(cfg, facts);
+    // What of the other mode's rules can go in the new rules' own transaction (the iptables
+    // mode's iptables-nft rules, for the nftables mode): decided before anything changes.
+    let batched = if found.what.is_empty() {
+        Batched::default()
+    } else {
+        other.batched_removal(&capture, &tables).with_context(|| {
+            format!(
+                "preparing the removal of the {} mode's rules (--reconcile)",
+                other.name()
+            )
+        })?
+    };
     let plan = netlink::route::RoutePlan::new(cfg, facts);
     let mut routes = Some(netlink::route::prepare(&plan).context("configuring TPROXY routing")?);
     let mut added: Option<netlink::route::Added> = None;
@@ -402,6 +416,7 @@ fn install(
                 fw.log_plan(&capture);
                 log_resource_use();
             },
+            also_remove: &batched,
         },
     );
     if !logged {
@@ -416,7 +431,14 @@ fn install(
         added.undo();
     }
     installed?;
-    if !found.what.is_empty() {
+    if !found.what.is_empty() && batched.complete {
+        log::info!(
+            "--reconcile: removed the {} mode's rules ({}) in the {} transaction",
+            other.name(),
+            found.what.join(", "),
+            fw.name()
+        );
+    } else if !found.what.is_empty() {
         other
             .remove(&capture)
             .with_context(|| format!("removing the {} mode's rules (--reconcile)", other.name()))?;

@@ -10,6 +10,7 @@ pub mod nftables;
 
 use crate::capture::Capture;
 use crate::netlink::tables::Table;
+use crate::nft::Op;
 
 /// What an install is allowed to do beyond writing the rules, and what it may take as read.
 pub struct Install<'a> {
@@ -24,6 +25,10 @@ pub struct Install<'a> {
     pub at_commit: &'a mut dyn FnMut() -> anyhow::Result<()>,
     /// Called just before a hand-over, which does not return.
     pub before_handover: &'a dyn Fn(),
+    /// The other mode's rules to remove in the same nf_tables transaction (`--reconcile`):
+    /// only the nftables backend has one, and only the iptables mode's rules have any (see
+    /// [`Firewall::batched_removal`]); empty otherwise.
+    pub also_remove: &'a Batched,
 }
 
 impl std::fmt::Debug for Install<'_> {
@@ -31,6 +36,7 @@ impl std::fmt::Debug for Install<'_> {
         f.debug_struct("Install")
             .field("tables", &self.tables)
             .field("rules_only", &self.rules_only)
+            .field("also_remove", &self.also_remove)
             .finish_non_exhaustive()
     }
 }
@@ -40,6 +46,20 @@ impl std::fmt::Debug for Install<'_> {
 pub struct Found {
     /// What was found, for a message (`ISTIO_OUTPUT in ip nat`, `inet istio-proxy-nat`).
     pub what: Vec<String>,
+}
+
+/// The part of a mode's rules that are nf_tables objects, as operations for another
+/// backend's nf_tables transaction: removed in the same kernel transaction that adds the new
+/// rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batched {
+    /// The operations, in order (rules, then chains flushed, then chains deleted).
+    pub ops: Vec<Op>,
+    /// What they remove, for the log (`ip nat: 3 rules in OUTPUT, PREROUTING; 4 chains`).
+    pub what: Vec<String>,
+    /// Whether nothing of the mode's rules is left after them (otherwise
+    /// [`Firewall::remove`] still runs after the install).
+    pub complete: bool,
 }
 
 /// A firewall backend.
@@ -61,4 +81,11 @@ pub trait Firewall: Sync {
     fn remove(&self, capture: &Capture) -> anyhow::Result<()>;
     /// This backend's capture, if present; `tables` is the namespace's nf_tables tables.
     fn inspect(&self, tables: &[Table]) -> anyhow::Result<Found>;
+    /// For `--reconcile` by the other (nftables) backend: this backend's rules that are
+    /// nf_tables objects, as operations to put into that backend's transaction. Reads only;
+    /// fails, before anything changes, when they cannot be told from foreign rules. By
+    /// default nothing: the removal is [`Firewall::remove`], after the install.
+    fn batched_removal(&self, _capture: &Capture, _tables: &[Table]) -> anyhow::Result<Batched> {
+        Ok(Batched::default())
+    }
 }

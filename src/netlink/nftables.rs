@@ -196,14 +196,19 @@ impl Encoder {
         self.put(kind, NetfilterProtoFamily::Unspec, subsys, c, NLM_F_REQUEST);
     }
 
-    /// One nf_tables message of op `op`.
+    /// One nf_tables message of op `op`, on this backend's `inet` tables.
     fn nft(&mut self, op: usize, m: NfTablesMessage, flags: u16) {
+        self.nft_in(op, NetfilterProtoFamily::Inet, m, flags);
+    }
+
+    /// One nf_tables message of op `op`, on a table of `family`.
+    fn nft_in(&mut self, op: usize, family: NetfilterProtoFamily, m: NfTablesMessage, flags: u16) {
         let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
         let kind = subsys << 8 | u16::from(u8::from(m.message_type()));
         self.seqs.push((self.seq, op));
         self.last_offset = Some(self.bytes.len());
         let flags = NLM_F_REQUEST | flags;
-        self.put(kind, NetfilterProtoFamily::Inet, 0, m, flags);
+        self.put(kind, family, 0, m, flags);
     }
 
     fn new_table(&mut self, op: usize, name: &str) {
@@ -265,6 +270,33 @@ impl Encoder {
                     NfTablesMessage::NewRule(RuleMessage { attributes }),
                     NLM_F_CREATE | NLM_F_APPEND,
                 );
+            }
+            // As nft encodes `delete rule … handle N` and `flush chain …` (a DELRULE without
+            // a handle deletes every rule of the chain) and `delete chain …`.
+            Op::DeleteRule(c, handle) => {
+                let attributes = vec![
+                    RuleAttribute::Table(c.table.clone()),
+                    RuleAttribute::Chain(c.chain.clone()),
+                    RuleAttribute::Handle(*handle),
+                ];
+                let m = NfTablesMessage::DeleteRule(RuleMessage { attributes });
+                self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
+            }
+            Op::FlushChain(c) => {
+                let attributes = vec![
+                    RuleAttribute::Table(c.table.clone()),
+                    RuleAttribute::Chain(c.chain.clone()),
+                ];
+                let m = NfTablesMessage::DeleteRule(RuleMessage { attributes });
+                self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
+            }
+            Op::DeleteChain(c) => {
+                let attributes = vec![
+                    ChainAttribute::Table(c.table.clone()),
+                    ChainAttribute::Name(c.chain.clone()),
+                ];
+                let m = NfTablesMessage::DeleteChain(ChainMessage { attributes });
+                self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
             }
         }
         Ok(())
@@ -1046,5 +1078,58 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn removals_in_iptables_nft_tables_are_encoded_as_nft_encodes_them() {
+        use crate::nft::ChainRef;
+        let at = |chain: &str| ChainRef {
+            family: Family::V4,
+            table: "nat".into(),
+            chain: chain.into(),
+        };
+        let b = encode(&Transaction {
+            ops: vec![
+                Op::DeleteRule(at("OUTPUT"), 3),
+                Op::FlushChain(at("ISTIO_X")),
+                Op::DeleteChain(at("ISTIO_X")),
+            ],
+        })
+        .unwrap();
+        // nft 1.0.6's batch for `delete rule ip nat OUTPUT handle 3; flush chain ip nat
+        // ISTIO_X; delete chain ip nat ISTIO_X` (strace): per message, its type and what
+        // follows the netlink header (struct nfgenmsg: AF_INET, then the attributes).
+        let nfgen = [2, 0, 0, 0];
+        let nat = [8, 0, 1, 0, b'n', b'a', b't', 0];
+        let want: [(u16, Vec<u8>); 3] = [
+            (
+                0x0a08,
+                [
+                    &nfgen[..],
+                    &nat,
+                    &[11, 0, 2, 0, b'O', b'U', b'T', b'P', b'U', b'T', 0, 0],
+                    &[12, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 3],
+                ]
+                .concat(),
+            ),
+            (
+                0x0a08,
+                [&nfgen[..], &nat, &[12, 0, 2, 0], b"ISTIO_X\0"].concat(),
+            ),
+            (
+                0x0a05,
+                [&nfgen[..], &nat, &[12, 0, 3, 0], b"ISTIO_X\0"].concat(),
+            ),
+        ];
+        let mut off = 0;
+        let mut got = Vec::new();
+        while off < b.bytes().len() {
+            let m = NetlinkBuffer::new(&b.bytes()[off..]);
+            let len = m.length() as usize;
+            got.push((m.message_type(), b.bytes()[off + 16..off + len].to_vec()));
+            off += len;
+        }
+        assert_eq!(got.len(), 5, "begin, three messages, end");
+        assert_eq!(got[1..4], want);
     }
 }

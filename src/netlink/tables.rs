@@ -7,7 +7,9 @@
 use anyhow::anyhow;
 use netlink_packet_core::{DecodeError, Emitable, NetlinkSerializable, Parseable};
 use netlink_packet_netfilter::nftables::{
-    ChainAttribute, ChainMessage, NfTablesMessage, TableAttribute, TableMessage,
+    ChainAttribute, ChainMessage, DataAttribute, ExpressionAttribute, Expressions, Immediate,
+    ListAttribute, NfTablesMessage, RuleAttribute, RuleMessage, TableAttribute, TableMessage,
+    VerdictAttribute,
 };
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use nix::libc::NFNETLINK_V0;
@@ -57,6 +59,18 @@ impl Attributes for ChainMessage {
     }
     fn empty() -> Self {
         ChainMessage {
+            attributes: Vec::new(),
+        }
+    }
+}
+
+impl Attributes for RuleMessage {
+    type Nla = RuleAttribute;
+    fn attributes(&self) -> &[RuleAttribute] {
+        &self.attributes
+    }
+    fn empty() -> Self {
+        RuleMessage {
             attributes: Vec::new(),
         }
     }
@@ -173,6 +187,86 @@ pub fn chains(family: NetfilterProtoFamily, table: &str) -> anyhow::Result<Vec<S
             })
         })
         .collect())
+}
+
+/// One rule of a chain, as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Its handle (what `delete rule … handle N` names).
+    pub handle: u64,
+    /// The chain it jumps or goes to, if its verdict is one.
+    pub jump: Option<String>,
+}
+
+/// The chain a rule's immediate verdict names (`jump`/`goto` CHAIN), if any.
+fn verdict_chain(attributes: &[RuleAttribute]) -> Option<String> {
+    let exprs = attributes.iter().find_map(|a| match a {
+        RuleAttribute::Expressions(list) => Some(list),
+        _ => None,
+    })?;
+    exprs
+        .iter()
+        .filter_map(|e| match e {
+            ListAttribute::Element(attrs) => Some(attrs),
+            _ => None,
+        })
+        .flatten()
+        .find_map(|ea| match ea {
+            ExpressionAttribute::Data(Expressions::Immediate(imm)) => {
+                imm.iter().find_map(|i| match i {
+                    Immediate::Data(DataAttribute::Verdict(v)) => {
+                        v.iter().find_map(|va| match va {
+                            VerdictAttribute::Chain(c) => Some(c.clone()),
+                            _ => None,
+                        })
+                    }
+                    _ => None,
+                })
+            }
+            _ => None,
+        })
+}
+
+/// The rules of one chain (`family`, `table`, `chain`) in this thread's namespace, in the
+/// chain's order (the order the kernel evaluates them, and `iptables-save` prints them).
+pub fn rules(family: NetfilterProtoFamily, table: &str, chain: &str) -> anyhow::Result<Vec<Rule>> {
+    let only = RuleMessage {
+        attributes: vec![
+            RuleAttribute::Table(table.to_owned()),
+            RuleAttribute::Chain(chain.to_owned()),
+        ],
+    };
+    let mut nl = Socket::netfilter()?;
+    let answers = nl
+        .dump(
+            dump_request(NfTablesMessage::GetRule, family, only),
+            kind(NfTablesMessage::NewRule),
+        )
+        .map_err(|e| {
+            anyhow!("listing the rules of chain {chain} of nf_tables table {table}: {e}")
+        })?;
+    answers
+        .into_iter()
+        .filter(|b: &Body<RuleMessage>| {
+            let attrs = &b.object.attributes;
+            attrs.contains(&RuleAttribute::Table(table.to_owned()))
+                && attrs.contains(&RuleAttribute::Chain(chain.to_owned()))
+        })
+        .map(|b| {
+            let attrs = &b.object.attributes;
+            let handle = attrs
+                .iter()
+                .find_map(|a| match a {
+                    RuleAttribute::Handle(h) => Some(*h),
+                    _ => None,
+                })
+                .ok_or_else(|| anyhow!("a rule of chain {chain} of table {table} has no handle"))?;
+            Ok(Rule {
+                handle,
+                jump: verdict_chain(attrs),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

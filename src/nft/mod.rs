@@ -34,6 +34,33 @@ pub enum Op {
     AddChain(Chain),
     /// `add rule inet TABLE CHAIN STATEMENTS`: appended to the chain.
     AddRule(Rule),
+    /// `delete rule FAMILY TABLE CHAIN handle N`, in another program's table (iptables-nft's:
+    /// family `ip` or `ip6`): `--reconcile` removing the iptables mode's rules.
+    DeleteRule(ChainRef, u64),
+    /// `flush chain FAMILY TABLE CHAIN`: deletes every rule of the chain.
+    FlushChain(ChainRef),
+    /// `delete chain FAMILY TABLE CHAIN` (empty and no longer jumped to, by then).
+    DeleteChain(ChainRef),
+}
+
+/// A chain of an iptables-nft table (family `ip` or `ip6`, not this backend's `inet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainRef {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+}
+
+impl std::fmt::Display for ChainRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {}",
+            family_word(self.family),
+            self.table,
+            self.chain
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,6 +416,9 @@ fn check_op(op: &Op) -> Result<(), String> {
     match op {
         Op::DeleteTable(t) | Op::AddTable(t) => check_name(t),
         Op::AddChain(c) => check_name(&c.table).and_then(|()| check_name(&c.name)),
+        Op::DeleteRule(c, _) | Op::FlushChain(c) | Op::DeleteChain(c) => {
+            check_name(&c.table).and_then(|()| check_name(&c.chain))
+        }
         Op::AddRule(r) => {
             check_name(&r.table)?;
             check_name(&r.chain)?;
@@ -476,6 +506,9 @@ pub fn render_op(op: &Op) -> String {
             r.chain,
             render_stmts(&r.stmts)
         ),
+        Op::DeleteRule(c, handle) => format!("delete rule {c} handle {handle}"),
+        Op::FlushChain(c) => format!("flush chain {c}"),
+        Op::DeleteChain(c) => format!("delete chain {c}"),
     }
 }
 
@@ -777,5 +810,31 @@ mod tests {
              add rule inet t c oifname \"lo\" tcp dport != { 53, 1000-2000 } \
              ip daddr 10.96.0.0/12 ct state established,related counter jump d\n"
         );
+    }
+
+    #[test]
+    fn removals_in_iptables_nft_tables_render_as_nft_commands() {
+        let at = |family, chain: &str| ChainRef {
+            family,
+            table: "nat".into(),
+            chain: chain.into(),
+        };
+        let tx = Transaction {
+            ops: vec![
+                Op::DeleteRule(at(Family::V4, "OUTPUT"), 7),
+                Op::FlushChain(at(Family::V6, "ISTIO_OUTPUT")),
+                Op::DeleteChain(at(Family::V6, "ISTIO_OUTPUT")),
+            ],
+        };
+        assert_eq!(
+            render(&tx),
+            "delete rule ip nat OUTPUT handle 7\nflush chain ip6 nat ISTIO_OUTPUT\n\
+             delete chain ip6 nat ISTIO_OUTPUT\n"
+        );
+        assert!(validate(&tx).is_ok());
+        let bad = Transaction {
+            ops: vec![Op::FlushChain(at(Family::V4, "a b"))],
+        };
+        assert!(validate(&bad).is_err());
     }
 }

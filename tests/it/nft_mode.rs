@@ -345,9 +345,33 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
         "{want_nft}"
     );
 
-    // (a) The iptables mode's rules, then nftables: refused, untouched; --reconcile replaces.
+    // (a) The iptables mode's rules, then nftables: refused, untouched; --reconcile replaces
+    // them in the nftables mode's own transaction. Foreign rules in iptables-nft's built-in
+    // chains (around Istio's jump) stay; what is left equals those rules alone in a fresh pod.
+    let foreign = |ns: &Netns| {
+        for (prog, addr) in [
+            ("iptables-nft", "198.18.7.7"),
+            ("ip6tables-nft", "2001:db8::7"),
+        ] {
+            let at_head = [
+                prog, "-t", "nat", "-I", "OUTPUT", "1", "-o", "eth9", "-j", "ACCEPT",
+            ];
+            ns.ok(&at_head);
+            ns.ok(&[
+                prog, "-t", "nat", "-A", "OUTPUT", "-d", addr, "-j", "RETURN",
+            ]);
+            ns.ok(&[
+                prog, "-t", "mangle", "-A", "OUTPUT", "-d", addr, "-j", "ACCEPT",
+            ]);
+        }
+    };
+    let ref_foreign = pod("coexaforeign");
+    foreign(&ref_foreign);
+    let want_foreign = iptables_rules(&ref_foreign);
+    assert_eq!(want_foreign.len(), 6, "{want_foreign:?}");
     let ns = pod("coexa");
     assert_ok(&run_istio_init(&ns, &ipt, &[]));
+    foreign(&ns);
     let e = refused(&ns, &nft);
     for want in [
         "this network namespace holds the iptables mode's Istio rules (",
@@ -361,9 +385,75 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
     ] {
         assert!(e.contains(want), "{want:?} not in {e}");
     }
-    let o = run_istio_init(&ns, &with(&nft, "--reconcile"), &[]);
+    let reconcile = with(&nft, "--reconcile");
+    let before = iptables_rules(&ns);
+    // Without the programs that tell Istio's rules in built-in chains from foreign ones: a
+    // clear refusal before anything changes.
+    let empty = TempDir::new("coexapath");
+    let path = empty.path().display().to_string();
+    let o = run_istio_init(&ns, &reconcile, &[("PATH", &path)]);
+    assert_code(&o, 1);
+    let line = error_line(&o);
+    assert!(
+        line.contains("to remove them in the nftables transaction")
+            && line.contains("iptables-nft-save")
+            && line.ends_with("nothing was changed"),
+        "{line}"
+    );
+    assert_eq!(iptables_rules(&ns), before);
+    // Refused inside the transaction, after its iptables-nft deletions (another process owns
+    // inet istio-proxy-raw, so the kernel refuses its delete): everything stays as it was.
+    let owner = OwnedTable::hold(&ns, "istio-proxy-raw");
+    let line = refused(&ns, &reconcile);
+    assert!(
+        line.contains(
+            "the kernel refused `add table inet istio-proxy-raw; delete table inet istio-proxy-raw`"
+        ) && line.ends_with("nothing was applied"),
+        "{line}"
+    );
+    assert_eq!(iptables_rules(&ns), before);
+    owner.release();
+    // Then accepted: one transaction (one generation) deletes the iptables-nft rules and
+    // chains and adds the nftables mode's tables.
+    let mut monitor = Monitor::start(&ns);
+    let o = run_istio_init(&ns, &reconcile, &[]);
     assert_ok(&o);
+    let events = monitor
+        .mark("coexaend", Duration::from_secs(5))
+        .expect("the end marker reported");
+    drop(monitor);
+    let transactions: Vec<&[String]> = events
+        .split(|l| l.starts_with("# new generation"))
+        .filter(|t| {
+            t.iter().any(|l| {
+                l.starts_with("delete chain ip nat ISTIO_") || l.contains("table inet istio-proxy-")
+            })
+        })
+        .collect();
+    assert_eq!(transactions.len(), 1, "{events:#?}\n{}", stderr(&o));
+    for want in [
+        "add table inet istio-proxy-nat",
+        "add table inet istio-proxy-mangle",
+        "delete chain ip nat ISTIO_OUTPUT",
+        "delete chain ip6 nat ISTIO_OUTPUT",
+        "delete chain ip mangle ISTIO_TPROXY",
+        "delete chain ip6 mangle ISTIO_DIVERT",
+    ] {
+        assert!(
+            transactions[0].iter().any(|l| l.starts_with(want)),
+            "{want:?} not in the transaction {:#?}",
+            transactions[0]
+        );
+    }
+    for want in [
+        "in one transaction, which also removed the iptables mode's rules (",
+        "ip nat: 1 rule in OUTPUT, 5 chains flushed and deleted",
+        "ip6 mangle: 7 rules in PREROUTING, OUTPUT, 4 chains flushed and deleted",
+    ] {
+        assert!(stderr(&o).contains(want), "{want:?} not in {}", stderr(&o));
+    }
     assert_eq!(ns.istio_anywhere(), Vec::<String>::new(), "{}", stderr(&o));
+    assert_eq!(iptables_rules(&ns), want_foreign, "{}", stderr(&o));
     assert_eq!(ours(&nft_state(&ns).rules), want_nft);
 
     // (b) The nftables mode's rules, then iptables: refused, untouched; --reconcile replaces.
@@ -411,6 +501,45 @@ fn the_other_modes_rules_are_refused_replaced_with_reconcile_and_removed_by_clea
             cleaned,
             "{tag}: a second cleanup changed something"
         );
+    }
+}
+
+/// `inet NAME` created with `flags owner` by an interactive `nft`, which keeps its netlink
+/// socket open until its stdin closes (the kernel then deletes the table): while held, the
+/// kernel refuses any other process's delete of the table.
+struct OwnedTable(std::process::Child);
+
+impl OwnedTable {
+    fn hold(ns: &Netns, name: &str) -> OwnedTable {
+        let mut owner = ns
+            .cmd(&["nft", "-i"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nft -i");
+        {
+            use std::io::Write;
+            let stdin = owner.stdin.as_mut().expect("stdin");
+            writeln!(stdin, "add table inet {name} {{ flags owner; }}")
+                .and_then(|()| stdin.flush())
+                .expect("writing to nft -i");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !nft_state(ns).rules.contains("flags owner") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nft -i made no owned table"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnedTable(owner)
+    }
+
+    /// Closes the owner's stdin: it exits, and the kernel deletes the table.
+    fn release(mut self) {
+        drop(self.0.stdin.take());
+        assert!(self.0.wait().expect("nft -i").success());
     }
 }
 
@@ -571,30 +700,7 @@ fn a_refused_command_anywhere_leaves_every_table_as_it_was() {
     assert_ok(&run_istio_init(&ns, &args, &[]));
     assert_eq!(nft_state(&ns), full);
     ns.ok(&["nft", "delete", "table", "inet", "istio-proxy-raw"]);
-    // The owner: an interactive nft that keeps its netlink socket open until its stdin closes.
-    let mut owner = ns
-        .cmd(&["nft", "-i"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nft -i");
-    {
-        use std::io::Write;
-        let stdin = owner.stdin.as_mut().expect("stdin");
-        stdin
-            .write_all(b"add table inet istio-proxy-raw { flags owner; }\n")
-            .expect("writing to nft -i");
-        stdin.flush().expect("flush");
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !nft_state(&ns).rules.contains("flags owner") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nft -i made no owned table"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let owner = OwnedTable::hold(&ns, "istio-proxy-raw");
     // A re-run with another configuration (its nat rules differ), refused at the raw table.
     let changed = with(&args, "--envoy-port=15009");
     let line = refused(&ns, &changed);
@@ -606,8 +712,7 @@ fn a_refused_command_anywhere_leaves_every_table_as_it_was() {
             && line.ends_with("nothing was applied"),
         "{line}"
     );
-    drop(owner.stdin.take());
-    assert!(owner.wait().expect("nft -i").success());
+    owner.release();
     assert_ok(&run_istio_init(&ns, &changed, &[]));
     let after = nft_state(&ns);
     assert!(

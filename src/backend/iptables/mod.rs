@@ -20,6 +20,7 @@ use crate::settings::config::IptablesVariant;
 
 mod handover;
 mod messages;
+mod nft_removal;
 mod programs;
 pub mod render;
 mod spawn;
@@ -142,6 +143,14 @@ impl crate::backend::Firewall for Iptables {
 
     fn remove(&self, capture: &Capture) -> anyhow::Result<()> {
         cleanup(&self.programs, &capture.rulesets())
+    }
+
+    fn batched_removal(
+        &self,
+        capture: &Capture,
+        nf_tables: &[tables::Table],
+    ) -> anyhow::Result<crate::backend::Batched> {
+        nft_removal::batched(&self.programs, &capture.rulesets(), nf_tables)
     }
 
     fn inspect(&self, nf_tables: &[tables::Table]) -> anyhow::Result<Found> {
@@ -721,12 +730,33 @@ fn cleanup_backend(
     backend: IptablesVariant,
     rs: Option<&Ruleset>,
 ) -> anyhow::Result<bool> {
+    let Some((live, canon)) = read_ours(nf, family, backend, rs)? else {
+        return Ok(false);
+    };
+    let text = state::cleanup_text(&live, &canon);
+    log::debug!("{family} cleanup input ({backend}):\n{text}");
+    nf.restore(family, backend, &text)
+        .map_err(|f| anyhow!(describe(family, backend, &text, &f)))?;
+    Ok(true)
+}
+
+/// The live state of one family in one backend and the canonical form of `rs`'s rules in
+/// it, when it holds anything of istio-init's (`None` otherwise). The live state includes
+/// this process's scratch chains when `rs` has rules in a table that holds ours: the
+/// caller deletes them (a cleanup with the rest). A `*-save` that cannot run is
+/// [`Unavailable`].
+fn read_ours(
+    nf: &dyn Programs,
+    family: Family,
+    backend: IptablesVariant,
+    rs: Option<&Ruleset>,
+) -> anyhow::Result<Option<(Saved, state::Canon)>> {
     let saved = nf
         .save(family, backend)
         .map_err(|e| anyhow::Error::new(Unavailable(format!("{e:#}"))))?;
     let mut live = state::parse_save(&saved);
     if !live.tables.iter().any(state::SavedTable::has_ours) {
-        return Ok(false);
+        return Ok(None);
     }
     let mut canon = state::Canon::new();
     if let Some(rs) = rs {
@@ -747,11 +777,7 @@ fn cleanup_backend(
             canon = state::canon_from_scratch(&live, rs, &scratch_names());
         }
     }
-    let text = state::cleanup_text(&live, &canon);
-    log::debug!("{family} cleanup input ({backend}):\n{text}");
-    nf.restore(family, backend, &text)
-        .map_err(|f| anyhow!(describe(family, backend, &text, &f)))?;
-    Ok(true)
+    Ok(Some((live, canon)))
 }
 
 /// This process's scratch chain names.

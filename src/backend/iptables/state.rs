@@ -58,7 +58,8 @@ impl Scratch {
         format!("{}{chain}", self.prefix)
     }
 
-    fn owns(&self, chain: &str) -> bool {
+    /// Whether `chain` is one of this process's scratch chains.
+    pub fn owns(&self, chain: &str) -> bool {
         chain.starts_with(&self.prefix)
     }
 }
@@ -584,9 +585,24 @@ fn flush_and_delete(out: &mut String, chains: &[&str]) {
 }
 
 /// Deletes our rules from built-in chains, except jumps to Istio chains (handled
-/// separately): live rules equal to an expected (canonical) one, at most as many as expected,
-/// and every Istio-shaped rule (see [`is_istio_shaped`]).
+/// separately): see [`ours_in_builtin_positions`].
 fn delete_ours_builtin(out: &mut String, live: &SavedTable, expected: Option<&CanonTable>) {
+    for (chain, i) in ours_in_builtin_positions(live, expected) {
+        if let Some(r) = live.chain(chain).and_then(|c| c.rules.get(i)) {
+            let _ = writeln!(out, "-D {chain} {r}");
+        }
+    }
+}
+
+/// Our rules in built-in chains other than jumps to Istio chains, as `(chain, index)`: live
+/// rules equal to an expected (canonical) one, at most as many as expected (the first ones,
+/// which are those `-D CHAIN RULE` deletes), and every Istio-shaped rule (see
+/// [`is_istio_shaped`]).
+fn ours_in_builtin_positions<'a>(
+    live: &'a SavedTable,
+    expected: Option<&CanonTable>,
+) -> Vec<(&'a str, usize)> {
+    let mut out = Vec::new();
     for lc in live.chains.iter().filter(|c| c.builtin) {
         let mut budget: BTreeMap<&str, usize> = BTreeMap::new();
         if let Some(want) = expected.and_then(|e| e.builtin.get(&lc.name)) {
@@ -594,7 +610,7 @@ fn delete_ours_builtin(out: &mut String, live: &SavedTable, expected: Option<&Ca
                 *budget.entry(w.as_str()).or_default() += 1;
             }
         }
-        for r in &lc.rules {
+        for (i, r) in lc.rules.iter().enumerate() {
             if jump_target(r).is_some_and(is_istio_chain) {
                 continue;
             }
@@ -603,10 +619,11 @@ fn delete_ours_builtin(out: &mut String, live: &SavedTable, expected: Option<&Ca
                 .filter(|n| **n > 0)
                 .map(|n| *n -= 1);
             if expected.is_some() || is_istio_shaped(&live.name, &lc.name, r) {
-                let _ = writeln!(out, "-D {} {r}", lc.name);
+                out.push((lc.name.as_str(), i));
             }
         }
     }
+    out
 }
 
 /// Converges the live state of one family to `rs` in one `iptables-restore --noflush` run,
@@ -662,26 +679,75 @@ pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratc
     out
 }
 
-/// Removes everything of istio-init's from one family's live state: every jump to an Istio
-/// chain, the expected configuration's own rules in built-in chains (when known), every Istio
-/// chain and every scratch chain. Foreign rules and chains are left alone. Empty when there is
-/// nothing to remove.
-pub fn cleanup_text(live: &Saved, canon: &Canon) -> String {
-    let mut out = String::new();
+/// What a cleanup removes from one table: rules by position, then chains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCleanup {
+    pub table: String,
+    /// `(chain, index of the rule in the chain as saved)`, in the order a cleanup deletes
+    /// them: every jump to an Istio chain, then our other rules in built-in chains.
+    pub rules: Vec<(String, usize)>,
+    /// The Istio and scratch chains, flushed (all of them) and then deleted.
+    pub chains: Vec<String>,
+}
+
+/// Everything of istio-init's in one family's live state: every jump to an Istio chain, the
+/// expected configuration's own rules in built-in chains (when known), every Istio chain and
+/// every scratch chain. Foreign rules and chains are not in it. The one decision behind
+/// [`cleanup_text`] and the nftables mode's `--reconcile`, which deletes the same rules by
+/// their nf_tables handles.
+pub fn cleanup_plan(live: &Saved, canon: &Canon) -> Vec<TableCleanup> {
+    let mut out = Vec::new();
     for lt in live.tables.iter().filter(|t| t.has_ours()) {
-        let _ = writeln!(out, "*{}", lt.name);
-        for (chain, rule) in lt.jumps_to_istio() {
-            let _ = writeln!(out, "-D {chain} {rule}");
+        let mut rules = Vec::new();
+        for c in &lt.chains {
+            if is_istio_chain(&c.name) || is_scratch_chain(&c.name) {
+                continue;
+            }
+            for (i, r) in c.rules.iter().enumerate() {
+                if jump_target(r).is_some_and(is_istio_chain) {
+                    rules.push((c.name.clone(), i));
+                }
+            }
         }
-        delete_ours_builtin(&mut out, lt, canon.get(&lt.name));
-        let ours: Vec<&str> = lt
+        for (chain, i) in ours_in_builtin_positions(lt, canon.get(&lt.name)) {
+            rules.push((chain.to_owned(), i));
+        }
+        let chains = lt
             .chains
             .iter()
             .filter(|c| is_istio_chain(&c.name) || is_scratch_chain(&c.name))
-            .map(|c| c.name.as_str())
+            .map(|c| c.name.clone())
             .collect();
-        flush_and_delete(&mut out, &ours);
-        out.push_str("COMMIT\n");
+        out.push(TableCleanup {
+            table: lt.name.clone(),
+            rules,
+            chains,
+        });
+    }
+    out
+}
+
+/// Removes everything of istio-init's from one family's live state ([`cleanup_plan`]) in one
+/// `iptables-restore --noflush` input. Foreign rules and chains are left alone. Empty when
+/// there is nothing to remove.
+pub fn cleanup_text(live: &Saved, canon: &Canon) -> String {
+    let mut out = String::new();
+    for plan in cleanup_plan(live, canon) {
+        let Some(lt) = live.table(&plan.table) else {
+            continue;
+        };
+        let _ = writeln!(out, "*{}", plan.table);
+        for (chain, i) in &plan.rules {
+            if let Some(rule) = lt.chain(chain).and_then(|c| c.rules.get(*i)) {
+                let _ = writeln!(out, "-D {chain} {rule}");
+            }
+        }
+        let chains: Vec<&str> = plan.chains.iter().map(String::as_str).collect();
+        flush_and_delete(&mut out, &chains);
+        out.push_str(
+            "COMMIT
+",
+        );
     }
     out
 }
@@ -945,6 +1011,48 @@ COMMIT
                 &Canon::new()
             ),
             ""
+        );
+    }
+
+    #[test]
+    fn the_cleanup_plan_names_rules_by_position_as_the_cleanup_text_deletes_them() {
+        let live = parse_save(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n\
+             :FOREIGN - [0:0]\n\
+             -A PREROUTING -i eth9 -j RETURN\n\
+             -A OUTPUT -d 198.18.7.7/32 -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\n\
+             -A OUTPUT -p udp -j ACCEPT\n-A OUTPUT -d 198.18.7.7/32 -j RETURN\n\
+             -A OUTPUT -p udp -j ACCEPT\n-A FOREIGN -j ISTIO_OUTPUT\n\
+             -A ISTIO_OUTPUT -j RETURN\nCOMMIT\n\
+             *filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n",
+        );
+        // The configuration's own `-p udp -j ACCEPT` in OUTPUT, once: the first of the two.
+        let mut canon = Canon::new();
+        canon
+            .entry("nat".into())
+            .or_default()
+            .builtin
+            .insert("OUTPUT".into(), vec!["-p udp -j ACCEPT".into()]);
+        let plan = cleanup_plan(&live, &canon);
+        let at = |c: &str, i| (c.to_owned(), i);
+        assert_eq!(
+            plan,
+            [TableCleanup {
+                table: "nat".into(),
+                rules: vec![
+                    at("OUTPUT", 1),
+                    at("FOREIGN", 0),
+                    at("PREROUTING", 0),
+                    at("OUTPUT", 2)
+                ],
+                chains: vec!["ISTIO_OUTPUT".into()],
+            }]
+        );
+        assert_eq!(
+            cleanup_text(&live, &canon),
+            "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-D FOREIGN -j ISTIO_OUTPUT\n\
+             -D PREROUTING -i eth9 -j RETURN\n-D OUTPUT -p udp -j ACCEPT\n-F ISTIO_OUTPUT\n\
+             -X ISTIO_OUTPUT\nCOMMIT\n"
         );
     }
 

@@ -98,19 +98,31 @@ impl Firewall for Nftables {
 
     fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
         let present = ours(how.tables);
-        let tx = map::transaction(capture, &present, &self.group)
+        let mut tx = map::transaction(capture, &present, &self.group)
             .map_err(|map::UnknownGroup(g)| anyhow!("owner group {g:?} does not resolve"))?;
         let summary = counts(capture, &tx);
+        // The other mode's rules that are nf_tables objects go first: one transaction
+        // removes them and adds ours.
+        let theirs = how.also_remove;
+        tx.ops.splice(0..0, theirs.ops.iter().cloned());
         // Encoded before the routes go in (`at_commit`), so that a SIGKILL between the two
         // has as little time as possible to land in.
         let batch = wire::encode(&tx).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
         (how.at_commit)()?;
         wire::send(&tx, &batch).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
+        let removed = if theirs.ops.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", which also removed the iptables mode's rules ({})",
+                theirs.what.join("; ")
+            )
+        };
         if present.is_empty() {
-            log::info!("nftables: applied {summary} in one transaction");
+            log::info!("nftables: applied {summary} in one transaction{removed}");
         } else {
             log::info!(
-                "nftables: replaced inet {} with {summary} in one transaction",
+                "nftables: replaced inet {} with {summary} in one transaction{removed}",
                 present.join(", inet ")
             );
         }
