@@ -134,6 +134,7 @@ pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
         seq: 1,
         set_id: 0,
         last_offset: None,
+        seen: Vec::new(),
     };
     let begin_seq = enc.seq;
     enc.control(ControlMessage::BatchBegin);
@@ -167,7 +168,13 @@ struct Encoder {
     set_id: u32,
     /// Where the last nf_tables message starts in `bytes`.
     last_offset: Option<usize>,
+    /// Statements already encoded, with their expressions (see [`Encoder::stmt_emitted`]).
+    seen: Vec<(Stmt, Vec<DefaultNla>)>,
 }
+
+/// How many different statements an [`Encoder`] keeps the expressions of: a linear search
+/// stays cheap, and covers every statement of a usual configuration.
+const SEEN_MAX: usize = 64;
 
 impl Encoder {
     /// Appends one message: `body` after the nfnetlink header (`family`, `res_id`).
@@ -253,13 +260,9 @@ impl Encoder {
                 let stmts = nft::explicit(&r.stmts)?;
                 let mut exprs = Vec::with_capacity(stmts.len() * 3);
                 for s in &stmts {
-                    self.stmt(i, &r.table, s, &mut exprs);
+                    exprs.extend(self.stmt_emitted(i, &r.table, s).map(ListAttribute::Other));
                 }
-                // Each expression, then the list, written out once (see [`emitted`]).
-                let exprs = exprs
-                    .iter()
-                    .map(|e| ListAttribute::Other(emitted(e)))
-                    .collect();
+                // The list, written out once too (see [`emitted`]).
                 let attributes = vec![
                     RuleAttribute::Table(r.table.clone()),
                     RuleAttribute::Chain(r.chain.clone()),
@@ -300,6 +303,30 @@ impl Encoder {
             }
         }
         Ok(())
+    }
+
+    /// The expressions of statement `s`, each written out once (see [`emitted`]). Rules share
+    /// most of their statements (`counter`, `meta l4proto tcp`, a jump), so a statement met
+    /// before in this batch is copied from its first encoding: the first [`SEEN_MAX`]
+    /// different ones are kept, except those that added messages of their own (an anonymous
+    /// set belongs to one rule).
+    fn stmt_emitted(
+        &mut self,
+        op: usize,
+        table: &str,
+        s: &Stmt,
+    ) -> impl Iterator<Item = DefaultNla> + use<> {
+        if let Some((_, e)) = self.seen.iter().find(|(seen, _)| seen == s) {
+            return e.clone().into_iter();
+        }
+        let seq = self.seq;
+        let mut exprs = Vec::with_capacity(3);
+        self.stmt(op, table, s, &mut exprs);
+        let out: Vec<DefaultNla> = exprs.iter().map(emitted).collect();
+        if self.seq == seq && self.seen.len() < SEEN_MAX {
+            self.seen.push((s.clone(), out.clone()));
+        }
+        out.into_iter()
     }
 
     /// The expressions of one statement (dependencies already explicit); anonymous sets are
