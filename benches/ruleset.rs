@@ -1,5 +1,6 @@
 //! The pure pipeline — command line → config → ruleset → restore text — for the standard
-//! sidecar configuration and for a very large one (1,000 CIDRs, 1,000 ports, dual stack).
+//! sidecar configuration and for a very large one (1,000 CIDRs, 1,000 ports, dual stack);
+//! and the nftables mode's batch build: config → nf_tables transaction → netlink bytes.
 //!
 //! Run: `cargo bench --bench ruleset` (criterion; reports in target/criterion). The README
 //! records the figures.
@@ -29,6 +30,25 @@ fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
             istio_init::backend::iptables::render::ruleset_text(&build(&cfg, facts).family(f)).len()
         })
         .sum()
+}
+
+/// Config → nf_tables transaction → the netlink batch's bytes (`--native-nftables`).
+fn nft_batch(inv: &cli::Invocation, facts: &Facts) -> usize {
+    let env = |_: &str| None;
+    let cfg = Config::resolve(&Inputs {
+        defaults: inv.defaults,
+        flags: &inv.flags,
+        env: &env,
+        user_uid: &|_| None,
+        pod: &istio_init::settings::config::NO_POD,
+    })
+    .expect("valid config");
+    let tx = istio_init::backend::nftables::map::transaction(&build(&cfg, facts), &[], &|_| None)
+        .expect("no owner groups");
+    istio_init::netlink::nftables::encode(&tx)
+        .expect("encodes")
+        .bytes()
+        .len()
 }
 
 /// The whole pure pipeline, from argv.
@@ -73,6 +93,13 @@ fn benches(c: &mut Criterion) {
     c.bench_function("argv to text: standard sidecar, IPv4", |b| {
         b.iter(|| pipeline(black_box(&standard), &v4))
     });
+    c.bench_function("config to nf_tables batch: standard sidecar, IPv4", |b| {
+        b.iter(|| nft_batch(black_box(&parsed), &v4))
+    });
+    c.bench_function(
+        "config to nf_tables batch: standard sidecar, dual stack",
+        |b| b.iter(|| nft_batch(black_box(&parsed), &dual)),
+    );
     let large = large_args();
     c.bench_function("argv to text: 1,000 CIDRs + 1,000 ports, dual stack", |b| {
         b.iter(|| pipeline(black_box(&large), &dual))
