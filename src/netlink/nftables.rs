@@ -125,9 +125,10 @@ impl Batch {
 
 type Expr = ListAttribute<ExpressionAttribute>;
 
-/// Encodes a transaction as one batch (validated first, see [`nft::validate`]).
+/// Encodes a transaction as one batch. An invalid op (see [`nft::validate`]) fails the whole
+/// encoding, with the error `validate` would give: each op's names are checked, then its
+/// statements made explicit, as it is encoded.
 pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
-    nft::validate(tx)?;
     let mut enc = Encoder {
         bytes: Vec::with_capacity(256 + 256 * tx.ops.len()),
         seqs: Vec::with_capacity(tx.ops.len() + 4),
@@ -168,8 +169,9 @@ struct Encoder {
     set_id: u32,
     /// Where the last nf_tables message starts in `bytes`.
     last_offset: Option<usize>,
-    /// Statements already encoded, with their expressions (see [`Encoder::stmt_emitted`]).
-    seen: Vec<(Stmt, Vec<DefaultNla>)>,
+    /// Statements already encoded, with their expressions as list elements (see
+    /// [`Encoder::stmt_elements`]).
+    seen: Vec<(Stmt, Vec<u8>)>,
 }
 
 /// How many different statements an [`Encoder`] keeps the expressions of: a linear search
@@ -231,6 +233,7 @@ impl Encoder {
     }
 
     fn op(&mut self, i: usize, op: &Op) -> Result<(), String> {
+        nft::check_names(op)?;
         match op {
             Op::DeleteTable(t) => {
                 self.new_table(i, t);
@@ -258,15 +261,16 @@ impl Encoder {
             }
             Op::AddRule(r) => {
                 let stmts = nft::explicit(&r.stmts)?;
-                let mut exprs = Vec::with_capacity(stmts.len() * 3);
+                // The expressions list: its elements as bytes, one statement after another.
+                let mut list = Vec::with_capacity(64 * stmts.len());
                 for s in &stmts {
-                    exprs.extend(self.stmt_emitted(i, &r.table, s).map(ListAttribute::Other));
+                    self.stmt_elements(i, &r.table, s, &mut list);
                 }
-                // The list, written out once too (see [`emitted`]).
+                let expressions = RuleAttribute::Expressions(Vec::new());
                 let attributes = vec![
                     RuleAttribute::Table(r.table.clone()),
                     RuleAttribute::Chain(r.chain.clone()),
-                    RuleAttribute::Other(emitted(&RuleAttribute::Expressions(exprs))),
+                    RuleAttribute::Other(DefaultNla::new(kind_of(&expressions), list)),
                 ];
                 self.nft(
                     i,
@@ -305,28 +309,30 @@ impl Encoder {
         Ok(())
     }
 
-    /// The expressions of statement `s`, each written out once (see [`emitted`]). Rules share
-    /// most of their statements (`counter`, `meta l4proto tcp`, a jump), so a statement met
-    /// before in this batch is copied from its first encoding: the first [`SEEN_MAX`]
-    /// different ones are kept, except those that added messages of their own (an anonymous
-    /// set belongs to one rule).
-    fn stmt_emitted(
-        &mut self,
-        op: usize,
-        table: &str,
-        s: &Stmt,
-    ) -> impl Iterator<Item = DefaultNla> + use<> {
-        if let Some((_, e)) = self.seen.iter().find(|(seen, _)| seen == s) {
-            return e.clone().into_iter();
+    /// Appends to `list` the expressions of statement `s` as the elements of a rule's
+    /// expression list, each written out once (see [`emitted`]). Rules share most of their
+    /// statements (`counter`, `meta l4proto tcp`, a jump), so a statement met before in this
+    /// batch is copied from its first encoding: the first [`SEEN_MAX`] different ones are
+    /// kept, except those that added messages of their own (an anonymous set belongs to one
+    /// rule).
+    fn stmt_elements(&mut self, op: usize, table: &str, s: &Stmt, list: &mut Vec<u8>) {
+        if let Some((_, bytes)) = self.seen.iter().find(|(seen, _)| seen == s) {
+            list.extend_from_slice(bytes);
+            return;
         }
         let seq = self.seq;
         let mut exprs = Vec::with_capacity(3);
         self.stmt(op, table, s, &mut exprs);
-        let out: Vec<DefaultNla> = exprs.iter().map(emitted).collect();
-        if self.seq == seq && self.seen.len() < SEEN_MAX {
-            self.seen.push((s.clone(), out.clone()));
+        let start = list.len();
+        for e in &exprs {
+            let element = ListAttribute::<ExpressionAttribute>::Other(emitted(e));
+            let at = list.len();
+            super::zero_extend(list, element.buffer_len());
+            element.emit(&mut list[at..]);
         }
-        out.into_iter()
+        if self.seq == seq && self.seen.len() < SEEN_MAX {
+            self.seen.push((s.clone(), list[start..].to_vec()));
+        }
     }
 
     /// The expressions of one statement (dependencies already explicit); anonymous sets are
@@ -729,6 +735,11 @@ fn raw_expr(name: &str, attributes: Vec<DefaultNla>) -> Expr {
 fn emitted<N: Nla>(nla: &N) -> DefaultNla {
     let mut value = vec![0; nla.value_len()];
     nla.emit_value(&mut value);
+    DefaultNla::new(kind_of(nla), value)
+}
+
+/// The type field the crate writes for `nla`: its kind with its flags.
+fn kind_of<N: Nla>(nla: &N) -> u16 {
     let mut kind = nla.kind();
     if nla.is_nested() {
         kind |= NLA_F_NESTED;
@@ -736,7 +747,7 @@ fn emitted<N: Nla>(nla: &N) -> DefaultNla {
     if nla.is_network_byteorder() {
         kind |= NLA_F_NET_BYTEORDER;
     }
-    DefaultNla::new(kind, value)
+    kind
 }
 
 fn u32_nla(kind: u16, value: u32) -> DefaultNla {

@@ -413,6 +413,17 @@ pub fn validate(tx: &Transaction) -> Result<(), Invalid> {
 }
 
 fn check_op(op: &Op) -> Result<(), String> {
+    check_names(op)?;
+    match op {
+        Op::AddRule(r) => explicit(&r.stmts).map(drop),
+        _ => Ok(()),
+    }
+}
+
+/// The names an op carries (table, chain, a rule's jump target), checked as [`check_name`]
+/// does: [`validate`] without the rules' statements, for an encoder that makes them explicit
+/// anyway.
+pub fn check_names(op: &Op) -> Result<(), String> {
     match op {
         Op::DeleteTable(t) | Op::AddTable(t) => check_name(t),
         Op::AddChain(c) => check_name(&c.table).and_then(|()| check_name(&c.name)),
@@ -422,10 +433,10 @@ fn check_op(op: &Op) -> Result<(), String> {
         Op::AddRule(r) => {
             check_name(&r.table)?;
             check_name(&r.chain)?;
-            if let Some(Stmt::Verdict(Verdict::Jump(target))) = r.stmts.last() {
-                check_name(target)?;
+            match r.stmts.last() {
+                Some(Stmt::Verdict(Verdict::Jump(target))) => check_name(target),
+                _ => Ok(()),
             }
-            explicit(&r.stmts).map(drop)
         }
     }
 }
