@@ -261,9 +261,7 @@ fn log_summary(cfg: &Config, facts: &Facts) {
 
 /// The backend this configuration selects (`--native-nftables`), and the other one.
 pub fn firewalls(cfg: &Config, env: &Env<'_>) -> (Box<dyn Firewall>, Box<dyn Firewall>) {
-    let nft: Box<dyn Firewall> = Box::new(Nftables {
-        group: host::group_gid,
-    });
+    let nft: Box<dyn Firewall> = Box::new(Nftables::new(host::group_gid));
     let ipt: Box<dyn Firewall> = Box::new(iptables(cfg, env));
     if cfg.native_nftables {
         (nft, ipt)

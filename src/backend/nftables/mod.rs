@@ -26,6 +26,19 @@ use crate::nft::{self, Op, Transaction};
 pub struct Nftables {
     /// Resolves owner-group names (`/etc/group`, no NSS).
     pub group: fn(&str) -> Option<u32>,
+    /// The counts of the transaction [`Firewall::install`] built, for [`Firewall::log_plan`]
+    /// while it runs (`at_commit`), which would otherwise build the transaction again.
+    pub planned: std::sync::OnceLock<String>,
+}
+
+impl Nftables {
+    /// The backend, resolving owner groups with `group`.
+    pub fn new(group: fn(&str) -> Option<u32>) -> Nftables {
+        Nftables {
+            group,
+            planned: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// This backend's tables among `tables` (the namespace's nf_tables tables).
@@ -90,8 +103,16 @@ impl Firewall for Nftables {
     }
 
     fn log_plan(&self, capture: &Capture) {
+        if let Some(summary) = self.planned.get() {
+            log::info!("nftables ruleset: {summary}");
+            if !log::log_enabled!(log::Level::Debug) {
+                return;
+            }
+        }
         if let Ok(tx) = map::transaction(capture, &[], &self.group) {
-            log::info!("nftables ruleset: {}", counts(capture, &tx));
+            if self.planned.get().is_none() {
+                log::info!("nftables ruleset: {}", counts(capture, &tx));
+            }
             log::debug!("nftables transaction:\n{}", nft::render(&tx));
         }
     }
@@ -101,6 +122,7 @@ impl Firewall for Nftables {
         let mut tx = map::transaction(capture, &present, &self.group)
             .map_err(|map::UnknownGroup(g)| anyhow!("owner group {g:?} does not resolve"))?;
         let summary = counts(capture, &tx);
+        let _ = self.planned.set(summary.clone());
         // The other mode's rules that are nf_tables objects go first: one transaction
         // removes them and adds ours.
         let theirs = how.also_remove;
