@@ -12,17 +12,22 @@ use istio_init::capture::{Facts, build};
 use istio_init::settings::cli;
 use istio_init::settings::config::{Config, Inputs};
 
-/// Config → ruleset → text, from a parsed command line.
-fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
+/// The configuration of a parsed command line, with no environment.
+fn config(inv: &cli::Invocation) -> Config {
     let env = |_: &str| None;
-    let cfg = Config::resolve(&Inputs {
+    Config::resolve(&Inputs {
         defaults: inv.defaults,
         flags: &inv.flags,
         env: &env,
         user_uid: &|_| None,
         pod: &istio_init::settings::config::NO_POD,
     })
-    .expect("valid config");
+    .expect("valid config")
+}
+
+/// Config → ruleset → text, from a parsed command line.
+fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
+    let cfg = config(inv);
     facts
         .families()
         .into_iter()
@@ -34,15 +39,7 @@ fn render(inv: &cli::Invocation, facts: &Facts) -> usize {
 
 /// Config → nf_tables transaction → the netlink batch's bytes (`--native-nftables`).
 fn nft_batch(inv: &cli::Invocation, facts: &Facts) -> usize {
-    let env = |_: &str| None;
-    let cfg = Config::resolve(&Inputs {
-        defaults: inv.defaults,
-        flags: &inv.flags,
-        env: &env,
-        user_uid: &|_| None,
-        pod: &istio_init::settings::config::NO_POD,
-    })
-    .expect("valid config");
+    let cfg = config(inv);
     let tx = istio_init::backend::nftables::map::transaction(&build(&cfg, facts), &[], &|_| None)
         .expect("no owner groups");
     istio_init::netlink::nftables::encode(&tx)

@@ -280,20 +280,14 @@ impl Encoder {
             }
             // As nft encodes `delete rule … handle N` and `flush chain …` (a DELRULE without
             // a handle deletes every rule of the chain) and `delete chain …`.
-            Op::DeleteRule(c, handle) => {
-                let attributes = vec![
-                    RuleAttribute::Table(c.table.clone()),
-                    RuleAttribute::Chain(c.chain.clone()),
-                    RuleAttribute::Handle(*handle),
-                ];
-                let m = NfTablesMessage::DeleteRule(RuleMessage { attributes });
-                self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
-            }
-            Op::FlushChain(c) => {
-                let attributes = vec![
+            Op::DeleteRule(c, _) | Op::FlushChain(c) => {
+                let mut attributes = vec![
                     RuleAttribute::Table(c.table.clone()),
                     RuleAttribute::Chain(c.chain.clone()),
                 ];
+                if let Op::DeleteRule(_, handle) = op {
+                    attributes.push(RuleAttribute::Handle(*handle));
+                }
                 let m = NfTablesMessage::DeleteRule(RuleMessage { attributes });
                 self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
             }

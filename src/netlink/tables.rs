@@ -40,41 +40,24 @@ trait Attributes: Parseable<[u8]> {
     fn empty() -> Self;
 }
 
-impl Attributes for TableMessage {
-    type Nla = TableAttribute;
-    fn attributes(&self) -> &[TableAttribute] {
-        &self.attributes
-    }
-    fn empty() -> Self {
-        TableMessage {
-            attributes: Vec::new(),
+/// [`Attributes`] for message types whose attributes are their `attributes` field.
+macro_rules! attributes {
+    ($($message:ident: $nla:ident),*) => {$(
+        impl Attributes for $message {
+            type Nla = $nla;
+            fn attributes(&self) -> &[$nla] {
+                &self.attributes
+            }
+            fn empty() -> Self {
+                $message {
+                    attributes: Vec::new(),
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl Attributes for ChainMessage {
-    type Nla = ChainAttribute;
-    fn attributes(&self) -> &[ChainAttribute] {
-        &self.attributes
-    }
-    fn empty() -> Self {
-        ChainMessage {
-            attributes: Vec::new(),
-        }
-    }
-}
-
-impl Attributes for RuleMessage {
-    type Nla = RuleAttribute;
-    fn attributes(&self) -> &[RuleAttribute] {
-        &self.attributes
-    }
-    fn empty() -> Self {
-        RuleMessage {
-            attributes: Vec::new(),
-        }
-    }
-}
+attributes!(TableMessage: TableAttribute, ChainMessage: ChainAttribute, RuleMessage: RuleAttribute);
 
 /// An object message: the nfnetlink header (family) and the object's attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -77,16 +77,14 @@ fn dry_run_with_netns_reads_the_target_namespace() {
 /// would be written there), then applies exactly the rules it applies normally.
 #[test]
 fn a_run_with_its_standard_descriptors_closed_has_dev_null_on_them() {
-    use crate::faults::{istio_init_cmd, pod, resolv_dir};
-    use crate::nft_mode::{nft_state, ready, reference, sidecar};
+    use crate::faults::istio_init_cmd;
+    use crate::nft_mode::nft_state;
     use std::time::{Duration, Instant};
-    if !ready("a_run_with_its_standard_descriptors_closed") {
+    let Some((_dir, args, full, ns)) =
+        nft_sidecar_case("a_run_with_its_standard_descriptors_closed", "fds")
+    else {
         return;
-    }
-    let (_dir, resolv) = resolv_dir("closedfds");
-    let args = sidecar(&resolv, true);
-    let (_, full) = reference("fdsref", &args);
-    let ns = pod("fdsclosed");
+    };
     // The namespace lock, held as another run holds it (its abstract socket bound in the
     // namespace), but close-on-exec so that the process under test does not inherit it.
     let lock = crate::util::in_netns(&ns, || {
@@ -158,15 +156,12 @@ fn a_run_with_its_standard_descriptors_closed_has_dev_null_on_them() {
 /// and exits 0, instead of dying of `SIGPIPE` at its first log line.
 #[test]
 fn a_run_whose_log_pipe_is_closed_still_applies_its_rules() {
-    use crate::faults::{istio_init_cmd, pod, resolv_dir};
-    use crate::nft_mode::{nft_state, ready, reference, sidecar};
-    if !ready("a_run_whose_log_pipe_is_closed") {
+    use crate::faults::istio_init_cmd;
+    use crate::nft_mode::nft_state;
+    let Some((_dir, args, full, ns)) = nft_sidecar_case("a_run_whose_log_pipe_is_closed", "pipe")
+    else {
         return;
-    }
-    let (_dir, resolv) = resolv_dir("closedpipe");
-    let args = sidecar(&resolv, true);
-    let (_, full) = reference("piperef", &args);
-    let ns = pod("pipeclosed");
+    };
     let (read, write) = nix::unistd::pipe().unwrap();
     drop(read);
     let status = istio_init_cmd(&ns, &args, &[])
@@ -175,4 +170,27 @@ fn a_run_whose_log_pipe_is_closed_still_applies_its_rules() {
         .expect("running istio-init");
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert_eq!(nft_state(&ns), full);
+}
+
+/// For test `test` (None when nftables tests cannot run here, which `ready` reports): the
+/// standard sidecar arguments in nftables mode, the state a clean run of them leaves (applied
+/// in a reference namespace), and a fresh pod namespace; the first item keeps the
+/// resolv.conf the arguments name.
+fn nft_sidecar_case(
+    test: &str,
+    tag: &str,
+) -> Option<(
+    crate::util::ShimDir,
+    Vec<String>,
+    crate::nft_mode::NftState,
+    crate::util::Netns,
+)> {
+    use crate::nft_mode::{ready, reference, sidecar};
+    if !ready(test) {
+        return None;
+    }
+    let (dir, resolv) = crate::faults::resolv_dir(&format!("{tag}resolv"));
+    let args = sidecar(&resolv, true);
+    let (_, full) = reference(&format!("{tag}ref"), &args);
+    Some((dir, args, full, crate::faults::pod(&format!("{tag}pod"))))
 }
