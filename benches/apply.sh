@@ -7,8 +7,12 @@
 #   BENCH_MODE=nftables benches/apply.sh
 # The binary is the release build itself, not the one `cargo bench` would build for the
 # bench profile: that one's symbol names differ, so link/hot-symbols.txt would not lay it out.
+# It is copied aside first: `cargo bench` writes its own build of the binary to the same path
+# (the bench profile shares the release directory), which would otherwise be what is measured.
 set -eu
 cd "$(dirname "$0")/.."
 bin=$(scripts/build-static.sh | tail -n1)
-ISTIO_INIT_BIN="${ISTIO_INIT_BIN:-$PWD/$bin}" \
+mkdir -p target/apply-bench
+cp "$bin" target/apply-bench/istio-init
+ISTIO_INIT_BIN="${ISTIO_INIT_BIN:-$PWD/target/apply-bench/istio-init}" \
 RUSTFLAGS='-C target-feature=+crt-static' exec cargo bench --target x86_64-unknown-linux-gnu --bench apply
