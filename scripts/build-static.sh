@@ -26,5 +26,11 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "note: not root, empty-chroot check skipped"
 fi
-echo "size: $(stat -c %s "$bin") bytes"
+size=$(stat -c %s "$bin")
+echo "size: $size bytes"
+# The image's budget for the binary (README, Performance).
+budget=$((2 * 1024 * 1024))
+if [ "$size" -gt "$budget" ]; then
+  echo "error: $bin is $size bytes, over its 2 MiB budget ($budget bytes)" >&2; exit 1
+fi
 echo "$bin"
