@@ -49,26 +49,38 @@ job_args() {
   esac
 }
 
+# The linker map's .text input sections, for both scripts below (on their PYTHONPATH).
+cat >"$work/linkmap.py" <<'EOF'
+import re
+LINE = re.compile(r"^\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+ (\s*)(\S.*)$")
+def text_sections(path):
+    """{section address: (size, [(symbol address, name), ...])} of .text, in map order."""
+    sections, out, cur = {}, None, None
+    for l in open(path):
+        m = LINE.match(l)
+        if not m:
+            continue
+        addr, size, depth = int(m[1], 16), int(m[2], 16), len(m[3])
+        if depth == 0:
+            out = m[4]
+        elif out == ".text" and depth == 8:
+            cur = sections.setdefault(addr, (size, []))
+        elif out == ".text" and depth == 16 and cur is not None:
+            cur[1].append((addr, m[4]))
+    return sections
+EOF
+
 # Inside gdb: one-shot breakpoints at every .text section and symbol start, run to the end,
 # write the executed sections' map addresses in first-hit order.
 cat >"$work/trace.py" <<'EOF'
-import gdb, os, re
+import gdb, os
+from linkmap import text_sections
 MAP, OUT, BIN = os.environ["HOT_MAP"], os.environ["HOT_OUT"], os.path.realpath(os.environ["HOT_BIN"])
-line = re.compile(r"^\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+ (\s*)(\S.*)$")
-section_of, section, out = {}, None, None
-for l in open(MAP):
-    m = line.match(l)
-    if not m:
-        continue
-    addr, size, depth = int(m[1], 16), int(m[2], 16), len(m[3])
-    if depth == 0:
-        out = m[4]
-    elif out == ".text" and depth == 8:
-        section = addr if size else None
-        if section is not None:
+section_of = {}
+for section, (size, symbols) in text_sections(MAP).items():
+    if size:
+        for addr in [section] + [a for a, _ in symbols]:
             section_of.setdefault(addr, section)
-    elif out == ".text" and depth == 16 and section is not None:
-        section_of.setdefault(addr, section)
 gdb.execute("set pagination off")
 gdb.execute("set confirm off")
 gdb.execute("set breakpoint always-inserted on")
@@ -108,7 +120,7 @@ EOF
 
 for job in "${jobs[@]}"; do
   # shellcheck disable=SC2046 # job_args prints zero or one word
-  if ! HOT_MAP="$map" HOT_OUT="$work/$job.hits" HOT_BIN="$bin" unshare -n \
+  if ! PYTHONPATH="$work" HOT_MAP="$map" HOT_OUT="$work/$job.hits" HOT_BIN="$bin" unshare -n \
       gdb -nx -batch -x "$work/trace.py" --args "$bin" "${args[@]}" $(job_args "$job") \
       >"$work/$job.log" 2>&1 || [ ! -s "$work/$job.hits" ]; then
     echo "error: tracing the $job job failed:" >&2; tail -n 20 "$work/$job.log" >&2; exit 1
@@ -119,23 +131,12 @@ done
 # Sections (by map address) → symbol names. A section is named by its first symbol whose name
 # is unique in .text (lld moves every section defining a listed name, so a name shared by
 # several local functions would drag cold ones along); all of its names if none is unique.
-python3 - "$map" "$out" "$(rustc -V)" "${jobs[@]/#/$work/}" <<'EOF'
-import re, sys
+PYTHONPATH="$work" python3 - "$map" "$out" "$(rustc -V)" "${jobs[@]/#/$work/}" <<'EOF'
+import sys
 from collections import Counter
+from linkmap import text_sections
 map_path, out_path, rustc, hits = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-line = re.compile(r"^\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+ (\s*)(\S.*)$")
-sections, out, cur = {}, None, None
-for l in open(map_path):
-    m = line.match(l)
-    if not m:
-        continue
-    depth = len(m[3])
-    if depth == 0:
-        out = m[4]
-    elif out == ".text" and depth == 8:
-        cur = sections.setdefault(int(m[1], 16), [int(m[2], 16), []])
-    elif out == ".text" and depth == 16:
-        cur[1].append(m[4])
+sections = {a: (size, [n for _, n in syms]) for a, (size, syms) in text_sections(map_path).items()}
 count = Counter(n for _, names in sections.values() for n in names)
 order, seen = [], set()
 for path in hits:
