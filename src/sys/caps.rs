@@ -72,23 +72,25 @@ pub fn restrict(needed: &[Capability], bounding: bool) -> anyhow::Result<()> {
     let permitted =
         caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
     let keep: CapsHashSet = needed.intersection(&permitted).copied().collect();
-    let effective =
-        caps::read(None, CapSet::Effective).context("reading the effective capabilities")?;
-    if !bounding {
-        // See above: no-new-privs bounds every exec of this thread.
-    } else if effective.contains(&Capability::CAP_SETPCAP) {
-        // Dropping a capability the set does not hold succeeds, so there is no need to read
-        // the set first (one prctl per capability instead of two).
-        for c in caps::all().into_iter().filter(|c| !needed.contains(c)) {
-            if let Err(e) = caps::drop(None, CapSet::Bounding, c) {
-                // Kernels older than 5.8/5.9 do not know the newest capabilities.
-                if c.index() < Capability::CAP_PERFMON.index() {
-                    return Err(e).with_context(|| format!("dropping {c} from the bounding set"));
+    // Without `bounding`, no-new-privs (below) bounds every exec of this thread.
+    if bounding {
+        let effective =
+            caps::read(None, CapSet::Effective).context("reading the effective capabilities")?;
+        if effective.contains(&Capability::CAP_SETPCAP) {
+            // Dropping a capability the set does not hold succeeds, so there is no need to
+            // read the set first (one prctl per capability instead of two).
+            for c in caps::all().into_iter().filter(|c| !needed.contains(c)) {
+                if let Err(e) = caps::drop(None, CapSet::Bounding, c) {
+                    // Kernels older than 5.8/5.9 do not know the newest capabilities.
+                    if c.index() < Capability::CAP_PERFMON.index() {
+                        return Err(e)
+                            .with_context(|| format!("dropping {c} from the bounding set"));
+                    }
                 }
             }
+        } else {
+            log::debug!("no CAP_SETPCAP: the bounding set stays; no-new-privs limits children");
         }
-    } else {
-        log::debug!("no CAP_SETPCAP: the bounding set stays; no-new-privs limits children");
     }
     caps::clear(None, CapSet::Ambient).context("clearing the ambient capabilities")?;
     caps::set(None, CapSet::Effective, &keep).context("setting the effective capabilities")?;

@@ -188,10 +188,7 @@ fn pending_deferred() -> Vec<&'static str> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
     use std::os::fd::AsFd;
-    let mut set = SigSet::empty();
-    for s in DEFERRED {
-        set.add(s);
-    }
+    let set = sigset(&DEFERRED);
     if let Ok(fd) = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         if poll(&mut fds, PollTimeout::ZERO) == Ok(0) {
@@ -250,13 +247,13 @@ pub fn signal_state() -> SignalState {
 
 /// Blocks or unblocks `signals` on the calling thread; returns the mask it replaced.
 fn change_mask(how: SigmaskHow, signals: &[Signal]) -> nix::Result<SigSet> {
-    let mut set = SigSet::empty();
-    for s in signals {
-        set.add(*s);
-    }
     let mut old = SigSet::empty();
-    pthread_sigmask(how, Some(&set), Some(&mut old))?;
+    pthread_sigmask(how, Some(&sigset(signals)), Some(&mut old))?;
     Ok(old)
+}
+
+fn sigset(signals: &[Signal]) -> SigSet {
+    signals.iter().copied().collect()
 }
 
 /// While alive, the [`GATE`] signals are unblocked on the calling thread (the rest of the

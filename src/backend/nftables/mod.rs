@@ -103,17 +103,17 @@ impl Firewall for Nftables {
     }
 
     fn log_plan(&self, capture: &Capture) {
-        if let Some(summary) = self.planned.get() {
+        // The transaction is built here only when install has not (a dry run, a handover of
+        // the other backend) or for the debug listing.
+        let tx = (self.planned.get().is_none() || log::log_enabled!(log::Level::Debug))
+            .then(|| map::transaction(capture, &[], &self.group).ok())
+            .flatten();
+        let summary = self.planned.get().cloned();
+        if let Some(summary) = summary.or_else(|| tx.as_ref().map(|tx| counts(capture, tx))) {
             log::info!("nftables ruleset: {summary}");
-            if !log::log_enabled!(log::Level::Debug) {
-                return;
-            }
         }
-        if let Ok(tx) = map::transaction(capture, &[], &self.group) {
-            if self.planned.get().is_none() {
-                log::info!("nftables ruleset: {}", counts(capture, &tx));
-            }
-            log::debug!("nftables transaction:\n{}", nft::render(&tx));
+        if let Some(tx) = &tx {
+            log::debug!("nftables transaction:\n{}", nft::render(tx));
         }
     }
 
