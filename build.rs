@@ -6,11 +6,12 @@
 //! which keeps the binary position-independent for ASLR and about 90 KB smaller. Only
 //! static builds get it: a dynamic executable linked this way needs glibc ≥ 2.36 at run time.
 //!
-//! Two more flags keep a static build within its 2 MiB budget: `--no-eh-frame-hdr` (32 KB: the
-//! table an unwinder searches for a function's unwind entry; with `panic = "abort"` nothing
-//! unwinds, and only a panic's optional `RUST_BACKTRACE` listing would have used it) and, with
-//! lld, `--icf=all` (15 KB: functions with identical code folded into one; Rust makes no
-//! promise that two functions' addresses differ).
+//! With lld, `--icf=all` folds functions with identical code into one (15 KB; Rust makes no
+//! promise that two functions' addresses differ). No flag may change what a user sees: an
+//! earlier `--no-eh-frame-hdr` (32 KB) removed the table the unwinder searches, and with
+//! `RUST_BACKTRACE=1` set every error then aborted silently (anyhow captures a backtrace
+//! when an error is made), so it is gone, and `scripts/build-static.sh` runs an error path
+//! under `RUST_BACKTRACE=1` after each build.
 //!
 //! Static builds also get `link/hot-symbols.txt` as lld's `--symbol-ordering-file`: the
 //! functions a run executes, laid out together, so that the kernel's 64 KiB fault-around maps a
@@ -34,7 +35,6 @@ fn main() {
     let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
     if linux && features.split(',').any(|f| f == "crt-static") {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
-        println!("cargo:rustc-link-arg-bins=-Wl,--no-eh-frame-hdr");
         let icf = ["-Xlinker".to_owned(), "--icf=all".to_owned()];
         if linker_accepts(&icf) {
             for arg in &icf {

@@ -26,11 +26,33 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "note: not root, empty-chroot check skipped"
 fi
+# Smoke test of what a user sees when something fails, in the environments that once broke it
+# (a link flag that removed the unwinder's table made every error abort silently, exit 134,
+# under RUST_BACKTRACE=1): a validation error must print its line and exit 2, and a panic must
+# print where it happened before it aborts (SIGABRT, 134).
+smoke() {
+  local want_code=$1 want_err=$2 code
+  shift 2
+  code=0
+  # (the outer redirect silences the shell's own "Aborted" notice)
+  { env -i "$@" >/dev/null 2>"$root/err"; } 2>/dev/null || code=$?
+  if [ "$code" != "$want_code" ] || ! head -n1 "$root/err" | grep -qF -- "$want_err"; then
+    echo "error: \`env -i $*\` exited $code (want $want_code), stderr:" >&2
+    cat "$root/err" >&2
+    exit 1
+  fi
+}
+for e in RUST_BACKTRACE=1 RUST_BACKTRACE=full RUST_LIB_BACKTRACE=1; do
+  smoke 2 'error: invalid port "abc" in --envoy-port (-p): not a number' "$e" "$bin" -p abc --dry-run
+  smoke 134 'error: istio-init panicked at ' "$e" ISTIO_INIT_TEST_PANIC=smoke "$bin" --dry-run
+done
+echo "errors: exit 2 with the message and panics reported, under RUST_BACKTRACE=1|full, RUST_LIB_BACKTRACE=1"
 size=$(stat -c %s "$bin")
 echo "size: $size bytes"
-# The image's budget for the binary (README, Performance).
-budget=$((2 * 1024 * 1024))
+# The budget for the binary (README, Building a static binary): 2.5 MiB. A size trick that
+# changes what a user sees is never worth it; this budget leaves room not to need one.
+budget=$((5 * 512 * 1024))
 if [ "$size" -gt "$budget" ]; then
-  echo "error: $bin is $size bytes, over its 2 MiB budget ($budget bytes)" >&2; exit 1
+  echo "error: $bin is $size bytes, over its 2.5 MiB budget ($budget bytes)" >&2; exit 1
 fi
 echo "$bin"

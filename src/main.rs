@@ -27,9 +27,48 @@ use istio_init::{Env, exit};
 extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     ignore_sigpipe();
     standard_descriptors();
+    report_panics();
     let code = istio_init_main();
     let _ = std::io::stdout().flush();
     c_int::from(code)
+}
+
+/// The error line. `eprintln!` would panic when stderr is gone (a closed pipe: `EPIPE`), and
+/// the panic would turn exit code 2 into an abort; the exit code is all that is left to say
+/// it then, so a failed write is ignored.
+fn report(error: &dyn std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "error: {error}");
+}
+
+/// A panic is a bug; it must still say what happened. The hook writes one line, `error:
+/// istio-init panicked at FILE:LINE:COLUMN: MESSAGE`, to stderr (no backtrace: the binary is
+/// stripped, so its frames have no names), and the process then aborts (`panic = "abort"`):
+/// it ends on `SIGABRT`, which shells and Kubernetes report as exit code 134 (README, Exit
+/// codes). An abort runs no more of istio-init, and every apply path leaves the namespace as it
+/// was when the process dies at any point. `ISTIO_INIT_TEST_PANIC` set to a message panics
+/// with it here, so that the tests can check the shipped binary's panic path.
+fn report_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        // A failed write has nowhere to be reported; the abort still ends the run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: istio-init panicked{at}: {message} (a bug: please report it with the \
+             command line and this message)"
+        );
+    }));
+    if let Some(message) = std::env::var_os("ISTIO_INIT_TEST_PANIC") {
+        panic!("{}", message.to_string_lossy());
+    }
 }
 
 /// `SIGPIPE` ignored, as std's runtime start does.
@@ -91,16 +130,15 @@ fn istio_init_main() -> u8 {
     };
     if let Err(e) = istio_init::settings::config::check_env_encoding(&|name| std::env::var_os(name))
     {
-        eprintln!("error: {e}");
+        report(&e);
         return exit::USAGE;
     }
     let var = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     match istio_init::run(&inv, &Env { var: &var }) {
         Ok(()) => exit::SUCCESS,
         Err(err) => {
-            let code = exit::code_for(&err);
-            eprintln!("error: {err:#}");
-            code
+            report(&format_args!("{err:#}"));
+            exit::code_for(&err)
         }
     }
 }

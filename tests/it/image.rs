@@ -20,32 +20,34 @@ use crate::util::{self, Netns, output, stderr, stdout};
 pub(crate) struct Image {
     /// Image id in the private store.
     pub(crate) id: String,
+    /// The static istio-init binary the image holds (its build context's copy).
+    pub(crate) binary: PathBuf,
     root: PathBuf,
     runroot: PathBuf,
 }
 
 /// Capabilities given to the container (always after `--cap-drop=all`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caps {
+pub(crate) enum Caps {
     NetAdminRaw,
     None,
 }
 
 /// One `podman run` of the image.
 #[derive(Debug)]
-struct Run<'a> {
+pub(crate) struct Run<'a> {
     caps: Caps,
     /// `--network ns:<path>`; `None` gives `--network none`.
     netns: Option<&'a Netns>,
     entrypoint: Option<&'a str>,
     /// Extra `podman run` options (`-v`, `-e`, `--read-only-tmpfs=false`).
-    opts: Vec<String>,
+    pub(crate) opts: Vec<String>,
     args: Vec<String>,
     stdin: Option<String>,
 }
 
 impl<'a> Run<'a> {
-    fn new(caps: Caps, netns: Option<&'a Netns>, args: &[&str]) -> Self {
+    pub(crate) fn new(caps: Caps, netns: Option<&'a Netns>, args: &[&str]) -> Self {
         Run {
             caps,
             netns,
@@ -80,7 +82,7 @@ impl Image {
         c
     }
 
-    fn run(&self, r: &Run<'_>) -> Output {
+    pub(crate) fn run(&self, r: &Run<'_>) -> Output {
         let mut c = self.podman();
         c.args(["run", "--rm", "--pull=never"])
             // This machine's podman cannot raise these limits without them (see the brief).
@@ -141,8 +143,13 @@ fn build_and_load() -> Result<Image, String> {
     let archive = PathBuf::from(stdout(&o).trim());
     // A short runroot: conmon's socket paths must stay under the 108-byte limit.
     let runroot = std::env::temp_dir().join(format!("ii-podman-{:08x}", fnv(tmp)));
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
     let image = Image {
         id: String::new(),
+        binary: out.join(format!("context/rootfs-{arch}/usr/local/bin/istio-init")),
         root: tmp.join("podman"),
         runroot,
     };

@@ -22,6 +22,7 @@ mod nftables;
 mod pods;
 mod properties;
 mod readme;
+mod shipped;
 mod trace;
 mod util;
 mod validation;
