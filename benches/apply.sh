@@ -6,8 +6,7 @@
 #   BENCH_ROUNDS=1000 benches/apply.sh
 #   BENCH_MODE=nftables benches/apply.sh
 # The binary is the release build itself, not the one `cargo bench` would build for the
-# bench profile: that one's symbol names differ, so link/hot-symbols.txt would not lay it out.
-# It is copied aside first: `cargo bench` writes its own build of the binary to the same path
+# bench profile. It is copied aside first: `cargo bench` writes its own build of the binary to the same path
 # (the bench profile shares the release directory), which would otherwise be what is measured.
 set -eu
 cd "$(dirname "$0")/.."
