@@ -310,6 +310,8 @@ fn check_binary(label: &str, binary: &Path, roots: bool) -> Vec<String> {
         for f in failures() {
             let o = run(&ns, binary, &h, &f);
             let case = format!("{label}, {}, {}", h.name, f.name);
+            // The record of what was tried (`--nocapture` shows it).
+            eprintln!("{case}: exit {:?}, {:?}", o.status.code(), error_line(&o));
             if o.status.code() != Some(f.code) {
                 bad.push(format!(
                     "{case}: exit {:?}, want {}; stderr: {}",
