@@ -1,4 +1,5 @@
-//! Istio's build steps (`istio-iptables-behaviour.md` §4, step numbers in the comments), run
+//! Istio's build steps (in the order of its `istio-iptables` capture code, numbered in the
+//! comments), run
 //! once for every programmed family: a rule that involves an address is emitted once per
 //! family, each copy right after the other, so the per-family projections keep istio-iptables'
 //! order and an inet table gets Istio's nftables order.

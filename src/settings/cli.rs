@@ -92,8 +92,8 @@ const fn not_yet(mut o: Opt) -> Opt {
 
 use Kind::{Bool, Value};
 
-/// The arguments the sidecar injector renders by default (the first list of the shared
-/// `conformance/injected-args.json`; a conformance test keeps them equal): the command line of
+/// The arguments Istio's sidecar injector renders by default (a conformance test keeps them
+/// equal to the injector's own rendering, when the test data is present): the command line of
 /// every standard pod start, used by the benchmarks and tests.
 pub const INJECTOR_DEFAULT_ARGS: [&str; 18] = [
     "istio-iptables",
