@@ -447,3 +447,42 @@ fn a_panic_prints_its_location_and_message_then_aborts() {
         }
     }
 }
+
+/// Bytes that are not UTF-8 in an argument or in one of istio-init's own variables are input
+/// errors that name the flag or the variable (exit 2), in the shipped binary and the test build.
+#[test]
+fn arguments_and_variables_that_are_not_utf8_are_named() {
+    let Some(shipped) = shipped_binary("arguments_and_variables_that_are_not_utf8_are_named")
+    else {
+        return;
+    };
+    let bad = OsStr::from_bytes(b"15\xff01");
+    for binary in [shipped.as_path(), Path::new(bin())] {
+        let o = Command::new(binary)
+            .args(["istio-iptables", "--dry-run", "-p"])
+            .arg(bad)
+            .env_clear()
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("running istio-init");
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert_eq!(
+            error_line(&o),
+            "error: invalid value \"15\u{fffd}01\" in --envoy-port (-p): not valid UTF-8 \
+             (byte 0xff at offset 2)"
+        );
+        let o = Command::new(binary)
+            .args(["istio-iptables", "--dry-run"])
+            .env_clear()
+            .env("RUST_BACKTRACE", "1")
+            .env("ISTIO_LOCAL_EXCLUDE_PORTS", bad)
+            .output()
+            .expect("running istio-init");
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert_eq!(
+            error_line(&o),
+            "error: invalid value \"15\u{fffd}01\" in env ISTIO_LOCAL_EXCLUDE_PORTS: not valid \
+             UTF-8 (byte 0xff at offset 2)"
+        );
+    }
+}
