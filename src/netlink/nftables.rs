@@ -31,6 +31,7 @@ use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterProtoFamily, NetfilterSubsystem};
 
 use super::Message;
+use super::tables::nfproto;
 use crate::nft::{
     self, BaseChain, ChainType, Dir, Family, Hook, L4, Op, PortSet, Stmt, Transaction, Verdict,
 };
@@ -289,7 +290,7 @@ impl Encoder {
                     attributes.push(RuleAttribute::Handle(*handle));
                 }
                 let m = NfTablesMessage::DeleteRule(RuleMessage { attributes });
-                self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
+                self.nft_in(i, nfproto(c.family), m, 0);
             }
             Op::DeleteChain(c) => {
                 let attributes = vec![
@@ -297,7 +298,7 @@ impl Encoder {
                     ChainAttribute::Name(c.chain.clone()),
                 ];
                 let m = NfTablesMessage::DeleteChain(ChainMessage { attributes });
-                self.nft_in(i, crate::netlink::tables::nfproto(c.family), m, 0);
+                self.nft_in(i, nfproto(c.family), m, 0);
             }
         }
         Ok(())
@@ -339,7 +340,7 @@ impl Encoder {
             }
             Stmt::NfProto(f) => {
                 out.push(meta_load(MetaKey::Nfproto));
-                out.push(cmp(Operator::Equal, vec![nfproto(*f)]));
+                out.push(cmp(Operator::Equal, vec![nfproto_byte(*f)]));
             }
             Stmt::Port {
                 proto,
@@ -458,7 +459,7 @@ impl Encoder {
                 out.push(raw_expr(
                     "tproxy",
                     vec![
-                        u32_nla(raw::NFTA_TPROXY_FAMILY, u32::from(nfproto(*family))),
+                        u32_nla(raw::NFTA_TPROXY_FAMILY, u32::from(nfproto_byte(*family))),
                         u32_nla(raw::NFTA_TPROXY_REG_PORT, Register::Reg1.into()),
                     ],
                 ));
@@ -647,11 +648,9 @@ fn proto_number(p: L4) -> u8 {
     }
 }
 
-fn nfproto(f: Family) -> u8 {
-    u8::from(match f {
-        Family::V4 => NetfilterProtoFamily::IPv4,
-        Family::V6 => NetfilterProtoFamily::IPv6,
-    })
+/// [`nfproto`] as the byte a `meta nfproto` comparison or a TPROXY family attribute holds.
+fn nfproto_byte(f: Family) -> u8 {
+    u8::from(nfproto(f))
 }
 
 fn op_of(negate: bool) -> Operator {
