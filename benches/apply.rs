@@ -18,6 +18,11 @@
 //! iptables processes it started (through a logging shim on `PATH`). istio-init runs with its
 //! default (info) logging into a pipe, as in a pod.
 //!
+//! `BENCH_MODE=ab BENCH_A=/path/a BENCH_B=/path/b` compares two istio-init binaries instead
+//! (an old build against a new one, or a build with a trick against one without it): the
+//! injector's default arguments (plus `BENCH_ARGS`, e.g. `--native-nftables`), interleaved,
+//! fresh namespace each run; see [`ab`].
+//!
 //! `BENCH_MODE=nftables` measures `--native-nftables` instead (see [`nftables`]): istio-init
 //! against a bare `iptables-nft-restore` of the equivalent iptables text, `nft -f` of the
 //! equivalent nftables text, and Istio's native mode's three `nft` processes.
@@ -91,7 +96,11 @@ fn run_fresh(mut cmd: Command, input: Option<&str>) -> (Duration, Duration, Stri
 }
 
 fn istio_init(path: &str, extra: &[&str]) -> Command {
-    let mut c = Command::new(istio_init_bin());
+    istio_init_at(&istio_init_bin(), path, extra)
+}
+
+fn istio_init_at(bin: &str, path: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin);
     c.env_clear()
         .env("PATH", path)
         .args(INJECTOR_DEFAULT_ARGS)
@@ -133,9 +142,10 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
-    if std::env::var("BENCH_MODE").as_deref() == Ok("nftables") {
-        nftables(rounds, &path);
-        return;
+    match std::env::var("BENCH_MODE").as_deref() {
+        Ok("nftables") => return nftables(rounds, &path),
+        Ok("ab") => return ab(rounds, &path),
+        _ => {}
     }
     let restore = path
         .split(':')
@@ -468,4 +478,41 @@ fn nftables(rounds: usize, path: &str) {
             rss[rss.len() / 2]
         );
     }
+}
+
+/// Two istio-init binaries (`BENCH_A`, `BENCH_B`) on the same arguments, interleaved (the
+/// order alternates each round), each run on a fresh namespace: median wall and CPU of each,
+/// and B's over A's.
+fn ab(rounds: usize, path: &str) {
+    let bins: Vec<String> = ["BENCH_A", "BENCH_B"]
+        .iter()
+        .map(|v| std::env::var(v).unwrap_or_else(|_| panic!("BENCH_MODE=ab needs {v}")))
+        .collect();
+    let mut samples = [Samples::default(), Samples::default()];
+    for round in 0..rounds + 5 {
+        for k in 0..2 {
+            let which = (round + k) % 2;
+            let (w, c, _) = run_fresh(istio_init_at(&bins[which], path, &[]), None);
+            // The first rounds warm the page cache and are not counted.
+            if round >= 5 {
+                samples[which].wall.push(w);
+                samples[which].cpu.push(c);
+            }
+        }
+    }
+    let extra = std::env::var("BENCH_ARGS").unwrap_or_default();
+    println!(
+        "A/B: the injector's default arguments {extra}, {rounds} interleaved rounds, fresh namespace each run"
+    );
+    let mut medians = Vec::new();
+    for (bin, s) in bins.iter().zip(samples.iter_mut()) {
+        let (wall, cpu) = (pct(&mut s.wall, 50), pct(&mut s.cpu, 50));
+        println!("{bin}: median wall {}, median CPU {}", ms(wall), ms(cpu));
+        medians.push((wall.as_secs_f64(), cpu.as_secs_f64()));
+    }
+    println!(
+        "B / A: wall {:.3}, CPU {:.3}",
+        medians[1].0 / medians[0].0,
+        medians[1].1 / medians[0].1
+    );
 }

@@ -2,7 +2,7 @@
 //!
 //! Pure. [`build`] turns a [`Config`] and the namespace's [`Facts`] into a [`Capture`]: every
 //! rule of every table in Istio's emission order (the 19 steps of its `istio-iptables` capture
-//! code, numbered in `build.rs`), with typed matches and targets.
+//! code, numbered in `capture/build.rs`), with typed matches and targets.
 //! A rule carries an IP family only where it involves an address; the others apply to both.
 //! Each backend renders from this model: the iptables backend projects it per family
 //! ([`Capture::family`], one `iptables-restore` input each), the nftables backend into inet

@@ -136,7 +136,6 @@ pub fn encode(tx: &Transaction) -> Result<Batch, nft::Invalid> {
         seq: 1,
         set_id: 0,
         last_offset: None,
-        seen: Vec::new(),
     };
     let begin_seq = enc.seq;
     enc.control(ControlMessage::BatchBegin);
@@ -170,14 +169,7 @@ struct Encoder {
     set_id: u32,
     /// Where the last nf_tables message starts in `bytes`.
     last_offset: Option<usize>,
-    /// Statements already encoded, with their expressions as list elements (see
-    /// [`Encoder::stmt_elements`]).
-    seen: Vec<(Stmt, Vec<u8>)>,
 }
-
-/// How many different statements an [`Encoder`] keeps the expressions of: a linear search
-/// stays cheap, and covers every statement of a usual configuration.
-const SEEN_MAX: usize = 64;
 
 impl Encoder {
     /// Appends one message: `body` after the nfnetlink header (`family`, `res_id`).
@@ -305,28 +297,15 @@ impl Encoder {
     }
 
     /// Appends to `list` the expressions of statement `s` as the elements of a rule's
-    /// expression list, each written out once (see [`emitted`]). Rules share most of their
-    /// statements (`counter`, `meta l4proto tcp`, a jump), so a statement met before in this
-    /// batch is copied from its first encoding: the first [`SEEN_MAX`] different ones are
-    /// kept, except those that added messages of their own (an anonymous set belongs to one
-    /// rule).
+    /// expression list, each written out once (see [`emitted`]).
     fn stmt_elements(&mut self, op: usize, table: &str, s: &Stmt, list: &mut Vec<u8>) {
-        if let Some((_, bytes)) = self.seen.iter().find(|(seen, _)| seen == s) {
-            list.extend_from_slice(bytes);
-            return;
-        }
-        let seq = self.seq;
         let mut exprs = Vec::with_capacity(3);
         self.stmt(op, table, s, &mut exprs);
-        let start = list.len();
         for e in &exprs {
             let element = ListAttribute::<ExpressionAttribute>::Other(emitted(e));
             let at = list.len();
-            super::zero_extend(list, element.buffer_len());
+            list.resize(at + element.buffer_len(), 0);
             element.emit(&mut list[at..]);
-        }
-        if self.seq == seq && self.seen.len() < SEEN_MAX {
-            self.seen.push((s.clone(), list[start..].to_vec()));
         }
     }
 
