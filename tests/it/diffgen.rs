@@ -1,0 +1,349 @@
+//! Random *valid* configurations for the differential test (`differential.rs`), reproducible
+//! from a seed and an index: case `i` of seed `s` draws from its own generator seeded with
+//! `(s, i)`, so one case can be re-run alone (`DIFF_SEED=s DIFF_INDEX=i`).
+//!
+//! A case is what a pod's init container gets: the arguments after the `istio-iptables` word
+//! (each option spelled as a long flag, `--flag=value`, a short flag or its env-var fallback),
+//! the environment, and the pod itself (its addresses, and the nameservers of its
+//! resolv.conf). Values are ones Istio's tool accepts: ports and `a:b` ranges, CIDRs of both
+//! families with `*`, empty values, duplicates and trailing commas, owner uids/gids/groups,
+//! interfaces, marks and route tables. Addresses stay in 198.18.0.0/15, 2001:db8::/32 and
+//! loopback.
+
+use std::fmt::Write as _;
+
+/// SplitMix64: small, fast, and enough for test data.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64, index: u64) -> Rng {
+        let mut r = Rng(seed ^ index.wrapping_mul(0xA076_1D64_78BD_642F));
+        r.next();
+        r
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// The pod a case runs in: its interface addresses (with prefix length) and nameservers.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub v4: Option<String>,
+    pub v6: Option<String>,
+    pub nameservers: Vec<String>,
+}
+
+impl Pod {
+    pub fn resolv_conf(&self) -> String {
+        let mut s = String::from("search ns.svc.cluster.local svc.cluster.local\n");
+        for n in &self.nameservers {
+            let _ = writeln!(s, "nameserver {n}");
+        }
+        s + "options ndots:5\n"
+    }
+
+    /// Nameservers listed more than once.
+    pub fn duplicate_nameservers(&self) -> Vec<&str> {
+        let mut dups: Vec<&str> = Vec::new();
+        for (i, n) in self.nameservers.iter().enumerate() {
+            if self.nameservers[..i].contains(n) && !dups.contains(&n.as_str()) {
+                dups.push(n);
+            }
+        }
+        dups
+    }
+}
+
+/// One generated configuration.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub seed: u64,
+    pub index: u64,
+    pub nft: bool,
+    /// The arguments after the `istio-iptables` word.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub pod: Pod,
+    /// Whether `--dual-stack` (or its env var) is on.
+    pub dual_stack: bool,
+}
+
+impl Case {
+    /// The one-line reproducer of a failure.
+    pub fn reproducer(&self) -> String {
+        format!(
+            "DIFF_SEED={} DIFF_INDEX={} mode={} args={:?} env={:?} pod: v4={:?} v6={:?} nameservers={:?}",
+            self.seed,
+            self.index,
+            if self.nft { "nftables" } else { "iptables" },
+            self.args,
+            self.env,
+            self.pod.v4,
+            self.pod.v6,
+            self.pod.nameservers
+        )
+    }
+
+    /// The same case in a pod without its IPv6 address.
+    pub fn without_ipv6_address(&self) -> Case {
+        let mut c = self.clone();
+        c.pod.v6 = None;
+        c
+    }
+
+    /// Istio's IPv6 choice: the first global address decides (the kernel lists IPv4 first),
+    /// or with `--dual-stack` any IPv6 address.
+    pub fn istio_ipv6(&self) -> bool {
+        match (&self.pod.v4, &self.pod.v6) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(_), Some(_)) => self.dual_stack,
+        }
+    }
+}
+
+const PORTS: [&str; 10] = [
+    "80", "443", "8080", "3306", "15020", "15021", "15090", "9000", "53", "7",
+];
+const CIDRS: [&str; 12] = [
+    "198.18.0.0/15",
+    "198.19.5.0/24",
+    "198.18.7.7/32",
+    "198.18.200.0/22",
+    "127.1.2.3/32",
+    "2001:db8::/32",
+    "2001:db8:5::/48",
+    "2001:db8::7/128",
+    "2001:db8:a:b::/64",
+    "::1/128",
+    "198.19.0.1/16",
+    "2001:db8:1::1/56",
+];
+const NAMESERVERS: [&str; 7] = [
+    "198.18.0.53",
+    "198.19.0.10",
+    "127.0.0.53",
+    "127.0.0.1",
+    "2001:db8::53",
+    "2001:db8:1::10",
+    "::1",
+];
+const INTERFACES: [&str; 4] = ["eth0", "eth1", "net1", "lo"];
+
+/// A comma list of 1–4 items drawn by `item`, with duplicates possible and sometimes a
+/// trailing comma.
+fn list(rng: &mut Rng, item: &mut dyn FnMut(&mut Rng) -> String) -> String {
+    let n = 1 + rng.below(4);
+    let mut items: Vec<String> = (0..n).map(|_| item(rng)).collect();
+    if rng.chance(10) {
+        let again = rng.pick(&items).clone();
+        items.push(again);
+    }
+    let mut s = items.join(",");
+    if rng.chance(8) {
+        s.push(',');
+    }
+    s
+}
+
+fn port(rng: &mut Rng) -> String {
+    if rng.chance(15) {
+        let a = 1000 + rng.below(5000);
+        return format!("{a}:{}", a + 1 + rng.below(200));
+    }
+    rng.pick(&PORTS).to_string()
+}
+
+fn ports(rng: &mut Rng) -> String {
+    list(rng, &mut port)
+}
+
+/// `*` (sometimes), empty (sometimes) or a list: `-b` and `-i`.
+fn wildcard_or(rng: &mut Rng, item: fn(&mut Rng) -> String) -> String {
+    match rng.below(10) {
+        0..=3 => "*".into(),
+        4 => String::new(),
+        _ => list(rng, &mut |r| item(r)),
+    }
+}
+
+fn cidr(rng: &mut Rng) -> String {
+    rng.pick(&CIDRS).to_string()
+}
+
+/// Option values by long name (an env-only setting by its variable name).
+fn settings(rng: &mut Rng) -> Vec<(&'static str, String)> {
+    let mut v: Vec<(&'static str, String)> = Vec::new();
+    let mut maybe = |rng: &mut Rng, p: u64, key: &'static str, f: &dyn Fn(&mut Rng) -> String| {
+        if rng.chance(p) {
+            let value = f(rng);
+            v.push((key, value));
+        }
+    };
+    maybe(rng, 40, "envoy-port", &|r| {
+        r.pick(&["15001", "16001"]).to_string()
+    });
+    maybe(rng, 40, "inbound-capture-port", &|r| {
+        r.pick(&["15006", "16006"]).to_string()
+    });
+    maybe(rng, 30, "inbound-tunnel-port", &|r| {
+        r.pick(&["15008", "16008"]).to_string()
+    });
+    maybe(rng, 85, "proxy-uid", &|r| {
+        r.pick(&["1337", "3,4", "0", "1000"]).to_string()
+    });
+    maybe(rng, 35, "proxy-gid", &|r| {
+        r.pick(&["1337", "1,2", "1001"]).to_string()
+    });
+    maybe(rng, 80, "istio-inbound-interception-mode", &|r| {
+        r.pick(&["REDIRECT", "TPROXY", "TPROXY"]).to_string()
+    });
+    maybe(rng, 90, "istio-inbound-ports", &|r| wildcard_or(r, port));
+    maybe(rng, 80, "istio-local-exclude-ports", &ports);
+    maybe(rng, 90, "istio-service-cidr", &|r| wildcard_or(r, cidr));
+    maybe(rng, 60, "istio-service-exclude-cidr", &|r| {
+        if r.chance(15) {
+            String::new()
+        } else {
+            list(r, &mut cidr)
+        }
+    });
+    maybe(rng, 30, "istio-outbound-ports", &ports);
+    maybe(rng, 30, "istio-local-outbound-ports-exclude", &ports);
+    maybe(rng, 20, "kube-virt-interfaces", &|r| {
+        list(r, &mut |r| r.pick(&INTERFACES).to_string())
+    });
+    maybe(rng, 20, "istio-exclude-interfaces", &|r| {
+        list(r, &mut |r| r.pick(&INTERFACES).to_string())
+    });
+    maybe(rng, 20, "istio-inbound-tproxy-mark", &|r| {
+        r.pick(&["1337", "4242", "77"]).to_string()
+    });
+    maybe(rng, 20, "istio-inbound-tproxy-route-table", &|r| {
+        r.pick(&["133", "200", "42"]).to_string()
+    });
+    for key in [
+        "redirect-dns",
+        "capture-all-dns",
+        "drop-invalid",
+        "dual-stack",
+    ] {
+        let p = if key == "redirect-dns" { 60 } else { 25 };
+        maybe(rng, p, key, &|r| {
+            r.pick(&["true", "true", "false"]).to_string()
+        });
+    }
+    maybe(rng, 20, "ISTIO_OUTBOUND_OWNER_GROUPS", &|r| {
+        r.pick(&["*", "java,202", "1001", ""]).to_string()
+    });
+    maybe(rng, 20, "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", &|r| {
+        r.pick(&["888,ftp", "1002", ""]).to_string()
+    });
+    maybe(rng, 15, "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", &|r| {
+        r.pick(&["127.0.0.1/32", "127.0.0.1/8", "127.0.0.0/16"])
+            .to_string()
+    });
+    v
+}
+
+/// Bool values as Go's `strconv.ParseBool` reads them.
+const TRUES: [&str; 3] = ["true", "1", "True"];
+
+/// Writes one setting into the case: a flag in one of its spellings, or an env var.
+fn give(rng: &mut Rng, case: &mut Case, key: &'static str, value: &str) {
+    let Some(o) = istio_init::settings::cli::find(key) else {
+        case.env.push((key.to_owned(), value.to_owned()));
+        return;
+    };
+    let boolean = matches!(o.kind, istio_init::settings::cli::Kind::Bool);
+    if !o.env.is_empty() && rng.chance(35) {
+        let name = *rng.pick(o.env);
+        let v = if boolean && value == "true" {
+            rng.pick(&TRUES).to_string()
+        } else {
+            value.to_owned()
+        };
+        case.env.push((name.to_owned(), v));
+        return;
+    }
+    match (boolean, o.short, rng.below(3)) {
+        (true, _, 0) if value == "true" => case.args.push(format!("--{}", o.long)),
+        (false, Some(s), 0) => case.args.extend([format!("-{s}"), value.to_owned()]),
+        (false, _, 1) => case
+            .args
+            .extend([format!("--{}", o.long), value.to_owned()]),
+        _ => case.args.push(format!("--{}={value}", o.long)),
+    }
+}
+
+fn pod(rng: &mut Rng) -> Pod {
+    let v4 = format!("198.18.{}.{}/24", rng.below(250), 2 + rng.below(250));
+    let v6 = format!(
+        "2001:db8:{:x}::{:x}/64",
+        rng.below(0xffff),
+        2 + rng.below(0xfff)
+    );
+    let (v4, v6) = match rng.below(10) {
+        0..=2 => (Some(v4), None),
+        3..=5 => (None, Some(v6)),
+        _ => (Some(v4), Some(v6)),
+    };
+    let n = rng.below(5);
+    let nameservers = (0..n).map(|_| rng.pick(&NAMESERVERS).to_string()).collect();
+    Pod {
+        v4,
+        v6,
+        nameservers,
+    }
+}
+
+/// Case `index` of `seed`, in nftables mode when `nft`.
+pub fn case(seed: u64, index: u64, nft: bool) -> Case {
+    let mut rng = Rng::new(seed, index);
+    let pod = pod(&mut rng);
+    let mut case = Case {
+        seed,
+        index,
+        nft,
+        args: Vec::new(),
+        env: Vec::new(),
+        pod,
+        dual_stack: false,
+    };
+    let mut given = settings(&mut rng);
+    if nft {
+        given.push(("native-nftables", "true".into()));
+    }
+    // Flags in random order, as a template or a user may write them.
+    for i in (1..given.len()).rev() {
+        given.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for (key, value) in &given {
+        if *key == "dual-stack" {
+            case.dual_stack = value == "true";
+        }
+        give(&mut rng, &mut case, key, value);
+    }
+    case
+}
