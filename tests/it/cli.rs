@@ -194,3 +194,44 @@ fn nft_sidecar_case(
     let (_, full) = reference(&format!("{tag}ref"), &args);
     Some((dir, args, full, crate::faults::pod(&format!("{tag}pod"))))
 }
+
+/// README "Differences from Istio": `DRY_RUN_FILE_PATH` receives the dry-run text, appended
+/// run after run.
+#[test]
+fn dry_run_file_path_receives_the_dry_run_text_appended() {
+    let tmp = crate::util::TempDir::new("dryrunfile");
+    let file = tmp.path().join("dry-run.txt");
+    let mut texts = String::new();
+    for _ in 0..2 {
+        let o = output(
+            istio_init()
+                .args(["--dry-run", "--ipv6=false"])
+                .env("DRY_RUN_FILE_PATH", &file),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        texts.push_str(&stdout(&o));
+    }
+    assert!(texts.contains("ISTIO_OUTPUT"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), texts);
+}
+
+/// A run whose output cannot be written fails: stdout on `/dev/full` gives exit 1 and an
+/// error on stderr (never exit 0 with the output lost), for a dry run, `explain`, `trace`
+/// and `--help`.
+#[test]
+fn unwritable_stdout_fails_the_run() {
+    for args in [
+        &["--dry-run", "--ipv6=false"][..],
+        &["explain", "--ipv6=false"],
+        &["trace", "out", "198.18.0.9:80", "--ipv6=false"],
+        &["--help"],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let o = output(istio_init().args(args).stdout(full));
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("error: "), "{args:?}: {}", stderr(&o));
+    }
+}

@@ -112,6 +112,11 @@ impl Case {
         c
     }
 
+    /// Whether Istio turns IPv6 off where istio-init (any global IPv6 address) turns it on.
+    pub fn ipv6_choices_differ(&self) -> bool {
+        self.pod.v6.is_some() && !self.istio_ipv6()
+    }
+
     /// Istio's IPv6 choice: the first global address decides (the kernel lists IPv4 first),
     /// or with `--dual-stack` any IPv6 address.
     pub fn istio_ipv6(&self) -> bool {
