@@ -13,9 +13,10 @@
 //!
 //! The differences the README lists under "Differences from Istio" are forgiven by rule: one
 //! normalisation per listed difference, named after it ([`ipv6_on_any_global_address`],
-//! [`duplicate_nameserver_once`], [`no_probe_footprint`], [`passthrough_address_nodad`]). Where Istio's nftables mode fails on a valid configuration
-//! (port ranges, an insert past a chain's end) the test says so, counts it per class, and
-//! checks that istio-init applied. Anything else fails with a one-line reproducer.
+//! [`duplicate_nameserver_once`], [`no_probe_footprint`], [`passthrough_address_nodad`]).
+//! Where Istio's nftables mode fails on a valid configuration (port ranges, an insert past a
+//! chain's end) the test says so, counts it per class, and checks that istio-init applied.
+//! Anything else fails with a one-line reproducer.
 //!
 //! Run sizes: `DIFF_CONFIGS` configurations per mode (default 300) from `DIFF_SEED` (default:
 //! a fixed seed per mode); `DIFF_INDEX=i` runs case `i` alone; `DIFF_THREADS` (default 3).
@@ -114,22 +115,15 @@ fn read_state(ns: &Netns, nft: bool) -> State {
             ("routing6", ROUTING6),
         ]
     };
-    let script: String = parts
-        .iter()
-        // The saves warn on stderr about iptables-legacy tables (Istio's probes make them).
-        .map(|(name, cmd)| format!("echo '@@ {name}'; {{ {cmd}; }} 2>/dev/null; "))
-        .collect();
-    let out = ns.ok(&["sh", "-c", &script]);
-    let mut state = State::new();
-    for chunk in out.split("@@ ").skip(1) {
-        let (name, text) = chunk.split_once('\n').unwrap_or((chunk, ""));
-        let (key, _) = parts.iter().find(|(n, _)| *n == name).expect("component");
-        let text = match *key {
+    // Without stderr: the saves warn there about iptables-legacy tables (Istio's probes
+    // make them).
+    let mut state = ns.outputs(parts, false);
+    for (key, text) in state.iter_mut() {
+        *text = match *key {
             "nft" => zero_counters(text),
-            "routing4" | "routing6" => text.to_owned(),
+            "routing4" | "routing6" => std::mem::take(text),
             _ => normalized_save(text),
         };
-        state.insert(key, text);
     }
     state
 }

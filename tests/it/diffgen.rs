@@ -173,7 +173,8 @@ fn list(rng: &mut Rng, item: &mut dyn FnMut(&mut Rng) -> String) -> String {
 }
 
 fn port(rng: &mut Rng) -> String {
-    if rng.chance(15) {
+    // Rare enough that most nftables-mode cases stay comparable (Istio's fails on a range).
+    if rng.chance(6) {
         let a = 1000 + rng.below(5000);
         return format!("{a}:{}", a + 1 + rng.below(200));
     }
@@ -197,78 +198,93 @@ fn cidr(rng: &mut Rng) -> String {
     rng.pick(&CIDRS).to_string()
 }
 
-/// Option values by long name (an env-only setting by its variable name).
-fn settings(rng: &mut Rng) -> Vec<(&'static str, String)> {
-    let mut v: Vec<(&'static str, String)> = Vec::new();
-    let mut maybe = |rng: &mut Rng, p: u64, key: &'static str, f: &dyn Fn(&mut Rng) -> String| {
-        if rng.chance(p) {
-            let value = f(rng);
+/// Settings whose value is one of a few: the key (an option's long name, or an env-only
+/// variable), the percentage of cases that give it, and its values.
+type Picks = [(&'static str, u64, &'static [&'static str])];
+
+const PICKS_FIRST: &Picks = &[
+    ("envoy-port", 40, &["15001", "16001"]),
+    ("inbound-capture-port", 40, &["15006", "16006"]),
+    ("inbound-tunnel-port", 30, &["15008", "16008"]),
+    ("proxy-uid", 85, &["1337", "3,4", "0", "1000"]),
+    ("proxy-gid", 35, &["1337", "1,2", "1001"]),
+    (
+        "istio-inbound-interception-mode",
+        80,
+        &["REDIRECT", "TPROXY", "TPROXY"],
+    ),
+];
+
+const PICKS_LAST: &Picks = &[
+    ("istio-inbound-tproxy-mark", 20, &["1337", "4242", "77"]),
+    (
+        "istio-inbound-tproxy-route-table",
+        20,
+        &["133", "200", "42"],
+    ),
+    ("redirect-dns", 60, &["true", "true", "false"]),
+    ("capture-all-dns", 25, &["true", "true", "false"]),
+    ("drop-invalid", 25, &["true", "true", "false"]),
+    ("dual-stack", 25, &["true", "true", "false"]),
+    (
+        "ISTIO_OUTBOUND_OWNER_GROUPS",
+        20,
+        &["*", "java,202", "1001", ""],
+    ),
+    (
+        "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        20,
+        &["888,ftp", "1002", ""],
+    ),
+    (
+        "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        15,
+        &["127.0.0.1/32", "127.0.0.1/8", "127.0.0.0/16"],
+    ),
+];
+
+fn picks(rng: &mut Rng, table: &Picks, v: &mut Vec<(&'static str, String)>) {
+    for (key, percent, values) in table {
+        if rng.chance(*percent) {
+            v.push((key, rng.pick(values).to_string()));
+        }
+    }
+}
+
+/// Draws one setting's value.
+type ValueOf<'a> = &'a dyn Fn(&mut Rng) -> String;
+
+/// The list-valued settings: ports, CIDRs and interfaces.
+fn lists(rng: &mut Rng, v: &mut Vec<(&'static str, String)>) {
+    let interfaces = |r: &mut Rng| list(r, &mut |r| r.pick(&INTERFACES).to_string());
+    let excluded_cidrs = |r: &mut Rng| match r.chance(15) {
+        true => String::new(),
+        false => list(r, &mut cidr),
+    };
+    let table: [(&'static str, u64, ValueOf); 8] = [
+        ("istio-inbound-ports", 90, &|r| wildcard_or(r, port)),
+        ("istio-local-exclude-ports", 80, &ports),
+        ("istio-service-cidr", 90, &|r| wildcard_or(r, cidr)),
+        ("istio-service-exclude-cidr", 60, &excluded_cidrs),
+        ("istio-outbound-ports", 30, &ports),
+        ("istio-local-outbound-ports-exclude", 30, &ports),
+        ("kube-virt-interfaces", 20, &interfaces),
+        ("istio-exclude-interfaces", 20, &interfaces),
+    ];
+    for (key, percent, value) in table {
+        if rng.chance(percent) {
+            let value = value(rng);
             v.push((key, value));
         }
-    };
-    maybe(rng, 40, "envoy-port", &|r| {
-        r.pick(&["15001", "16001"]).to_string()
-    });
-    maybe(rng, 40, "inbound-capture-port", &|r| {
-        r.pick(&["15006", "16006"]).to_string()
-    });
-    maybe(rng, 30, "inbound-tunnel-port", &|r| {
-        r.pick(&["15008", "16008"]).to_string()
-    });
-    maybe(rng, 85, "proxy-uid", &|r| {
-        r.pick(&["1337", "3,4", "0", "1000"]).to_string()
-    });
-    maybe(rng, 35, "proxy-gid", &|r| {
-        r.pick(&["1337", "1,2", "1001"]).to_string()
-    });
-    maybe(rng, 80, "istio-inbound-interception-mode", &|r| {
-        r.pick(&["REDIRECT", "TPROXY", "TPROXY"]).to_string()
-    });
-    maybe(rng, 90, "istio-inbound-ports", &|r| wildcard_or(r, port));
-    maybe(rng, 80, "istio-local-exclude-ports", &ports);
-    maybe(rng, 90, "istio-service-cidr", &|r| wildcard_or(r, cidr));
-    maybe(rng, 60, "istio-service-exclude-cidr", &|r| {
-        if r.chance(15) {
-            String::new()
-        } else {
-            list(r, &mut cidr)
-        }
-    });
-    maybe(rng, 30, "istio-outbound-ports", &ports);
-    maybe(rng, 30, "istio-local-outbound-ports-exclude", &ports);
-    maybe(rng, 20, "kube-virt-interfaces", &|r| {
-        list(r, &mut |r| r.pick(&INTERFACES).to_string())
-    });
-    maybe(rng, 20, "istio-exclude-interfaces", &|r| {
-        list(r, &mut |r| r.pick(&INTERFACES).to_string())
-    });
-    maybe(rng, 20, "istio-inbound-tproxy-mark", &|r| {
-        r.pick(&["1337", "4242", "77"]).to_string()
-    });
-    maybe(rng, 20, "istio-inbound-tproxy-route-table", &|r| {
-        r.pick(&["133", "200", "42"]).to_string()
-    });
-    for key in [
-        "redirect-dns",
-        "capture-all-dns",
-        "drop-invalid",
-        "dual-stack",
-    ] {
-        let p = if key == "redirect-dns" { 60 } else { 25 };
-        maybe(rng, p, key, &|r| {
-            r.pick(&["true", "true", "false"]).to_string()
-        });
     }
-    maybe(rng, 20, "ISTIO_OUTBOUND_OWNER_GROUPS", &|r| {
-        r.pick(&["*", "java,202", "1001", ""]).to_string()
-    });
-    maybe(rng, 20, "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", &|r| {
-        r.pick(&["888,ftp", "1002", ""]).to_string()
-    });
-    maybe(rng, 15, "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", &|r| {
-        r.pick(&["127.0.0.1/32", "127.0.0.1/8", "127.0.0.0/16"])
-            .to_string()
-    });
+}
+
+/// Option values by long name (an env-only setting by its variable name).
+fn settings(rng: &mut Rng) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    picks(rng, PICKS_FIRST, &mut v);
+    lists(rng, &mut v);
+    picks(rng, PICKS_LAST, &mut v);
     v
 }
 
