@@ -15,8 +15,8 @@
 //! normalisation per listed difference, named after it ([`ipv6_on_any_global_address`],
 //! [`duplicate_nameserver_once`], [`no_probe_footprint`], [`passthrough_address_nodad`]).
 //! Where Istio's nftables mode fails on a valid configuration (port ranges, an insert past a
-//! chain's end) the test says so, counts it per class, and checks that istio-init applied.
-//! Anything else fails with a one-line reproducer.
+//! chain's end, a jump to a chain it never created) the test says so, counts it per class,
+//! and checks that istio-init applied. Anything else fails with a one-line reproducer.
 //!
 //! Run sizes: `DIFF_CONFIGS` configurations per mode (default 300) from `DIFF_SEED` (default:
 //! a fixed seed per mode); `DIFF_INDEX=i` runs case `i` alone; `DIFF_THREADS` (default 3).
@@ -250,14 +250,18 @@ enum Outcome {
     Differs(String),
 }
 
-/// Why Istio's nftables mode refused a valid configuration, from its error output.
+/// Why Istio's nftables mode refused a valid configuration, from its error output (`nft`
+/// prints the refused command after its error line).
 fn istio_failure_class(err: &str) -> Option<&'static str> {
     if err.contains("unexpected colon") || err.contains("Could not resolve service") {
-        Some("port range written a:b")
-    } else if err.contains("Could not process rule: No such file or directory") {
-        Some("insert past a chain's end")
-    } else {
-        None
+        return Some("port range written a:b");
+    }
+    let mut lines = err.lines();
+    lines.find(|l| l.contains("Could not process rule: No such file or directory"))?;
+    match lines.next()? {
+        l if l.contains(" jump ") => Some("jump to a chain it never created"),
+        l if l.starts_with("insert rule") => Some("insert past a chain's end"),
+        _ => None,
     }
 }
 
