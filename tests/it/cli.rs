@@ -235,3 +235,28 @@ fn unwritable_stdout_fails_the_run() {
         assert!(stderr(&o).contains("error: "), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// Found by the differential test: an IPv4-only ruleset whose resolv.conf lists only IPv6
+/// nameservers keeps Istio's DNS rules that name no address (the `! --dport 53` exceptions,
+/// the raw table's conntrack zones), and none naming the IPv6 server.
+#[test]
+fn ipv4_only_dns_capture_with_only_ipv6_nameservers_keeps_the_address_free_dns_rules() {
+    let tmp = crate::util::TempDir::new("v6resolv");
+    let resolv = tmp.file("resolv.conf", "nameserver 2001:db8::53\n");
+    let o = output(
+        istio_init()
+            .args(["--dry-run", "--ipv6=false", "--redirect-dns"])
+            .arg(format!("--resolv-conf={}", resolv.display())),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("! --dport 53 -m owner ! --uid-owner 1337 -j RETURN"),
+        "{out}"
+    );
+    assert!(
+        out.contains("* raw") && out.contains("-j CT --zone 1"),
+        "{out}"
+    );
+    assert!(!out.contains("2001:db8::53"), "{out}");
+}
