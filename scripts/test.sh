@@ -12,7 +12,7 @@ missing=()
 have iptables-nft-restore || missing+=(iptables)
 have ip || missing+=(iproute2)
 # nft is only the reference for the nftables-mode comparisons (istio-init itself runs no program
-# in that mode): tests/it/nft_mode.rs, nftables.rs, nft_faults.rs, pods.rs.
+# in that mode): tests/it/nft_mode.rs, nftables.rs, nft_faults.rs, differential.rs, pods.rs.
 have nft || missing+=(nftables)
 # The image tests (tests/it/image.rs) build with buildah and run with podman on runc.
 have buildah || missing+=(buildah)

@@ -208,13 +208,15 @@ pub fn dns_servers(cfg: &Config, ipv6: bool) -> anyhow::Result<Vec<IpAddr>> {
     for s in skipped {
         log::warn!("ignoring nameserver {s:?} in {path}: not a plain IP address");
     }
-    let (used, unused): (Vec<IpAddr>, Vec<IpAddr>) = servers
-        .into_iter()
-        .partition(|a| ipv6 || Family::of(a) == Family::V4);
-    for s in unused {
+    // All of them are kept: a nameserver of a disabled family still turns DNS capture on
+    // (as in Istio), though no rule names it.
+    for s in servers
+        .iter()
+        .filter(|a| !ipv6 && Family::of(a) == Family::V6)
+    {
         log::info!("not capturing DNS to {s}: IPv6 rules are disabled");
     }
-    Ok(used)
+    Ok(servers)
 }
 
 /// Whether `name` is a group in group(5)-format text.

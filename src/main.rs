@@ -10,7 +10,7 @@
 //! stack overflow is a plain `SIGSEGV`. Programs istio-init starts get `SIGPIPE` back at its
 //! default, as before: std's `Command` resets it in the child unless the runtime start was
 //! told to keep it. `std::env::args` works as usual (std reads argv from glibc's init hook),
-//! and stdout is flushed before returning.
+//! and stdout is flushed before returning (a failed write or flush exits 1, not 0).
 #![no_main]
 
 use std::ffi::{c_char, c_int};
@@ -28,8 +28,12 @@ extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     ignore_sigpipe();
     standard_descriptors();
     report_panics();
-    let code = istio_init_main();
-    let _ = std::io::stdout().flush();
+    let mut code = istio_init_main();
+    // Output that could not be written fails the run (never exit 0 with it lost).
+    if let Err(e) = std::io::stdout().flush() {
+        report(&format_args!("writing to stdout: {e}"));
+        code = code.max(exit::FAILURE);
+    }
     c_int::from(code)
 }
 
@@ -120,9 +124,12 @@ fn istio_init_main() -> u8 {
         Ok(inv) => inv,
         Err(e) => {
             // Help and version go to stdout with exit 0; usage errors to stderr with exit 2.
-            let _ = e.print();
+            let printed = e.print();
             return if e.use_stderr() {
                 exit::USAGE
+            } else if let Err(err) = printed {
+                report(&format_args!("writing to stdout: {err}"));
+                exit::FAILURE
             } else {
                 exit::SUCCESS
             };

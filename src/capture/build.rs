@@ -375,7 +375,7 @@ pub fn build(cfg: &Config, facts: &Facts) -> Capture {
     }
 
     // Step 16: outbound CIDR exclusions (of the programmed families: see `Builder::push`).
-    for c in &cfg.outbound_exclude {
+    for c in &ipv4_first(cfg.outbound_exclude.clone()) {
         b.append(
             Nat,
             ISTIO_OUTPUT,
@@ -511,13 +511,24 @@ pub fn build(cfg: &Config, facts: &Facts) -> Capture {
     }
 }
 
+/// A list's IPv4 items, then its IPv6 items, each in input order: Istio keeps one list per
+/// family and writes the IPv4 one first. (Per family, as the iptables mode renders, nothing
+/// changes; one inet chain of the nftables mode holds both, in this order.)
+fn ipv4_first(mut list: Vec<Cidr>) -> Vec<Cidr> {
+    list.sort_by_key(|c| c.family() == Family::V6);
+    list
+}
+
 /// Step 14: redirect DNS to the agent and split its UDP conntrack into two zones.
 fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
     use Match::*;
     use Table::*;
     use chain::*;
 
-    let servers: Vec<Cidr> = facts.dns_servers.iter().copied().map(Cidr::host).collect();
+    // A nameserver of a family not programmed still turns DNS capture on (as in Istio): the
+    // rules naming no address stay; those naming it are dropped (see `Builder::push`).
+    let servers: Vec<Cidr> =
+        ipv4_first(facts.dns_servers.iter().copied().map(Cidr::host).collect());
     let all = cfg.capture_all_dns;
     // The families whose nameservers are captured (all of them with capture-all-dns).
     let captured: Vec<Family> = b
@@ -762,6 +773,89 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An IPv4-only pod whose nameservers are all IPv6 gets Istio's address-independent DNS
+    /// rules (the `! --dport 53` exceptions, the raw-table conntrack zones), and no rule naming
+    /// the IPv6 server. (The differential test found `host::dns_servers` dropping such
+    /// servers: `cli::ipv4_only_dns_capture_with_only_ipv6_nameservers_keeps_the_address_free_dns_rules`.)
+    #[test]
+    fn dns_rules_stay_when_every_nameserver_is_of_a_disabled_family() {
+        let cfg = resolve(Defaults::Native, &["--redirect-dns"], &[]).unwrap();
+        let facts = Facts {
+            ipv6: false,
+            dns_servers: vec!["2001:db8::53".parse().unwrap()],
+        };
+        assert!(dns_capture(&cfg, &facts));
+        let rs = build(&cfg, &facts).family(Family::V4);
+        let raw = rs
+            .table(Table::Raw)
+            .expect("the raw table's conntrack zones");
+        assert!(raw.rules.iter().any(|r| r.target == Target::CtZone(1)));
+        let nat = rs.table(Table::Nat).unwrap();
+        let dport53 = |r: &&Rule| {
+            r.matches
+                .iter()
+                .any(|m| matches!(m, Match::Dport { neg: true, port } if *port == PORT_53))
+        };
+        assert!(nat.rules.iter().any(|r| dport53(&r)));
+        // Not in the model either (the nftables mode writes it whole, both families at once).
+        let names_server = |r: &Rule| {
+            let dns = [chain::ISTIO_OUTPUT_DNS, chain::ISTIO_INBOUND].contains(&r.chain);
+            dns && (r.matches.iter()).any(|m| matches!(m, Match::Dst { .. } | Match::Src(_)))
+        };
+        assert!(!build(&cfg, &facts).rules.iter().any(names_server));
+    }
+
+    /// Found by the differential test (nftables mode): lists mixing both families (outbound
+    /// exclusions, nameservers) are written IPv4 items first, then IPv6, as Istio writes them
+    /// into the one inet chain.
+    #[test]
+    fn mixed_family_lists_are_written_ipv4_first() {
+        let args = [
+            "--redirect-dns",
+            "-x",
+            "2001:db8::7/128,198.18.0.0/15,::1/128,198.19.0.0/16",
+        ];
+        let cfg = resolve(Defaults::Native, &args, &[]).unwrap();
+        let servers = ["2001:db8::53", "198.18.0.53", "::1", "127.0.0.53"];
+        let facts = Facts {
+            ipv6: true,
+            dns_servers: servers.iter().map(|s| s.parse().unwrap()).collect(),
+        };
+        let capture = build(&cfg, &facts);
+        let dsts = |table, chain| -> Vec<String> {
+            let rules = capture.chain_rules(table, chain);
+            let nets = rules
+                .iter()
+                .flat_map(|r| &r.matches)
+                .filter_map(|m| match m {
+                    Match::Dst { neg: false, net } => Some(net.to_string()),
+                    _ => None,
+                });
+            nets.collect()
+        };
+        // After the loopback destinations (step 15).
+        assert_eq!(
+            dsts(Table::Nat, chain::ISTIO_OUTPUT)[2..],
+            [
+                "198.18.0.0/15",
+                "198.19.0.0/16",
+                "2001:db8::7/128",
+                "::1/128"
+            ]
+        );
+        let in_order = [
+            "198.18.0.53/32",
+            "127.0.0.53/32",
+            "2001:db8::53/128",
+            "::1/128",
+        ];
+        assert_eq!(dsts(Table::Raw, chain::ISTIO_OUTPUT_DNS), in_order);
+        assert_eq!(
+            dsts(Table::Nat, chain::ISTIO_OUTPUT_DNS),
+            [in_order, in_order].concat()
+        );
     }
 
     #[test]

@@ -194,3 +194,69 @@ fn nft_sidecar_case(
     let (_, full) = reference(&format!("{tag}ref"), &args);
     Some((dir, args, full, crate::faults::pod(&format!("{tag}pod"))))
 }
+
+/// README "Differences from Istio": `DRY_RUN_FILE_PATH` receives the dry-run text, appended
+/// run after run.
+#[test]
+fn dry_run_file_path_receives_the_dry_run_text_appended() {
+    let tmp = crate::util::TempDir::new("dryrunfile");
+    let file = tmp.path().join("dry-run.txt");
+    let mut texts = String::new();
+    for _ in 0..2 {
+        let o = output(
+            istio_init()
+                .args(["--dry-run", "--ipv6=false"])
+                .env("DRY_RUN_FILE_PATH", &file),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        texts.push_str(&stdout(&o));
+    }
+    assert!(texts.contains("ISTIO_OUTPUT"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), texts);
+}
+
+/// A run whose output cannot be written fails: stdout on `/dev/full` gives exit 1 and an
+/// error on stderr (never exit 0 with the output lost), for a dry run, `explain`, `trace`
+/// and `--help`.
+#[test]
+fn unwritable_stdout_fails_the_run() {
+    for args in [
+        &["--dry-run", "--ipv6=false"][..],
+        &["explain", "--ipv6=false"],
+        &["trace", "out", "198.18.0.9:80", "--ipv6=false"],
+        &["--help"],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let o = output(istio_init().args(args).stdout(full));
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("error: "), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// Found by the differential test: an IPv4-only ruleset whose resolv.conf lists only IPv6
+/// nameservers keeps Istio's DNS rules that name no address (the `! --dport 53` exceptions,
+/// the raw table's conntrack zones), and none naming the IPv6 server.
+#[test]
+fn ipv4_only_dns_capture_with_only_ipv6_nameservers_keeps_the_address_free_dns_rules() {
+    let tmp = crate::util::TempDir::new("v6resolv");
+    let resolv = tmp.file("resolv.conf", "nameserver 2001:db8::53\n");
+    let o = output(
+        istio_init()
+            .args(["--dry-run", "--ipv6=false", "--redirect-dns"])
+            .arg(format!("--resolv-conf={}", resolv.display())),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("! --dport 53 -m owner ! --uid-owner 1337 -j RETURN"),
+        "{out}"
+    );
+    assert!(
+        out.contains("* raw") && out.contains("-j CT --zone 1"),
+        "{out}"
+    );
+    assert!(!out.contains("2001:db8::53"), "{out}");
+}

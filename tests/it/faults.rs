@@ -130,32 +130,17 @@ struct State(BTreeMap<&'static str, String>);
 
 /// Reads every component in one `ip netns exec` (one shell, one process per program).
 fn snapshot(ns: &Netns) -> State {
-    let script: String = COMPONENTS
-        .iter()
-        .map(|(name, cmd)| format!("echo '@@ {name}'; {{ {cmd}; }} 2>&1; "))
-        .collect();
-    let out = ns.ok(&["sh", "-c", &script]);
-    let mut parts = BTreeMap::new();
-    let mut current: Option<&'static str> = None;
-    for line in out.lines() {
-        if let Some(name) = line.strip_prefix("@@ ") {
-            current = COMPONENTS.iter().map(|c| c.0).find(|c| *c == name);
-            parts.insert(current.expect("component"), String::new());
-            continue;
-        }
-        let Some(c) = current else { continue };
-        if line.starts_with('#') {
-            continue;
-        }
+    let mut parts = ns.outputs(&COMPONENTS, true);
+    for text in parts.values_mut() {
         // ":CHAIN POLICY [pkts:bytes]" → ":CHAIN POLICY"; route/addr lines carry no counters.
-        let line = if line.starts_with(':') {
-            line.rsplit_once(' ').map_or(line, |(a, _)| a)
-        } else {
-            line
-        };
-        let text = parts.get_mut(c).expect("component");
-        text.push_str(line);
-        text.push('\n');
+        let lines = text.lines().filter(|l| !l.starts_with('#')).map(|l| {
+            if l.starts_with(':') {
+                l.rsplit_once(' ').map_or(l, |(a, _)| a)
+            } else {
+                l
+            }
+        });
+        *text = lines.map(|l| format!("{l}\n")).collect();
     }
     State(parts)
 }

@@ -10,6 +10,8 @@ mod bad_input;
 mod checks;
 mod cli;
 mod conformance;
+mod differential;
+mod diffgen;
 mod faults;
 mod golden;
 mod image;

@@ -793,6 +793,10 @@ fn debug(img: &Image, plan: &Plan, entrypoint: Option<&str>, args: &[String]) ->
         "--cap-drop=all",
     ])
     .arg("--cap-add=NET_ADMIN,NET_RAW")
+    // The container writes straight into this process's pipes. Through conmon's attach
+    // socket, the output of a container that exits at once was sometimes lost: a `trace`
+    // exited 0 with empty stdout (once in two clean CI runs).
+    .arg("--log-driver=passthrough")
     // In the pod, sharing its network namespace: what `kubectl debug` does with an
     // ephemeral container (`--network=container:` is refused for a container in a pod).
     .arg(format!("--pod={}", plan.pod));

@@ -469,6 +469,32 @@ impl Netns {
         v
     }
 
+    /// Runs named shell commands in one `ip netns exec` (one shell, one process per program)
+    /// and returns each one's output by name: stdout, plus stderr when `with_stderr`.
+    pub fn outputs(
+        &self,
+        cmds: &[(&'static str, &str)],
+        with_stderr: bool,
+    ) -> std::collections::BTreeMap<&'static str, String> {
+        let redirect = if with_stderr { "2>&1" } else { "2>/dev/null" };
+        let script: String = (cmds.iter())
+            .map(|(name, cmd)| format!("echo '@@ {name}'; {{ {cmd}; }} {redirect}; "))
+            .collect();
+        let out = self.ok(&["sh", "-c", &script]);
+        let mut parts = std::collections::BTreeMap::new();
+        let mut current: Option<&'static str> = None;
+        for line in out.lines() {
+            if let Some(name) = line.strip_prefix("@@ ") {
+                current = cmds.iter().map(|c| c.0).find(|c| *c == name);
+                parts.insert(current.expect("a command's marker"), String::new());
+            } else if let Some(text) = current.and_then(|c| parts.get_mut(c)) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        parts
+    }
+
     /// Runs istio-init inside the namespace with a clean environment plus `env`.
     pub fn istio_init(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut argv: Vec<String> = vec!["env".into(), "-i".into()];
