@@ -329,9 +329,11 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
                 "--cleanup-only: removing the Istio rules of both modes (TPROXY routes are left \
                  alone)"
             );
-            let (a, b) = (fw.remove(&capture), other.remove(&capture));
-            a.and(b)?;
-            return Ok(());
+            let removed = [
+                (fw.name(), fw.remove(&capture)),
+                (other.name(), other.remove(&capture)),
+            ];
+            return both_removed(removed);
         } else {
             install(cfg, fw.as_ref(), other.as_ref(), &facts)?;
         }
@@ -347,6 +349,19 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     match (result, &section) {
         (Err(e), Some(s)) => Err(s.before_leaving(e)),
         (result, _) => result,
+    }
+}
+
+/// The outcome of `--cleanup-only`'s two removals: each runs whatever the other did, and
+/// when both fail the error names both (the first one's kind decides the exit code).
+fn both_removed(removed: [(&str, anyhow::Result<()>); 2]) -> anyhow::Result<()> {
+    let [(first, a), (second, b)] = removed;
+    match (a, b) {
+        (Err(a), Err(b)) => Err(a.context(format!(
+            "removing the {first} mode's rules failed, and removing the {second} mode's rules \
+             failed too: {b:#}; the {first} mode's error"
+        ))),
+        (a, b) => a.and(b),
     }
 }
 
@@ -500,5 +515,37 @@ fn log_resource_use() {
             us(u.user_time()),
             us(u.system_time())
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::both_removed;
+
+    #[test]
+    fn a_cleanup_whose_two_removals_fail_reports_both() {
+        let err = both_removed([
+            (
+                "iptables",
+                Err(anyhow::anyhow!("iptables-nft-restore: exit 4")),
+            ),
+            (
+                "nftables",
+                Err(anyhow::anyhow!("netlink: Operation not permitted")),
+            ),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "removing the iptables mode's rules failed, and removing the nftables mode's rules \
+             failed too: netlink: Operation not permitted; the iptables mode's error: \
+             iptables-nft-restore: exit 4"
+        );
+        let one = both_removed([
+            ("iptables", Ok(())),
+            ("nftables", Err(anyhow::anyhow!("x"))),
+        ]);
+        assert_eq!(format!("{:#}", one.unwrap_err()), "x");
+        assert!(both_removed([("iptables", Ok(())), ("nftables", Ok(()))]).is_ok());
     }
 }
