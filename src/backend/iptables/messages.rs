@@ -138,9 +138,8 @@ fn module_not_loaded_hint(
     let lower = reason.to_ascii_lowercase();
     let mods = match unloadable_module(reason) {
         Some(m) => vec![m.to_owned()],
-        None if lower.contains("unable to initialize table")
-            || lower.contains("do you need to insmod") =>
-        {
+        // Not `unable to initialize table` alone: legacy says that without CAP_NET_ADMIN too.
+        None if lower.contains("do you need to insmod") => {
             let base = match family {
                 Family::V4 => "ip_tables",
                 Family::V6 => "ip6_tables",

@@ -877,9 +877,10 @@ mod tests {
              (that needs CAP_SYS_MODULE): load it on the node (modprobe x_tables), or use the \
              nft backend"
         );
-        // No modprobe in the image (kmod's wording differs; here iptables' alone).
+        // No modprobe in the image: iptables' own words.
         let f = fail(
-            "iptables-restore: unable to initialize table 'mangle'\nError occurred at line: 1\n",
+            "ip6tables-restore: can't initialize ip6tables table `mangle': Table does not exist \
+             (do you need to insmod?)\nError occurred at line: 1\n",
             1,
         );
         let d = describe(Family::V6, IptablesVariant::Legacy, text, &f);
