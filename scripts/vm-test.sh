@@ -30,7 +30,7 @@ ONLY=${VM_ONLY:-.}
 SHARED=../shared/conformance
 PIDS=()
 
-say() { echo "vm-test: $*"; }
+say() { echo "vm-test [$SECONDS s]: $*"; }
 die() { echo "vm-test: error: $*" >&2; exit 1; }
 have() { command -v "$1" >/dev/null 2>&1; }
 
@@ -43,9 +43,10 @@ cannot() {
   exit 0
 }
 
+# Each VM runs in a process group of its own (setsid): killing the group ends qemu too.
 stop_vms() {
   local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap stop_vms EXIT
@@ -136,7 +137,7 @@ build_helper() {
 # The case directories cases.sh reads: ipt/CASE (tests/golden) and nft/CASE
 # (nft-cases.json), each with argv (one argument per line), env and resolv.conf.
 case_data() {
-  local data=$1 dir name n
+  local data=$1 dir name file line
   mkdir -p "$data/ipt" "$data/nft"
   for dir in tests/golden/*/; do
     name=$(basename "$dir")
@@ -145,18 +146,24 @@ case_data() {
     sed '/^#/d; /^$/d' "$dir/env" >"$data/ipt/$name/env"
     cp "$dir/resolv.conf" "$data/ipt/$name/" 2>/dev/null || : >"$data/ipt/$name/resolv.conf"
   done
-  n=$(jq '.cases | length' "$SHARED/nft-cases.json")
-  for ((i = 0; i < n; i++)); do
-    name=$(jq -r ".cases[$i].name" "$SHARED/nft-cases.json")
-    mkdir -p "$data/nft/$name"
-    jq -r --argjson i "$i" '["istio-iptables"] + .base_args + .cases[$i].args
-        + ["--native-nftables", "--ipv6=\(.cases[$i].ipv6 // false)"] | .[]' \
-      "$SHARED/nft-cases.json" >"$data/nft/$name/argv"
-    jq -r ".cases[$i].env // {} | to_entries[] | \"\(.key)=\(.value)\"" \
-      "$SHARED/nft-cases.json" >"$data/nft/$name/env"
-    jq -r ".cases[$i].dns_servers // [] | .[] | \"nameserver \(.)\"" \
-      "$SHARED/nft-cases.json" >"$data/nft/$name/resolv.conf"
-  done
+  # One jq for all: NAME<TAB>FILE<TAB>LINE per line (FILE `-` creates the case's files).
+  jq -r '.base_args as $base | .cases[] | .name as $n
+    | "\($n)\t-\t",
+      ((["istio-iptables"] + $base + .args
+        + ["--native-nftables", "--ipv6=\(.ipv6 // false)"])[] | "\($n)\targv\t\(.)"),
+      ((.env // {}) | to_entries[] | "\($n)\tenv\t\(.key)=\(.value)"),
+      ((.dns_servers // [])[] | "\($n)\tresolv.conf\tnameserver \(.)")' \
+    "$SHARED/nft-cases.json" |
+    while IFS=$'\t' read -r name file line; do
+      dir=$data/nft/$name
+      if [ "$file" = - ]; then
+        mkdir -p "$dir"
+        : >"$dir/argv" && : >"$dir/env" && : >"$dir/resolv.conf"
+      else
+        printf '%s\n' "$line" >>"$dir/$file"
+      fi
+    done
+  [ "$(find "$data/nft" -name argv | wc -l)" = 28 ] || die "nft-cases.json: expected 28 cases"
 }
 
 # Copies programs (as their real files, under their own names) and their shared libraries.
@@ -181,14 +188,17 @@ link_sbin() {
   for name in "$@"; do ln -sf "$target" "$root/usr/sbin/$name"; done
 }
 
-# Keeps, of kernel/net, the netfilter modules and what they depend on (the kernel asks
-# modprobe for every autoload; a smaller modules.dep is parsed faster under TCG). crypto
-# stays whole: libcrc32c finds its crc32c implementation by alias, not by dependency.
-prune_net_modules() {
+# The modules the cases need, as paths under lib/modules/VERSION: the netfilter modules,
+# veth, and what they depend on — libcrc32c finds its crc32c implementation by alias, not by
+# dependency, so those are named. Fewer modules: a smaller initramfs to unpack and
+# modules.dep to parse under TCG.
+needed_modules() {
   local dir=$1
+  [ -f "$dir/modules.dep" ] || depmod -b "${dir%/lib/modules/*}" "${dir##*/}"
   awk -F': *' '
     { deps[$1] = $2 }
     $1 ~ /^kernel\/(net\/(netfilter|ipv4\/netfilter|ipv6\/netfilter)\/|drivers\/net\/veth)/ { keep[$1] = 1 }
+    $1 ~ /^kernel\/(crypto\/crc32c_generic|arch\/x86\/crypto\/crc32c-intel)\./ { keep[$1] = 1 }
     END {
       do {
         grown = 0
@@ -198,14 +208,12 @@ prune_net_modules() {
         }
       } while (grown)
       for (m in keep) print m
-    }' "$dir/modules.dep" >"$dir/keep"
-  (cd "$dir" && find kernel/net -name '*.ko*' | grep -vxFf keep | xargs -r rm -f)
-  rm -f "$dir/keep"
+    }' "$dir/modules.dep"
 }
 
 # The initramfs of one kernel (unpacked package directory): printed path of the cpio.
 initramfs() {
-  local kdir=$1 busybox=$2 data=$3 root kver m d lib
+  local kdir=$1 busybox=$2 data=$3 root kver m d lib dest
   kver=$(basename "$(ls -d "$kdir"/lib/modules/*)")
   root=$VM/root-$kver
   rm -rf "$root"
@@ -235,15 +243,12 @@ initramfs() {
   cp -a "$data" "$root/vm/data"
   echo "$ONLY" >"$root/vm/only"
   install -m 755 tests/vm/init "$root/init"
-  # The netfilter modules and what they need (libcrc32c: crypto), veth; depmod for modprobe.
+  # The modules, with depmod's files for busybox modprobe (the kernel's autoloader here).
   m=lib/modules/$kver
-  mkdir -p "$root/$m/kernel/drivers/net" "$root/$m/kernel/arch/x86"
-  cp -a "$kdir/$m/kernel/net" "$kdir/$m/kernel/lib" "$kdir/$m/kernel/crypto" "$root/$m/kernel/"
-  cp -a "$kdir/$m/kernel/arch/x86/crypto" "$root/$m/kernel/arch/x86/"
-  cp "$kdir/$m/kernel/drivers/net/veth.ko" "$root/$m/kernel/drivers/net/"
+  mkdir -p "$root/$m"
+  dest=$(realpath "$root/$m")
+  needed_modules "$kdir/$m" | (cd "$kdir/$m" && xargs cp --parents -t "$dest")
   cp "$kdir/$m"/modules.{order,builtin,builtin.modinfo} "$root/$m/"
-  depmod -b "$root" "$kver"
-  prune_net_modules "$root/$m"
   depmod -b "$root" "$kver"
   (cd "$root" && find . | cpio -o -H newc --quiet) >"$VM/initramfs-$kver.cpio"
   rm -rf "$root"
@@ -254,7 +259,9 @@ initramfs() {
 # output on ttyS1 ($OUT/NAME.log). The pid joins PIDS.
 boot() {
   local name=$1 kernel=$2 initrd=$3
-  timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -smp 1 \
+  # The VM's wall and CPU time (on an idle core the two are about equal).
+  TIMEFORMAT="%R s wall, %U s user + %S s sys" setsid \
+    bash -c 'time "$@"' time timeout --foreground --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -smp 1 \
     -nographic -no-reboot -nic none -monitor none \
     -serial "file:$OUT/$name.console" -serial "file:$OUT/$name.log" \
     -kernel "$kernel" -initrd "$initrd" \
@@ -309,8 +316,8 @@ compare() {
 }
 
 main() {
-  local start data busybox flavour kdir kver initrd ok=0 vms=()
-  start=$(date +%s)
+  local data busybox flavour kdir kver initrd ok=0 vms=()
+  SECONDS=0
   preflight
   build_helper
   rm -rf "$OUT"
@@ -327,17 +334,19 @@ main() {
     vms+=("$kver")
   done
   say "host kernel $(uname -r): the same cases in fresh namespaces"
-  II=$PWD/$BIN HELPER=$PWD/$HELPER IPR=$(command -v ip) SETPRIV=$(command -v setpriv) \
+  local TIMEFORMAT="vm-test: host: the cases took %R s"
+  time II=$PWD/$BIN HELPER=$PWD/$HELPER IPR=$(command -v ip) SETPRIV=$(command -v setpriv) \
     DATA=$PWD/$data WHERE=host ONLY=$ONLY sh tests/vm/cases.sh >"$OUT/host.log" 2>&1 || true
   check_log host "$OUT/host.log" || ok=1
   for pid in "${PIDS[@]}"; do wait "$pid" || true; done
   PIDS=()
   for kver in "${vms[@]}"; do
     tr -d '\r' <"$OUT/$kver.log" >"$OUT/$kver.txt" 2>/dev/null || : >"$OUT/$kver.txt"
+    say "$kver: qemu $(tail -n 1 "$OUT/$kver.qemu")"
     check_log "$kver" "$OUT/$kver.txt" || ok=1
     compare "$kver" "$OUT/$kver.txt" "$OUT/host.log" || ok=1
   done
-  say "$(($(date +%s) - start)) s; logs in $OUT"
+  say "done; logs in $OUT"
   [ "$ok" = 0 ] || die "the microVM test failed"
 }
 
