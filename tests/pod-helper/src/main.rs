@@ -108,7 +108,12 @@ fn serve(name: &str, ports: &[u16], transparent: bool) -> Result<(), String> {
             }));
         }
     }
-    println!("{name} listening on {ports:?}");
+    run(format!("{name} listening on {ports:?}"), threads)
+}
+
+/// Says the servers listen, then serves until their threads end (forever without any).
+fn run(announce: String, threads: Vec<std::thread::JoinHandle<()>>) -> Result<(), String> {
+    println!("{announce}");
     let _ = std::io::stdout().flush();
     if threads.is_empty() {
         loop {
@@ -154,25 +159,17 @@ fn udp_serve(name: &str, ports: &[u16]) -> Result<(), String> {
             }
         }));
     }
-    println!("{name} listening on udp {ports:?}");
-    let _ = std::io::stdout().flush();
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(())
+    run(format!("{name} listening on udp {ports:?}"), threads)
 }
 
 fn udp_send(addr: &str) -> String {
-    let target: SocketAddr = match addr.parse() {
-        Ok(a) => a,
-        Err(e) => return format!("error: {e}"),
-    };
-    let any = if target.is_ipv4() {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-    } else {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-    };
-    let exchange = || -> std::io::Result<String> {
+    let exchange = || -> Result<String, Box<dyn std::error::Error>> {
+        let target: SocketAddr = addr.parse()?;
+        let any = if target.is_ipv4() {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+        };
         let s = UdpSocket::bind(any)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.send_to(b"probe", target)?;
