@@ -319,6 +319,10 @@ main() {
   local data busybox flavour kdir kver initrd ok=0 vms=()
   SECONDS=0
   preflight
+  # One run at a time: they share target/vm.
+  mkdir -p "$VM"
+  exec 9>"$VM/.lock"
+  flock -n 9 || { say "another vm-test is running; waiting"; flock 9; }
   build_helper
   rm -rf "$OUT"
   mkdir -p "$OUT"
@@ -336,7 +340,8 @@ main() {
   say "host kernel $(uname -r): the same cases in fresh namespaces"
   local TIMEFORMAT="vm-test: host: the cases took %R s"
   time II=$PWD/$BIN HELPER=$PWD/$HELPER IPR=$(command -v ip) SETPRIV=$(command -v setpriv) \
-    DATA=$PWD/$data WHERE=host ONLY=$ONLY sh tests/vm/cases.sh >"$OUT/host.log" 2>&1 || true
+    DATA=$PWD/$data WHERE=host ONLY=$ONLY timeout --kill-after=10 "$TIMEOUT" \
+    sh tests/vm/cases.sh >"$OUT/host.log" 2>&1 || true
   check_log host "$OUT/host.log" || ok=1
   for pid in "${PIDS[@]}"; do wait "$pid" || true; done
   PIDS=()

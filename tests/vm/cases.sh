@@ -31,11 +31,13 @@ GROUPS_FILE="root:x:0:
 java:x:1001:
 ftp:x:1002:"
 
+# On exit: the host's namespaces of this run are deleted (the VM is thrown away).
 cleanup() {
-  for ns in $("$IPR" netns list 2>/dev/null | sed -n "s/^\($TAG-[0-9]*\).*/\1/p"); do
-    "$IPR" netns del "$ns" 2>/dev/null
-    rm -rf "/etc/netns/$ns"
-  done
+  if [ "$WHERE" = host ]; then
+    for ns in $("$IPR" netns list 2>/dev/null | sed -n "s/^\($TAG-[0-9]*\).*/\1/p"); do
+      del_ns "$ns" 2>/dev/null
+    done
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -93,6 +95,7 @@ pod_and_peer() {
   PEER=$NS
   "$IPR" link add v0 netns "$POD" type veth peer name v1 netns "$PEER"
   for end in "$POD v0 1" "$PEER v1 2"; do
+    # shellcheck disable=SC2086 # three words
     set -- $end
     "$IPR" -n "$1" addr add "198.18.0.$3/24" dev "$2"
     "$IPR" -n "$1" addr add "2001:db8::$3/64" dev "$2" nodad
@@ -106,8 +109,7 @@ pod_and_peer() {
 # clean environment (PATH, the case's env file, and VAR=value words of II_ENV). Sets RC and
 # ERR (its last `error:` line); its stderr is in $WORK/stderr.
 run_ii() {
-  ns=$1
-  dir=$2
+  local ns=$1 dir=$2 extra arg
   shift 2
   extra=$#
   while IFS= read -r arg; do set -- "$@" "$arg"; done <"$dir/argv"
@@ -256,14 +258,31 @@ wait_for() {
   done
 }
 
-# Starts a pod-helper server in NS in the background (its pid added to SERVERS), waits
-# until it listens.
-serve() {
-  local ns=$1 out
+# Starts a command in NS in the background, as its own process (nsenter and `ip netns exec`
+# exec it), and adds its pid to SERVERS.
+in_background() {
+  local ns=$1
   shift
-  out="$WORK/serve.$ns.$2"
-  "$IPR" netns exec "$ns" "$HELPER" "$@" >"$out" 2>&1 &
+  if [ "$WHERE" = vm ]; then
+    nsenter --net="/run/netns/$ns" "$@" &
+  else
+    "$IPR" netns exec "$ns" "$@" &
+  fi
   SERVERS="$SERVERS $!"
+}
+
+# Starts a pod-helper server in NS (as uid/gid 1337 when WHO is proxy), waits until it
+# listens.
+serve() {
+  local who=$1 ns=$2 out
+  shift 2
+  out="$WORK/serve.$ns.$2"
+  if [ "$who" = proxy ]; then
+    set -- "$SETPRIV" --reuid=1337 --regid=1337 --clear-groups "$HELPER" "$@"
+  else
+    set -- "$HELPER" "$@"
+  fi
+  in_background "$ns" "$@" >"$out" 2>&1
   wait_for "$out"
 }
 
@@ -271,9 +290,7 @@ serve() {
 # proxy), prints its answers without the client's ephemeral port, and fails unless every
 # answer contains WANT.
 expect() {
-  who=$1
-  ns=$2
-  want=$3
+  local who=$1 ns=$2 want=$3 got
   shift 3
   if [ "$who" = proxy ]; then
     got=$(nx "$ns" "$SETPRIV" --reuid=1337 --regid=1337 --clear-groups "$HELPER" "$@")
@@ -290,7 +307,7 @@ expect() {
 
 # The mode's arguments for a configuration written as a case directory.
 traffic_dir() {
-  dir="$WORK/traffic-$1-$2"
+  local dir="$WORK/traffic-$1-$2"
   mkdir -p "$dir"
   {
     printf '%s\n' istio-iptables -p 15001 -z 15006 -u 1337 -g 1337 -m "$2" -i '*' -b '*'
@@ -308,8 +325,7 @@ traffic_dir() {
 # Real connections through the rules of one mode: outbound and inbound capture (REDIRECT or
 # TPROXY), the proxy's own traffic bypassing, DNS over UDP and TCP to the agent's port.
 traffic() {
-  mode=$1
-  inbound=$2
+  local mode=$1 inbound=$2 dir transparent local4 local6
   wanted "traffic-$mode-$inbound" || return 0
   begin "traffic-$mode-$inbound"
   pod_and_peer
@@ -318,13 +334,11 @@ traffic() {
   transparent=
   [ "$inbound" = TPROXY ] && transparent=--transparent
   SERVERS=
-  serve "$POD" serve proxy 15001,15006,15053 $transparent
+  # shellcheck disable=SC2086 # no word when empty
+  serve root "$POD" serve proxy 15001,15006,15053 $transparent
   # The DNS agent runs as the proxy's user: its answers go back through conntrack zone 2.
-  "$IPR" netns exec "$POD" "$SETPRIV" --reuid=1337 --regid=1337 --clear-groups \
-    "$HELPER" udp-serve agent 15053 >"$WORK/agent" 2>&1 &
-  SERVERS="$SERVERS $!"
-  wait_for "$WORK/agent"
-  serve "$PEER" serve peer 80,8080
+  serve proxy "$POD" udp-serve agent 15053
+  serve root "$PEER" serve peer 80,8080
   # The app's outbound connections land on 15001 with their original destination.
   expect app "$POD" "proxy port=15001 orig=198.18.0.2:80" connect 198.18.0.2:80
   expect app "$POD" "proxy port=15001 orig=[2001:db8::2]:80" connect "[2001:db8::2]:80"
@@ -350,7 +364,7 @@ traffic() {
 
 # A dual-stack TPROXY + DNS + INVALID-drop configuration (nat, mangle and raw tables).
 sidecar_dir() {
-  dir="$WORK/sidecar-$1"
+  local dir="$WORK/sidecar-$1"
   mkdir -p "$dir"
   printf '%s\n' -m TPROXY --redirect-dns --drop-invalid --ipv6=true >"$dir/argv"
   [ "$1" = nft ] && echo --native-nftables >>"$dir/argv"
@@ -365,6 +379,7 @@ sidecar_dir() {
 # A run the kernel refuses (nftables mode: another process owns `inet istio-proxy-raw` with
 # `flags owner`, so the transaction's delete of it is refused) leaves every table as it was.
 refused_nft() {
+  local dir i before after
   wanted refused-nft || return 0
   begin refused-nft
   pod_and_peer
@@ -372,8 +387,9 @@ refused_nft() {
   apply_ok "$POD" "$dir"
   nx "$POD" nft delete table inet istio-proxy-raw
   mkfifo "$WORK/owner"
-  "$IPR" netns exec "$POD" nft -i <"$WORK/owner" >/dev/null 2>&1 &
-  owner=$!
+  SERVERS=
+  # The FIFO is opened by the background process (opening it here would wait for a writer).
+  in_background "$POD" sh -c 'exec nft -i <"$1" >/dev/null 2>&1' sh "$WORK/owner"
   exec 3>"$WORK/owner"
   echo 'add table inet istio-proxy-raw { flags owner; }' >&3
   i=0
@@ -395,7 +411,8 @@ refused_nft() {
   echo "$after"
   [ "$after" = "$before" ] || fail "the refused run changed the namespace"
   exec 3>&-
-  wait "$owner"
+  # shellcheck disable=SC2086 # one pid
+  wait $SERVERS
   finish
 }
 
