@@ -220,7 +220,7 @@ initramfs() {
   mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,etc,proc,sys,dev,run,tmp,vm}
   cp "$busybox" "$root/bin/busybox"
   for d in $("$busybox" --list-full); do
-    [ -e "$root/$d" ] || ln -s /bin/busybox "$root/$d"
+    [ -e "$root/$d" ] || [ "$d" = sbin/modprobe ] || ln -s /bin/busybox "$root/$d"
   done
   # Programs busybox also has an applet for (ip, setpriv) must be the real ones.
   rm -f "$root/sbin/ip" "$root/bin/ip" "$root/usr/bin/setpriv" "$root/bin/setpriv"
@@ -243,6 +243,7 @@ initramfs() {
   cp -a "$data" "$root/vm/data"
   echo "$ONLY" >"$root/vm/only"
   install -m 755 tests/vm/init "$root/init"
+  install -m 755 tests/vm/modprobe "$root/sbin/modprobe"
   # The modules, with depmod's files for busybox modprobe (the kernel's autoloader here).
   m=lib/modules/$kver
   mkdir -p "$root/$m"
