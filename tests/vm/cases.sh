@@ -486,7 +486,7 @@ refused_ipt() {
 # feature: exit 1, the error names FEATURE, and the namespace is as it was (a fresh one: no
 # Istio rule left; legacy tables, once used, stay).
 refused_feature() {
-  local ns=$1 mode=$2 dir=$3 feature=$4 before left
+  local ns=$1 mode=$2 dir=$3 feature=$4 label="$2${5:+ $5}" before left
   shift 4
   before=$(state "$ns" "$mode")
   case $before in
@@ -494,18 +494,18 @@ refused_feature() {
     *) before= ;;
   esac
   run_ii "$ns" "$dir" "$@"
-  echo "$mode $*: exit $RC"
-  echo "$mode $*: $ERR"
-  [ "$RC" = 1 ] || fail "$mode $*: a run without $feature exited $RC"
+  echo "$label: exit $RC"
+  echo "$label: $ERR"
+  [ "$RC" = 1 ] || fail "$label: a run without $feature exited $RC"
   case $ERR in
     *"$feature"*) ;;
-    *) fail "$mode $*: the error does not name $feature: $ERR" ;;
+    *) fail "$label: the error does not name $feature: $ERR" ;;
   esac
   if [ -n "$before" ]; then
-    [ "$(state "$ns" "$mode")" = "$before" ] || fail "$mode $*: the refused run changed the namespace"
+    [ "$(state "$ns" "$mode")" = "$before" ] || fail "$label: the refused run changed the namespace"
   else
     left=$(istio_left "$ns")
-    [ -z "$left" ] || fail "$mode $*: a refused run left: $left"
+    [ -z "$left" ] || fail "$label: a refused run left: $left"
   fi
 }
 
