@@ -43,6 +43,12 @@ cargo test --locked --lib --tests 2>&1 | tee "$log"
 read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
 echo "== static build"
 scripts/build-static.sh
+# ---- microVM test (issue 19): the static binary on Debian's 6.1 kernels, generic and cloud,
+# compared with this machine's kernel; about 2 min. Needs root and apt-get (it downloads the
+# kernels and busybox into target/vm/); skips loudly without them, fails under CI=true.
+echo "== microVM test (6.1 generic + cloud vs $(uname -r))"
+scripts/vm-test.sh
+# ---- end of the microVM test
 # Every fuzz target briefly (fuzz/run.sh; the long runs are local, see fuzz/README.md).
 # cargo-fuzz is installed when missing; nightly is needed (fuzz/run.sh fails under CI=true
 # without it, and skips loudly elsewhere).

@@ -92,6 +92,77 @@ fn modules_for(
     out
 }
 
+/// The extensions iptables' message says the kernel lacks (`Extension TPROXY revision 0 not
+/// supported, missing kernel module?`), as rule words for [`modules_for`] (`-j TPROXY`,
+/// `-m owner`): the legacy backend reports them at the table's `COMMIT` line, which names none.
+fn missing_extensions(reason: &str) -> String {
+    let mut words = Vec::new();
+    let mut rest = reason;
+    while let Some(i) = rest.find("Extension ") {
+        rest = &rest[i + "Extension ".len()..];
+        let Some((name, tail)) = rest.split_once(' ') else {
+            break;
+        };
+        if tail.starts_with("revision ") {
+            let flag = if name.chars().any(|c| c.is_ascii_uppercase()) {
+                "-j"
+            } else {
+                "-m"
+            };
+            words.push(format!("{flag} {name}"));
+        }
+    }
+    words.join(" ")
+}
+
+/// The module a failed `modprobe` of iptables names: busybox's `can't load module NAME (…)`,
+/// kmod's `could not insert 'NAME'`.
+fn unloadable_module(reason: &str) -> Option<&str> {
+    let name = if let Some((_, r)) = reason.split_once("can't load module ") {
+        r.split([' ', ':']).next()
+    } else {
+        let (_, r) = reason.split_once("could not insert '")?;
+        r.split('\'').next()
+    }?;
+    Some(name).filter(|n| !n.is_empty())
+}
+
+/// The hint when the kernel has not loaded a module the legacy backend needs and the
+/// container could not load it (iptables runs `modprobe`, which needs CAP_SYS_MODULE).
+fn module_not_loaded_hint(
+    reason: &str,
+    backend: IptablesVariant,
+    family: Family,
+    table: Option<&str>,
+) -> Option<String> {
+    let lower = reason.to_ascii_lowercase();
+    let mods = match unloadable_module(reason) {
+        Some(m) => vec![m.to_owned()],
+        // Not `unable to initialize table` alone: legacy says that without CAP_NET_ADMIN too.
+        None if lower.contains("do you need to insmod") => {
+            let base = match family {
+                Family::V4 => "ip_tables",
+                Family::V6 => "ip6_tables",
+            };
+            let mut v = vec!["x_tables".to_owned(), base.to_owned()];
+            v.extend(modules_for("", backend, family, table));
+            v
+        }
+        None => return None,
+    };
+    let (what, it) = if mods.len() == 1 {
+        ("module {} is", "it")
+    } else {
+        ("modules {} are", "them")
+    };
+    Some(format!(
+        "the kernel {} not loaded and the container cannot load {it} (that needs \
+         CAP_SYS_MODULE): load {it} on the node (modprobe {}), or use the nft backend",
+        what.replace("{}", &mods.join(", ")),
+        mods.join(" ")
+    ))
+}
+
 /// A restore failure as one line: family, backend, program, the failing line and iptables'
 /// message, plus a hint where one helps.
 pub fn describe(
@@ -122,6 +193,7 @@ pub fn describe(
     }
     msg.push_str(&format!(": {reason}"));
     let lower = reason.to_ascii_lowercase();
+    let not_loaded = module_not_loaded_hint(&reason, backend, family, table.as_deref());
     let hint = if lower.contains("holding the xtables lock") {
         Some("another process held the xtables lock for the whole wait (--xtables-wait)".to_owned())
     } else if lower.contains("lock file") {
@@ -130,6 +202,8 @@ pub fn describe(
              /tmp, or set XTABLES_LOCKFILE"
                 .to_owned(),
         )
+    } else if not_loaded.is_some() {
+        not_loaded
     } else if lower.contains("permission denied") || lower.contains("operation not permitted") {
         Some(
             "the container needs NET_ADMIN and NET_RAW in the pod's own network namespace; if \
@@ -145,12 +219,12 @@ pub fn describe(
         || lower.contains("invalid argument")
         || lower.contains("unknown option")
     {
-        let mods = modules_for(
+        let words = format!(
+            "{} {}",
             line.map_or("", |(_, l)| l),
-            backend,
-            family,
-            table.as_deref(),
+            missing_extensions(&reason)
         );
+        let mods = modules_for(&words, backend, family, table.as_deref());
         let mut h = format!(
             "the kernel or the iptables extensions may lack support for this rule; make sure \
              the node has these modules loaded: {}",
@@ -169,4 +243,31 @@ pub fn describe(
         msg.push_str(&format!("; hint: {h}"));
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_named_in_iptables_messages() {
+        assert_eq!(
+            unloadable_module(
+                "modprobe: ERROR: could not insert 'ip_tables': Operation not permitted"
+            ),
+            Some("ip_tables")
+        );
+        assert_eq!(
+            unloadable_module("modprobe: can't load module xt_owner (kernel/net/xt_owner.ko): x"),
+            Some("xt_owner")
+        );
+        assert_eq!(unloadable_module("Operation not permitted"), None);
+        assert_eq!(
+            missing_extensions(
+                "Warning: Extension TPROXY revision 0 not supported, missing kernel module? \
+                 Warning: Extension owner revision 1 not supported"
+            ),
+            "-j TPROXY -m owner"
+        );
+    }
 }

@@ -838,6 +838,62 @@ mod tests {
         );
     }
 
+    /// What the microVM test (tests/vm/cases.sh) sees on Debian's 6.1 kernel: the legacy
+    /// backend reports a missing extension at the table's COMMIT, and a module it could not
+    /// load with the container's capabilities; both hints name the module.
+    #[test]
+    fn missing_kernel_modules_are_named() {
+        let text = "* mangle\n-N ISTIO_TPROXY\n-A ISTIO_TPROXY -p tcp -j TPROXY --on-port 15006 \
+                    --tproxy-mark 1337\nCOMMIT\n";
+        let fail = |stderr: &str, line| RestoreFailure {
+            program: "/usr/sbin/iptables-legacy-restore".into(),
+            stderr: stderr.into(),
+            line: Some(line),
+        };
+        let f = fail(
+            "Warning: Extension TPROXY revision 0 not supported, missing kernel module?\n\
+             iptables-restore: line 4 failed\n",
+            4,
+        );
+        assert_eq!(
+            describe(Family::V4, IptablesVariant::Legacy, text, &f),
+            "IPv4 (legacy backend): /usr/sbin/iptables-legacy-restore failed at line 4 `COMMIT`: \
+             Warning: Extension TPROXY revision 0 not supported, missing kernel module?; hint: \
+             the kernel or the iptables extensions may lack support for this rule; make sure \
+             the node has these modules loaded: iptable_mangle, nf_tproxy_ipv4, xt_TPROXY"
+        );
+        let f = fail(
+            "modprobe: can't load module x_tables (kernel/net/netfilter/x_tables.ko): Operation \
+             not permitted\niptables-restore: unable to initialize table 'mangle'\n\
+             Error occurred at line: 1\n",
+            1,
+        );
+        assert_eq!(
+            describe(Family::V4, IptablesVariant::Legacy, text, &f),
+            "IPv4 (legacy backend): /usr/sbin/iptables-legacy-restore failed at line 1 \
+             `* mangle`: modprobe: can't load module x_tables (kernel/net/netfilter/x_tables.ko): \
+             Operation not permitted iptables-restore: unable to initialize table 'mangle'; \
+             hint: the kernel module x_tables is not loaded and the container cannot load it \
+             (that needs CAP_SYS_MODULE): load it on the node (modprobe x_tables), or use the \
+             nft backend"
+        );
+        // No modprobe in the image: iptables' own words.
+        let f = fail(
+            "ip6tables-restore: can't initialize ip6tables table `mangle': Table does not exist \
+             (do you need to insmod?)\nError occurred at line: 1\n",
+            1,
+        );
+        let d = describe(Family::V6, IptablesVariant::Legacy, text, &f);
+        assert!(
+            d.ends_with(
+                "hint: the kernel modules x_tables, ip6_tables, ip6table_mangle are not loaded \
+                 and the container cannot load them (that needs CAP_SYS_MODULE): load them on \
+                 the node (modprobe x_tables ip6_tables ip6table_mangle), or use the nft backend"
+            ),
+            "{d}"
+        );
+    }
+
     type FailWhen = Box<dyn Fn(Family, &str) -> Option<RestoreFailure>>;
 
     /// Records every call; a restore fails when `fail` returns a failure for its input.

@@ -5,6 +5,8 @@
 //! pod-helper serve NAME [PORT,...] [--transparent]   listen on every PORT (IPv4 and IPv6)
 //! pod-helper connect ADDR:PORT...                    connect to each, print what answered
 //! pod-helper wait ADDR                               wait until the namespace has ADDR
+//! pod-helper udp-serve NAME PORT,...                 answer datagrams on 127.0.0.1:PORT
+//! pod-helper udp-send ADDR:PORT...                   send one datagram to each, print the answer
 //! ```
 //!
 //! `serve` answers every connection with one line and closes it:
@@ -17,6 +19,11 @@
 //! returns once `ADDR` can be bound, which the test arranges after the pod's interface, its
 //! other addresses and (Istio CNI mode) the rules are in place; it gives up after 60 s.
 //! `connect` prints `ADDR -> <answer>` per address, or `ADDR -> error: <why>`.
+//! `udp-serve` answers every datagram with `NAME port=<listening port> from=<sender>`, on
+//! loopback like Istio's DNS agent (where REDIRECT sends a pod's own datagrams), and
+//! `udp-send` prints `ADDR -> <answer> (from <who answered>)`: after a REDIRECT the answer comes
+//! from the listener's port yet reaches the sender from ADDR (conntrack undoes the NAT). Used by
+//! the microVM test (`tests/vm/`).
 //!
 //! Built by the test with `+crt-static` and an explicit `--target`; see tests/it/image.rs.
 
@@ -24,7 +31,7 @@
 #![allow(clippy::print_stdout, clippy::exit)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -101,7 +108,12 @@ fn serve(name: &str, ports: &[u16], transparent: bool) -> Result<(), String> {
             }));
         }
     }
-    println!("{name} listening on {ports:?}");
+    run(format!("{name} listening on {ports:?}"), threads)
+}
+
+/// Says the servers listen, then serves until their threads end (forever without any).
+fn run(announce: String, threads: Vec<std::thread::JoinHandle<()>>) -> Result<(), String> {
+    println!("{announce}");
     let _ = std::io::stdout().flush();
     if threads.is_empty() {
         loop {
@@ -130,6 +142,45 @@ fn connect(addr: &str) -> String {
         Ok(_) => line.trim_end().to_owned(),
         Err(e) => format!("error: {e}"),
     }
+}
+
+fn udp_serve(name: &str, ports: &[u16]) -> Result<(), String> {
+    let mut threads = Vec::new();
+    for &port in ports {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
+            .map_err(|e| format!("udp bind {port}: {e}"))?;
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = s.recv_from(&mut buf) {
+                let line = format!("{name} port={port} from={from}");
+                let _ = s.send_to(line.as_bytes(), from);
+                println!("{line}");
+            }
+        }));
+    }
+    run(format!("{name} listening on udp {ports:?}"), threads)
+}
+
+fn udp_send(addr: &str) -> String {
+    let exchange = || -> Result<String, Box<dyn std::error::Error>> {
+        let target: SocketAddr = addr.parse()?;
+        let any = if target.is_ipv4() {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+        };
+        let s = UdpSocket::bind(any)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(b"probe", target)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok(format!(
+            "{} (from {from})",
+            String::from_utf8_lossy(&buf[..n]).trim_end()
+        ))
+    };
+    exchange().unwrap_or_else(|e| format!("error: {e}"))
 }
 
 fn wait(addr: &str) -> Result<(), String> {
@@ -168,7 +219,20 @@ fn main() {
             Ok(())
         }
         Some("wait") if args.len() >= 2 => wait(&args[1]),
-        _ => Err("usage: pod-helper serve NAME [PORT,...] [--transparent] | connect ADDR:PORT... | wait ADDR".into()),
+        Some("udp-serve") if args.len() == 3 => {
+            let ports: Result<Vec<u16>, _> = args[2].split(',').map(str::parse).collect();
+            match ports {
+                Ok(ports) => udp_serve(&args[1], &ports),
+                Err(e) => Err(format!("bad port: {e}")),
+            }
+        }
+        Some("udp-send") => {
+            for a in &args[1..] {
+                println!("{a} -> {}", udp_send(a));
+            }
+            Ok(())
+        }
+        _ => Err("usage: pod-helper serve NAME [PORT,...] [--transparent] | connect ADDR:PORT... | wait ADDR | udp-serve NAME PORT,... | udp-send ADDR:PORT...".into()),
     };
     if let Err(e) = result {
         eprintln!("pod-helper: {e}");
