@@ -18,6 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use istio_init::settings::cli::INJECTOR_DEFAULT_ARGS;
+
 use crate::faults::pod;
 use crate::image::{Caps, Run, image};
 use crate::nft_mode::{NftState, nft_state};
@@ -34,32 +36,11 @@ struct Failure {
     caps: bool,
 }
 
-/// The injector's default arguments, verbatim.
-const INJECTED: [&str; 18] = [
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
-
 /// Usage and validation run with every capability, so that a run that did not stop at its
 /// error would change the namespace; the apply failure runs without them.
 fn failures() -> Vec<Failure> {
-    let injected = INJECTED.iter().map(|s| (*s).to_owned());
+    // The injector's default arguments, verbatim.
+    let injected = INJECTOR_DEFAULT_ARGS.iter().map(|s| (*s).to_owned());
     vec![
         Failure {
             name: "usage",
