@@ -3,7 +3,7 @@
 //! Start-up is part of every pod start, so `main` is the C entry point glibc calls rather
 //! than std's runtime start. That start reads `/proc/self/maps` to find the main thread's
 //! stack and maps an alternate signal stack for a stack-overflow message (about 0.07 ms, a
-//! fifteenth of a whole run in nftables mode; README, Performance); the two things it does
+//! fifteenth of a whole run in nftables mode; docs/performance.md); the two things it does
 //! that matter here are done below: `SIGPIPE` is ignored (a write to a pipe whose reader is
 //! gone, such as a restore's stdin or a closed log pipe, fails with `EPIPE` instead of ending
 //! the run), and closed standard descriptors are pointed at `/dev/null`. Without the rest, a
