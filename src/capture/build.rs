@@ -4,6 +4,12 @@
 //! family, each copy right after the other, so the per-family projections keep istio-iptables'
 //! order and an inet table gets Istio's nftables order.
 
+use super::Match::{Connmark, CtState, Dport, Dports, InIface, Mark, OutIface, Src};
+use super::Table::{Mangle, Nat};
+use super::chain::{
+    ISTIO_DIVERT, ISTIO_DROP, ISTIO_IN_REDIRECT, ISTIO_INBOUND, ISTIO_OUTPUT, ISTIO_REDIRECT,
+    ISTIO_TPROXY, OUTPUT, PREROUTING,
+};
 use super::{Capture, Facts, Match, Owner, Proto, Rule, Table, Target, chain, dns_capture};
 use crate::net::{Cidr, Family, Group, Iface, Port, PortItem};
 use crate::settings::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups};
@@ -89,425 +95,411 @@ pub const DNS_PORT: Port = Port::fixed(15053);
 const PORT_53: PortItem = PortItem::One(Port::fixed(53));
 const PORT_15053: PortItem = PortItem::One(Port::fixed(15053));
 
-/// Builds the capture for the families [`Facts::families`] enables.
+/// Builds the capture for the families [`Facts::families`] enables: Istio's steps, in its order.
 pub fn build(cfg: &Config, facts: &Facts) -> Capture {
-    use Match::*;
-    use Table::*;
-    use chain::*;
-
-    let families = facts.families();
-    let mut b = Builder {
-        families: families.clone(),
-        rules: Vec::new(),
-    };
-    let lo: Iface = "lo".parse().unwrap_or_else(|_| unreachable!());
-    let loopback = |f: Family| cfg.loopback_of(f);
-    let passthrough = |f: Family| Cidr::host(f.passthrough());
-    let tproxy = cfg.interception == Interception::Tproxy;
-    let dns = dns_capture(cfg, facts);
-    let tcp = || Proto(self::Proto::Tcp);
-    let udp = || Proto(self::Proto::Udp);
-    let dport = |p: PortItem| Dport {
-        neg: false,
-        port: p,
-    };
-    let tun = PortItem::One(cfg.inbound_tunnel_port);
-    let gid = |neg: bool, g: Group| Owner {
-        neg,
-        owner: self::Owner::Gid(g),
-    };
-
-    // Step 1: excluded interfaces bypass everything (nat, and mangle in TPROXY mode).
-    for x in &cfg.exclude_interfaces {
-        b.append(Nat, PREROUTING, vec![InIface(x.clone())], Target::Return);
-        b.append(Nat, OUTPUT, vec![OutIface(x.clone())], Target::Return);
+    let mut s = Steps::new(cfg, facts);
+    s.excluded_interfaces(); // 1
+    s.virtual_interfaces_not_inbound(); // 2
+    s.drop_invalid(); // 3
+    s.tunnel_port_not_inbound(); // 4
+    s.redirect_chains(); // 5, 6
+    s.inbound_capture(); // 7
+    s.outbound_entry(); // 8
+    s.outbound_port_exclusions(); // 9
+    s.passthrough_source(); // 10
+    s.proxy_own_traffic(); // 11, 12
+    s.owner_groups(); // 13
+    if s.dns {
+        build_dns(&mut s.b, cfg, facts); // 14
     }
-    if tproxy {
-        for x in &cfg.exclude_interfaces {
-            b.append(Mangle, PREROUTING, vec![InIface(x.clone())], Target::Return);
-            b.append(Mangle, OUTPUT, vec![OutIface(x.clone())], Target::Return);
+    s.loopback_destinations(); // 15
+    s.outbound_cidr_exclusions(); // 16
+    s.outbound_ports_included(); // 17
+    s.outbound_cidr_inclusions(); // 18
+    s.tproxy_marks(); // 19
+    Capture {
+        families: s.b.families,
+        rules: s.b.rules,
+    }
+}
+
+/// One build: the rules so far and what the steps read.
+struct Steps<'a> {
+    b: Builder,
+    cfg: &'a Config,
+    tproxy: bool,
+    dns: bool,
+    /// The proxy's owners (its uids, then its gids), each with whether it is a uid.
+    owners: Vec<(Owner, bool)>,
+}
+
+fn tcp() -> Match {
+    Match::Proto(Proto::Tcp)
+}
+
+fn udp() -> Match {
+    Match::Proto(Proto::Udp)
+}
+
+fn dport(port: PortItem) -> Match {
+    Match::Dport { neg: false, port }
+}
+
+fn dst(net: Cidr) -> Match {
+    Match::Dst { neg: false, net }
+}
+
+fn lo() -> Iface {
+    "lo".parse().unwrap_or_else(|_| unreachable!())
+}
+
+fn owner(neg: bool, owner: Owner) -> Match {
+    Match::Owner { neg, owner }
+}
+
+impl<'a> Steps<'a> {
+    fn new(cfg: &'a Config, facts: &Facts) -> Self {
+        let owners = (cfg.proxy_uids.iter().map(|u| (Owner::Uid(*u), true)))
+            .chain((cfg.proxy_gids.iter()).map(|g| (Owner::Gid(Group::Id(*g)), false)))
+            .collect();
+        Steps {
+            b: Builder {
+                families: facts.families(),
+                rules: Vec::new(),
+            },
+            cfg,
+            tproxy: cfg.interception == Interception::Tproxy,
+            dns: dns_capture(cfg, facts),
+            owners,
         }
     }
 
-    // Step 2: inbound traffic on rerouted virtual interfaces is not captured as inbound.
-    for v in &cfg.virt_interfaces {
-        b.insert(Nat, PREROUTING, 1, vec![InIface(v.clone())], Target::Return);
+    fn families(&self) -> Vec<Family> {
+        self.b.families.clone()
     }
 
-    // Step 3: drop conntrack-INVALID packets instead of letting them reset connections.
-    if cfg.drop_invalid {
-        b.append(
-            Mangle,
-            PREROUTING,
-            vec![CtState("INVALID")],
-            Target::Jump(ISTIO_DROP),
-        );
-        b.append(Mangle, ISTIO_DROP, vec![], Target::Drop);
+    /// Not the family's loopback range (the proxy's own traffic to the pod's address).
+    fn not_loopback(&self, f: Family) -> Match {
+        Match::Dst {
+            neg: true,
+            net: self.cfg.loopback_of(f),
+        }
     }
 
-    // Step 4: the HBONE tunnel port is never captured inbound.
-    b.append(Nat, ISTIO_INBOUND, vec![tcp(), dport(tun)], Target::Return);
-
-    // Steps 5 and 6: the two redirect chains.
-    let redirect = |port| Target::Redirect {
-        port,
-        singular: false,
-    };
-    b.append(Nat, ISTIO_REDIRECT, vec![tcp()], redirect(cfg.proxy_port));
-    b.append(
-        Nat,
-        ISTIO_IN_REDIRECT,
-        vec![tcp()],
-        redirect(cfg.inbound_capture_port),
-    );
-
-    // Step 7: inbound capture.
-    if !cfg.inbound_ports.is_empty() {
-        let t = if tproxy { Mangle } else { Nat };
-        if tproxy {
-            b.append(
-                Mangle,
-                ISTIO_DIVERT,
-                vec![],
-                Target::SetMark(cfg.tproxy_mark.get()),
-            );
-            b.append(Mangle, ISTIO_DIVERT, vec![], Target::Accept);
-            for &f in &families {
-                b.append(
-                    Mangle,
-                    ISTIO_TPROXY,
-                    vec![
-                        Dst {
-                            neg: true,
-                            net: loopback(f),
-                        },
-                        tcp(),
-                    ],
-                    Target::Tproxy {
-                        mark: cfg.tproxy_mark,
-                        on_port: cfg.inbound_capture_port,
-                    },
-                );
+    /// Step 1: excluded interfaces bypass everything (nat, and mangle in TPROXY mode).
+    fn excluded_interfaces(&mut self) {
+        let tables: &[Table] = if self.tproxy { &[Nat, Mangle] } else { &[Nat] };
+        for &t in tables {
+            for x in &self.cfg.exclude_interfaces {
+                self.b
+                    .append(t, PREROUTING, vec![InIface(x.clone())], Target::Return);
+                self.b
+                    .append(t, OUTPUT, vec![OutIface(x.clone())], Target::Return);
             }
         }
-        b.append(t, PREROUTING, vec![tcp()], Target::Jump(ISTIO_INBOUND));
-        match &cfg.inbound_ports {
+    }
+
+    /// Step 2: inbound traffic on rerouted virtual interfaces is not captured as inbound.
+    fn virtual_interfaces_not_inbound(&mut self) {
+        for v in &self.cfg.virt_interfaces {
+            self.b
+                .insert(Nat, PREROUTING, 1, vec![InIface(v.clone())], Target::Return);
+        }
+    }
+
+    /// Step 3: drop conntrack-INVALID packets instead of letting them reset connections.
+    fn drop_invalid(&mut self) {
+        if self.cfg.drop_invalid {
+            let invalid = vec![CtState("INVALID")];
+            self.b
+                .append(Mangle, PREROUTING, invalid, Target::Jump(ISTIO_DROP));
+            self.b.append(Mangle, ISTIO_DROP, vec![], Target::Drop);
+        }
+    }
+
+    /// Step 4: the HBONE tunnel port is never captured inbound.
+    fn tunnel_port_not_inbound(&mut self) {
+        let tun = PortItem::One(self.cfg.inbound_tunnel_port);
+        self.b
+            .append(Nat, ISTIO_INBOUND, vec![tcp(), dport(tun)], Target::Return);
+    }
+
+    /// Steps 5 and 6: the two redirect chains.
+    fn redirect_chains(&mut self) {
+        let redirect = |port| Target::Redirect {
+            port,
+            singular: false,
+        };
+        let (out, inbound) = (self.cfg.proxy_port, self.cfg.inbound_capture_port);
+        self.b
+            .append(Nat, ISTIO_REDIRECT, vec![tcp()], redirect(out));
+        self.b
+            .append(Nat, ISTIO_IN_REDIRECT, vec![tcp()], redirect(inbound));
+    }
+
+    /// Step 7: inbound capture, by REDIRECT (nat) or TPROXY (mangle).
+    fn inbound_capture(&mut self) {
+        if self.cfg.inbound_ports.is_empty() {
+            return;
+        }
+        let t = if self.tproxy { Mangle } else { Nat };
+        if self.tproxy {
+            self.tproxy_chains();
+        }
+        self.b
+            .append(t, PREROUTING, vec![tcp()], Target::Jump(ISTIO_INBOUND));
+        match &self.cfg.inbound_ports {
             InboundPorts::All => {
-                for p in &cfg.inbound_exclude_ports {
-                    b.append(t, ISTIO_INBOUND, vec![tcp(), dport(*p)], Target::Return);
+                for p in &self.cfg.inbound_exclude_ports {
+                    self.b
+                        .append(t, ISTIO_INBOUND, vec![tcp(), dport(*p)], Target::Return);
                 }
-                if tproxy {
-                    let est = CtState("RELATED,ESTABLISHED");
-                    b.append(
-                        Mangle,
-                        ISTIO_INBOUND,
-                        vec![tcp(), est],
-                        Target::Jump(ISTIO_DIVERT),
-                    );
-                    b.append(
-                        Mangle,
-                        ISTIO_INBOUND,
-                        vec![tcp()],
-                        Target::Jump(ISTIO_TPROXY),
-                    );
-                } else {
-                    b.append(
-                        Nat,
-                        ISTIO_INBOUND,
-                        vec![tcp()],
-                        Target::Jump(ISTIO_IN_REDIRECT),
-                    );
-                }
+                self.capture_inbound(vec![tcp()]);
             }
             InboundPorts::Only(ports) => {
                 for p in ports {
-                    if tproxy {
-                        let est = CtState("RELATED,ESTABLISHED");
-                        b.append(
-                            Mangle,
-                            ISTIO_INBOUND,
-                            vec![tcp(), dport(*p), est],
-                            Target::Jump(ISTIO_DIVERT),
-                        );
-                        b.append(
-                            Mangle,
-                            ISTIO_INBOUND,
-                            vec![tcp(), dport(*p)],
-                            Target::Jump(ISTIO_TPROXY),
-                        );
-                    } else {
-                        b.append(
-                            Nat,
-                            ISTIO_INBOUND,
-                            vec![tcp(), dport(*p)],
-                            Target::Jump(ISTIO_IN_REDIRECT),
-                        );
-                    }
+                    self.capture_inbound(vec![tcp(), dport(*p)]);
                 }
             }
         }
     }
 
-    // Step 8: all outbound traffic enters ISTIO_OUTPUT (UDP is filtered inside).
-    b.append(Nat, OUTPUT, vec![], Target::Jump(ISTIO_OUTPUT));
-
-    // Step 9: outbound port exclusions, TCP and UDP.
-    for p in &cfg.outbound_ports_exclude {
-        b.append(Nat, ISTIO_OUTPUT, vec![tcp(), dport(*p)], Target::Return);
-        b.append(Nat, ISTIO_OUTPUT, vec![udp(), dport(*p)], Target::Return);
-    }
-
-    // Step 10: the proxy's inbound passthrough source (127.0.0.6 / ::6) is never captured.
-    for &f in &families {
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            vec![OutIface(lo.clone()), Src(passthrough(f))],
-            Target::Return,
-        );
-    }
-
-    // Steps 11 and 12: the proxy's own traffic.
-    let include_has_loopback = match &cfg.outbound_include {
-        OutboundCidrs::All => false,
-        OutboundCidrs::Only(v) => v.iter().any(|c| c.is_loopback()),
-    };
-    let not_loopback = |f: Family| Dst {
-        neg: true,
-        net: loopback(f),
-    };
-    let owners: Vec<(self::Owner, bool)> = cfg
-        .proxy_uids
-        .iter()
-        .map(|u| (self::Owner::Uid(*u), true))
-        .chain(
-            cfg.proxy_gids
-                .iter()
-                .map(|g| (self::Owner::Gid(Group::Id(*g)), false)),
-        )
-        .collect();
-    for (owner, is_uid) in &owners {
-        let who = |neg| Owner {
-            neg,
-            owner: owner.clone(),
-        };
-        // a: the proxy talking to the pod's own address over lo goes through inbound capture.
-        let skip_ports = if dns && *is_uid {
-            Dports {
-                neg: true,
-                ports: vec![PORT_53, tun],
-            }
-        } else {
-            Dport {
-                neg: true,
-                port: tun,
-            }
-        };
-        for &f in &families {
-            b.append(
-                Nat,
-                ISTIO_OUTPUT,
-                vec![
-                    OutIface(lo.clone()),
-                    not_loopback(f),
-                    tcp(),
-                    skip_ports.clone(),
-                    who(false),
-                ],
-                Target::Jump(ISTIO_IN_REDIRECT),
+    /// Step 7's TPROXY chains: ISTIO_DIVERT marks and accepts, ISTIO_TPROXY diverts to the
+    /// inbound capture port what is not for loopback.
+    fn tproxy_chains(&mut self) {
+        let mark = self.cfg.tproxy_mark;
+        self.b
+            .append(Mangle, ISTIO_DIVERT, vec![], Target::SetMark(mark.get()));
+        self.b.append(Mangle, ISTIO_DIVERT, vec![], Target::Accept);
+        for f in self.families() {
+            self.b.append(
+                Mangle,
+                ISTIO_TPROXY,
+                vec![self.not_loopback(f), tcp()],
+                Target::Tproxy {
+                    mark,
+                    on_port: self.cfg.inbound_capture_port,
+                },
             );
         }
-        // b: app-to-app traffic over lo is left alone (unless loopback is explicitly captured).
-        if !include_has_loopback {
-            let m = if dns {
-                vec![
-                    OutIface(lo.clone()),
+    }
+
+    /// Step 7's capture of inbound TCP matching `m`.
+    fn capture_inbound(&mut self, m: Vec<Match>) {
+        if self.tproxy {
+            let mut established = m.clone();
+            established.push(CtState("RELATED,ESTABLISHED"));
+            self.b.append(
+                Mangle,
+                ISTIO_INBOUND,
+                established,
+                Target::Jump(ISTIO_DIVERT),
+            );
+            self.b
+                .append(Mangle, ISTIO_INBOUND, m, Target::Jump(ISTIO_TPROXY));
+        } else {
+            self.b
+                .append(Nat, ISTIO_INBOUND, m, Target::Jump(ISTIO_IN_REDIRECT));
+        }
+    }
+
+    /// Step 8: all outbound traffic enters ISTIO_OUTPUT (UDP is filtered inside).
+    fn outbound_entry(&mut self) {
+        self.b
+            .append(Nat, OUTPUT, vec![], Target::Jump(ISTIO_OUTPUT));
+    }
+
+    /// Step 9: outbound port exclusions, TCP and UDP.
+    fn outbound_port_exclusions(&mut self) {
+        for p in &self.cfg.outbound_ports_exclude {
+            for proto in [tcp(), udp()] {
+                self.b
+                    .append(Nat, ISTIO_OUTPUT, vec![proto, dport(*p)], Target::Return);
+            }
+        }
+    }
+
+    /// Step 10: the proxy's inbound passthrough source (127.0.0.6 / ::6) is never captured.
+    fn passthrough_source(&mut self) {
+        for f in self.families() {
+            let m = vec![OutIface(lo()), Src(Cidr::host(f.passthrough()))];
+            self.b.append(Nat, ISTIO_OUTPUT, m, Target::Return);
+        }
+    }
+
+    /// Steps 11 and 12: the proxy's own traffic, per owner.
+    fn proxy_own_traffic(&mut self) {
+        let include_has_loopback = match &self.cfg.outbound_include {
+            OutboundCidrs::All => false,
+            OutboundCidrs::Only(v) => v.iter().any(|c| c.is_loopback()),
+        };
+        let tun = PortItem::One(self.cfg.inbound_tunnel_port);
+        for (who, is_uid) in self.owners.clone() {
+            // a: the proxy talking to the pod's own address over lo goes through inbound
+            // capture.
+            let skip_ports = if self.dns && is_uid {
+                Dports {
+                    neg: true,
+                    ports: vec![PORT_53, tun],
+                }
+            } else {
+                Dport {
+                    neg: true,
+                    port: tun,
+                }
+            };
+            for f in self.families() {
+                let m = vec![
+                    OutIface(lo()),
+                    self.not_loopback(f),
                     tcp(),
-                    Dport {
+                    skip_ports.clone(),
+                    owner(false, who.clone()),
+                ];
+                self.b
+                    .append(Nat, ISTIO_OUTPUT, m, Target::Jump(ISTIO_IN_REDIRECT));
+            }
+            // b: app-to-app traffic over lo is left alone (unless loopback is explicitly
+            // captured).
+            if !include_has_loopback {
+                let m = if self.dns {
+                    let not53 = Dport {
                         neg: true,
                         port: PORT_53,
-                    },
-                    who(true),
-                ]
-            } else {
-                vec![OutIface(lo.clone()), who(true)]
-            };
-            b.append(Nat, ISTIO_OUTPUT, m, Target::Return);
-        }
-        // c: never loop the proxy's own traffic back to it.
-        b.append(Nat, ISTIO_OUTPUT, vec![who(false)], Target::Return);
-    }
-
-    // Step 13: owner-group filter.
-    match &cfg.owner_groups {
-        OwnerGroups::AllExcept(groups) => {
-            for g in groups {
-                b.append(
-                    Nat,
-                    ISTIO_OUTPUT,
-                    vec![gid(false, g.clone())],
-                    Target::Return,
-                );
+                    };
+                    vec![OutIface(lo()), tcp(), not53, owner(true, who.clone())]
+                } else {
+                    vec![OutIface(lo()), owner(true, who.clone())]
+                };
+                self.b.append(Nat, ISTIO_OUTPUT, m, Target::Return);
             }
+            // c: never loop the proxy's own traffic back to it.
+            self.b
+                .append(Nat, ISTIO_OUTPUT, vec![owner(false, who)], Target::Return);
         }
-        OwnerGroups::Only(groups) => {
-            let m = groups.iter().map(|g| gid(true, g.clone())).collect();
-            b.append(Nat, ISTIO_OUTPUT, m, Target::Return);
-        }
     }
 
-    // Step 14: DNS capture.
-    if dns {
-        build_dns(&mut b, cfg, facts);
-    }
-
-    // Step 15: loopback destinations are never captured.
-    for &f in &families {
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            vec![Dst {
-                neg: false,
-                net: loopback(f),
-            }],
-            Target::Return,
-        );
-    }
-
-    // Step 16: outbound CIDR exclusions (of the programmed families: see `Builder::push`).
-    for c in &ipv4_first(cfg.outbound_exclude.clone()) {
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            vec![Dst {
-                neg: false,
-                net: *c,
-            }],
-            Target::Return,
-        );
-    }
-
-    // Step 17: outbound ports always captured.
-    for p in &cfg.outbound_ports_include {
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            vec![tcp(), dport(*p)],
-            Target::Jump(ISTIO_REDIRECT),
-        );
-    }
-
-    // Step 18: outbound CIDR inclusions of this family.
-    match &cfg.outbound_include {
-        OutboundCidrs::All => {
-            b.append(Nat, ISTIO_OUTPUT, vec![], Target::Jump(ISTIO_REDIRECT));
-            for v in &cfg.virt_interfaces {
-                b.insert(
-                    Nat,
-                    PREROUTING,
-                    1,
-                    vec![InIface(v.clone())],
-                    Target::Jump(ISTIO_REDIRECT),
-                );
-            }
-        }
-        OutboundCidrs::Only(_) => {
-            for c in families.iter().flat_map(|f| cfg.outbound_include.of(*f)) {
-                for v in &cfg.virt_interfaces {
-                    b.insert(
-                        Nat,
-                        PREROUTING,
-                        1,
-                        vec![InIface(v.clone()), Dst { neg: false, net: c }],
-                        Target::Jump(ISTIO_REDIRECT),
-                    );
+    /// Step 13: owner-group filter.
+    fn owner_groups(&mut self) {
+        let gid = |neg: bool, g: &Group| owner(neg, Owner::Gid(g.clone()));
+        match &self.cfg.owner_groups {
+            OwnerGroups::AllExcept(groups) => {
+                for g in groups {
+                    self.b
+                        .append(Nat, ISTIO_OUTPUT, vec![gid(false, g)], Target::Return);
                 }
-                b.append(
-                    Nat,
-                    ISTIO_OUTPUT,
-                    vec![Dst { neg: false, net: c }],
-                    Target::Jump(ISTIO_REDIRECT),
-                );
+            }
+            OwnerGroups::Only(groups) => {
+                let m = groups.iter().map(|g| gid(true, g)).collect();
+                self.b.append(Nat, ISTIO_OUTPUT, m, Target::Return);
             }
         }
     }
 
-    // Step 19: TPROXY marks and connmarks (whenever the mode is TPROXY).
-    if tproxy {
-        let mark = cfg.tproxy_mark.get();
+    /// Step 15: loopback destinations are never captured.
+    fn loopback_destinations(&mut self) {
+        for f in self.families() {
+            let m = vec![dst(self.cfg.loopback_of(f))];
+            self.b.append(Nat, ISTIO_OUTPUT, m, Target::Return);
+        }
+    }
+
+    /// Step 16: outbound CIDR exclusions (of the programmed families: see `Builder::push`).
+    fn outbound_cidr_exclusions(&mut self) {
+        for c in ipv4_first(self.cfg.outbound_exclude.clone()) {
+            self.b
+                .append(Nat, ISTIO_OUTPUT, vec![dst(c)], Target::Return);
+        }
+    }
+
+    /// Step 17: outbound ports always captured.
+    fn outbound_ports_included(&mut self) {
+        for p in &self.cfg.outbound_ports_include {
+            self.b.append(
+                Nat,
+                ISTIO_OUTPUT,
+                vec![tcp(), dport(*p)],
+                Target::Jump(ISTIO_REDIRECT),
+            );
+        }
+    }
+
+    /// Step 18: outbound CIDR inclusions (all, or those of the programmed families), and
+    /// traffic arriving on virtual interfaces redirected the same way.
+    fn outbound_cidr_inclusions(&mut self) {
+        let to_proxy = Target::Jump(ISTIO_REDIRECT);
+        let virt = &self.cfg.virt_interfaces;
+        match &self.cfg.outbound_include {
+            OutboundCidrs::All => {
+                self.b.append(Nat, ISTIO_OUTPUT, vec![], to_proxy.clone());
+                for v in virt {
+                    let m = vec![InIface(v.clone())];
+                    self.b.insert(Nat, PREROUTING, 1, m, to_proxy.clone());
+                }
+            }
+            OutboundCidrs::Only(_) => {
+                let families = self.families();
+                for c in families
+                    .iter()
+                    .flat_map(|f| self.cfg.outbound_include.of(*f))
+                {
+                    for v in virt {
+                        let m = vec![InIface(v.clone()), dst(c)];
+                        self.b.insert(Nat, PREROUTING, 1, m, to_proxy.clone());
+                    }
+                    self.b
+                        .append(Nat, ISTIO_OUTPUT, vec![dst(c)], to_proxy.clone());
+                }
+            }
+        }
+    }
+
+    /// Step 19: TPROXY marks and connmarks (whenever the mode is TPROXY).
+    fn tproxy_marks(&mut self) {
+        if !self.tproxy {
+            return;
+        }
+        let mark = self.cfg.tproxy_mark.get();
         let plain = |neg| Mark { neg, mark };
-        b.append(
+        let outbound = crate::net::Mark::OUTBOUND.get();
+        self.b.append(
             Mangle,
             PREROUTING,
             vec![tcp(), plain(false)],
             Target::ConnmarkSave,
         );
-        b.append(
-            Mangle,
-            OUTPUT,
-            vec![tcp(), OutIface(lo.clone()), plain(false)],
-            Target::Return,
-        );
-        for ((owner, _), &f) in owners
-            .iter()
-            .flat_map(|o| families.iter().map(move |f| (o, f)))
-        {
-            b.append(
-                Mangle,
-                OUTPUT,
-                vec![
-                    not_loopback(f),
+        let m = vec![tcp(), OutIface(lo()), plain(false)];
+        self.b.append(Mangle, OUTPUT, m, Target::Return);
+        for (who, _) in self.owners.clone() {
+            for f in self.families() {
+                let m = vec![
+                    self.not_loopback(f),
                     tcp(),
-                    OutIface(lo.clone()),
-                    Owner {
-                        neg: false,
-                        owner: owner.clone(),
-                    },
-                ],
-                Target::SetMark(crate::net::Mark::OUTBOUND.get()),
-            );
+                    OutIface(lo()),
+                    owner(false, who.clone()),
+                ];
+                self.b.append(Mangle, OUTPUT, m, Target::SetMark(outbound));
+            }
         }
-        b.append(
-            Mangle,
-            OUTPUT,
-            vec![tcp(), Connmark(mark)],
-            Target::ConnmarkRestore,
-        );
-        b.insert(
+        let m = vec![tcp(), Connmark(mark)];
+        self.b.append(Mangle, OUTPUT, m, Target::ConnmarkRestore);
+        self.b.insert(
             Mangle,
             ISTIO_INBOUND,
             1,
             vec![tcp(), plain(false)],
             Target::Return,
         );
-        for &f in &families {
-            b.insert(
-                Mangle,
-                ISTIO_INBOUND,
-                2,
-                vec![tcp(), Src(passthrough(f)), InIface(lo.clone())],
-                Target::Return,
-            );
+        for f in self.families() {
+            let m = vec![tcp(), Src(Cidr::host(f.passthrough())), InIface(lo())];
+            self.b.insert(Mangle, ISTIO_INBOUND, 2, m, Target::Return);
         }
-        b.insert(
-            Mangle,
-            ISTIO_INBOUND,
-            3,
-            vec![
-                tcp(),
-                InIface(lo),
-                Mark {
-                    neg: true,
-                    mark: crate::net::Mark::OUTBOUND.get(),
-                },
-            ],
-            Target::Return,
-        );
-    }
-
-    Capture {
-        families,
-        rules: b.rules,
+        let not_outbound = Mark {
+            neg: true,
+            mark: outbound,
+        };
+        let m = vec![tcp(), InIface(lo()), not_outbound];
+        self.b.insert(Mangle, ISTIO_INBOUND, 3, m, Target::Return);
     }
 }
 
