@@ -4,13 +4,13 @@
 //! family, each copy right after the other, so the per-family projections keep istio-iptables'
 //! order and an inet table gets Istio's nftables order.
 
-use super::Match::{Connmark, CtState, Dport, Dports, InIface, Mark, OutIface, Src};
-use super::Table::{Mangle, Nat};
+use super::Match::{Connmark, CtState, Dport, Dports, InIface, Mark, OutIface, Sport, Src};
+use super::Table::{Mangle, Nat, Raw};
 use super::chain::{
-    ISTIO_DIVERT, ISTIO_DROP, ISTIO_IN_REDIRECT, ISTIO_INBOUND, ISTIO_OUTPUT, ISTIO_REDIRECT,
-    ISTIO_TPROXY, OUTPUT, PREROUTING,
+    ISTIO_DIVERT, ISTIO_DROP, ISTIO_IN_REDIRECT, ISTIO_INBOUND, ISTIO_OUTPUT, ISTIO_OUTPUT_DNS,
+    ISTIO_REDIRECT, ISTIO_TPROXY, OUTPUT, PREROUTING,
 };
-use super::{Capture, Facts, Match, Owner, Proto, Rule, Table, Target, chain, dns_capture};
+use super::{Capture, Facts, Match, Owner, Proto, Rule, Table, Target, dns_capture};
 use crate::net::{Cidr, Family, Group, Iface, Port, PortItem};
 use crate::settings::config::{Config, InboundPorts, Interception, OutboundCidrs, OwnerGroups};
 
@@ -513,131 +513,88 @@ fn ipv4_first(mut list: Vec<Cidr>) -> Vec<Cidr> {
 
 /// Step 14: redirect DNS to the agent and split its UDP conntrack into two zones.
 fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
-    use Match::*;
-    use Table::*;
-    use chain::*;
-
     // A nameserver of a family not programmed still turns DNS capture on (as in Istio): the
     // rules naming no address stay; those naming it are dropped (see `Builder::push`).
     let servers: Vec<Cidr> =
         ipv4_first(facts.dns_servers.iter().copied().map(Cidr::host).collect());
     let all = cfg.capture_all_dns;
     // The families whose nameservers are captured (all of them with capture-all-dns).
-    let captured: Vec<Family> = b
-        .families
-        .iter()
-        .copied()
+    let captured: Vec<Family> = (b.families.iter().copied())
         .filter(|f| all || facts.dns_servers_of(*f).next().is_some())
         .collect();
-    let tcp = || Proto(self::Proto::Tcp);
-    let udp = || Proto(self::Proto::Udp);
-    let dport53 = || Dport {
-        neg: false,
-        port: PORT_53,
+    let dns = Dns {
+        servers: if all { None } else { Some(servers) },
+        captured,
     };
-    let to_agent = |singular| Target::Redirect {
-        port: DNS_PORT,
-        singular,
-    };
+    dns_redirects(b, &dns);
+    dns_conntrack_zones(b, cfg, &dns);
+}
 
+/// What step 14 captures.
+struct Dns {
+    /// The nameservers whose traffic is captured; `None`: all DNS (capture-all-dns).
+    servers: Option<Vec<Cidr>>,
+    /// The families whose DNS is captured.
+    captured: Vec<Family>,
+}
+
+fn dport53() -> Match {
+    dport(PORT_53)
+}
+
+/// Step 14, nat: DNS over TCP and UDP to the agent's port.
+fn dns_redirects(b: &mut Builder, dns: &Dns) {
     b.append(Raw, OUTPUT, vec![], Target::Jump(ISTIO_OUTPUT_DNS));
-    b.append_for(
-        &captured,
-        Nat,
-        ISTIO_OUTPUT,
-        vec![],
-        Target::Jump(ISTIO_OUTPUT_DNS),
-    );
+    let to_dns = Target::Jump(ISTIO_OUTPUT_DNS);
+    b.append_for(&dns.captured, Nat, ISTIO_OUTPUT, vec![], to_dns);
     for (proto, singular) in [(tcp(), false), (udp(), true)] {
-        if all {
-            b.append(
-                Nat,
-                ISTIO_OUTPUT_DNS,
-                vec![proto.clone(), dport53()],
-                to_agent(singular),
-            );
-        } else {
-            for s in &servers {
-                b.append(
-                    Nat,
-                    ISTIO_OUTPUT_DNS,
-                    vec![
-                        proto.clone(),
-                        dport53(),
-                        Dst {
-                            neg: false,
-                            net: *s,
-                        },
-                    ],
-                    to_agent(singular),
-                );
+        let to_agent = Target::Redirect {
+            port: DNS_PORT,
+            singular,
+        };
+        match &dns.servers {
+            None => {
+                let m = vec![proto.clone(), dport53()];
+                b.append(Nat, ISTIO_OUTPUT_DNS, m, to_agent);
+            }
+            Some(servers) => {
+                for s in servers {
+                    let m = vec![proto.clone(), dport53(), dst(*s)];
+                    b.append(Nat, ISTIO_OUTPUT_DNS, m, to_agent.clone());
+                }
             }
         }
     }
+}
 
-    // Conntrack zones: 1 = proxy <-> upstream resolver, 2 = app <-> agent.
-    let owners = cfg.proxy_uids.iter().map(|u| self::Owner::Uid(*u)).chain(
-        cfg.proxy_gids
-            .iter()
-            .map(|g| self::Owner::Gid(Group::Id(*g))),
-    );
-    for owner in owners {
-        let who = Owner { neg: false, owner };
-        b.append(
-            Raw,
-            ISTIO_OUTPUT_DNS,
-            vec![udp(), dport53(), who.clone()],
-            Target::CtZone(1),
-        );
-        b.append(
-            Raw,
-            ISTIO_OUTPUT_DNS,
-            vec![udp(), Sport(PORT_15053), who],
-            Target::CtZone(2),
-        );
+/// Step 14, raw: conntrack zones, 1 = proxy <-> upstream resolver, 2 = app <-> agent.
+fn dns_conntrack_zones(b: &mut Builder, cfg: &Config, dns: &Dns) {
+    let owners = (cfg.proxy_uids.iter().map(|u| Owner::Uid(*u)))
+        .chain((cfg.proxy_gids.iter()).map(|g| Owner::Gid(Group::Id(*g))));
+    for who in owners {
+        let who = owner(false, who);
+        let m = vec![udp(), dport53(), who.clone()];
+        b.append(Raw, ISTIO_OUTPUT_DNS, m, Target::CtZone(1));
+        let m = vec![udp(), Sport(PORT_15053), who];
+        b.append(Raw, ISTIO_OUTPUT_DNS, m, Target::CtZone(2));
     }
-    if all {
-        b.append(Raw, PREROUTING, vec![], Target::Jump(ISTIO_INBOUND));
-        b.append(
-            Raw,
-            ISTIO_OUTPUT_DNS,
-            vec![udp(), dport53()],
-            Target::CtZone(2),
-        );
-        b.append(
-            Raw,
-            ISTIO_INBOUND,
-            vec![udp(), Sport(PORT_53)],
-            Target::CtZone(1),
-        );
-    } else {
-        b.append_for(
-            &captured,
-            Raw,
-            PREROUTING,
-            vec![],
-            Target::Jump(ISTIO_INBOUND),
-        );
-        for s in &servers {
-            b.append(
-                Raw,
-                ISTIO_OUTPUT_DNS,
-                vec![
-                    udp(),
-                    dport53(),
-                    Dst {
-                        neg: false,
-                        net: *s,
-                    },
-                ],
-                Target::CtZone(2),
-            );
-            b.append(
-                Raw,
-                ISTIO_INBOUND,
-                vec![udp(), Sport(PORT_53), Src(*s)],
-                Target::CtZone(1),
-            );
+    let to_inbound = Target::Jump(ISTIO_INBOUND);
+    match &dns.servers {
+        None => {
+            b.append(Raw, PREROUTING, vec![], to_inbound);
+            let m = vec![udp(), dport53()];
+            b.append(Raw, ISTIO_OUTPUT_DNS, m, Target::CtZone(2));
+            let m = vec![udp(), Sport(PORT_53)];
+            b.append(Raw, ISTIO_INBOUND, m, Target::CtZone(1));
+        }
+        Some(servers) => {
+            b.append_for(&dns.captured, Raw, PREROUTING, vec![], to_inbound);
+            for s in servers {
+                let m = vec![udp(), dport53(), dst(*s)];
+                b.append(Raw, ISTIO_OUTPUT_DNS, m, Target::CtZone(2));
+                let m = vec![udp(), Sport(PORT_53), Src(*s)];
+                b.append(Raw, ISTIO_INBOUND, m, Target::CtZone(1));
+            }
         }
     }
 }
@@ -646,6 +603,7 @@ fn build_dns(b: &mut Builder, cfg: &Config, facts: &Facts) {
 mod tests {
     use super::*;
     use crate::capture::Ruleset;
+    use crate::capture::chain;
     use crate::settings::cli::Defaults;
     use crate::settings::config::tests::resolve;
 
