@@ -390,6 +390,21 @@ impl Resolver<'_> {
         Ok(p)
     }
 
+    /// A Go duration longer than zero (`--restore-timeout`, `--probe-timeout`).
+    fn duration(
+        &mut self,
+        long: &'static str,
+        key: &'static str,
+    ) -> Result<std::time::Duration, ConfigError> {
+        let raw = self.raw(long);
+        let d = parse_go_duration(raw.value.trim()).map_err(|e| raw.err("duration", e))?;
+        if d.is_zero() {
+            return Err(raw.err("duration", "must be longer than 0"));
+        }
+        self.record(key, format!("{d:?}"), &raw.source);
+        Ok(d)
+    }
+
     fn flag(&mut self, long: &'static str, key: &'static str) -> Result<bool, ConfigError> {
         let raw = self.raw(long);
         let b = raw.bool()?;
@@ -459,71 +474,15 @@ impl Config {
             provenance: Vec::new(),
         };
 
-        for o in cli::OPTIONS.iter().filter(|o| o.unimplemented) {
-            let raw = r.raw(o.long);
-            if raw.source != Source::Default && raw.bool().unwrap_or(true) {
-                return Err(raw.err(
-                    "option",
-                    format!(
-                        "--{} is not implemented by istio-init yet; remove it",
-                        o.long
-                    ),
-                ));
-            }
-        }
+        refuse_unimplemented(&r)?;
 
         let proxy_port = r.port("envoy-port", "PROXY_PORT")?;
         let inbound_capture_port = r.port("inbound-capture-port", "PROXY_INBOUND_CAPTURE_PORT")?;
         let inbound_tunnel_port = r.port("inbound-tunnel-port", "PROXY_TUNNEL_PORT")?;
 
-        // Proxy UIDs: empty means "the uid of $ENVOY_USER, else 1337" (Istio's rule).
-        let uid_raw = r.raw("proxy-uid");
-        let mut proxy_uids: Vec<Id> = uid_raw.list("uid")?;
-        let mut uid_source = uid_raw.source.clone();
-        if proxy_uids.is_empty() {
-            let user = r.env_only("ENVOY_USER");
-            let uid = (inputs.user_uid)(&user.value).unwrap_or(1337);
-            let id: Id = uid
-                .to_string()
-                .parse()
-                .map_err(|e| user.err("user", format!("uid {uid}: {e}")))?;
-            proxy_uids.push(id);
-            uid_source = Source::Default;
-        }
-        r.record("PROXY_UID", join(&proxy_uids), &uid_source);
+        let (proxy_uids, proxy_gids) = resolve_proxy_owners(&mut r)?;
 
-        // Proxy GIDs: empty means the same list as the UIDs.
-        let gid_raw = r.raw("proxy-gid");
-        let mut proxy_gids: Vec<Id> = gid_raw.list("gid")?;
-        let mut gid_source = gid_raw.source.clone();
-        if proxy_gids.is_empty() {
-            proxy_gids = proxy_uids.clone();
-            gid_source = uid_source;
-        }
-        r.record("PROXY_GID", join(&proxy_gids), &gid_source);
-
-        let mode_raw = r.raw("istio-inbound-interception-mode");
-        let interception = match mode_raw.value.trim() {
-            "" | "REDIRECT" => Interception::Redirect,
-            "TPROXY" => Interception::Tproxy,
-            "NONE" => Interception::None,
-            _ => {
-                return Err(mode_raw.err(
-                    "interception mode",
-                    "expected REDIRECT, TPROXY or NONE (upper case)",
-                ));
-            }
-        };
-        r.record(
-            "INBOUND_INTERCEPTION_MODE",
-            match interception {
-                Interception::Redirect => "REDIRECT",
-                Interception::Tproxy => "TPROXY",
-                Interception::None => "NONE",
-            },
-            &mode_raw.source,
-        );
-
+        let interception = resolve_interception(&mut r)?;
         let raw = r.raw("istio-inbound-tproxy-mark");
         let tproxy_mark: Mark = raw.one("mark")?;
         r.record("INBOUND_TPROXY_MARK", tproxy_mark, &raw.source);
@@ -544,25 +503,7 @@ impl Config {
 
         let owner_groups = resolve_owner_groups(&mut r)?;
 
-        let outbound_include =
-            match r.star_or_list("istio-service-cidr", "OUTBOUND_IP_RANGES_INCLUDE", "CIDR")? {
-                None => OutboundCidrs::All,
-                Some(v) => OutboundCidrs::Only(v),
-            };
-        let include_source = r.raw("istio-service-cidr").source;
-        let raw = r.raw("istio-service-exclude-cidr");
-        if raw.value.trim() == "*" {
-            return Err(raw.err(
-                "CIDR",
-                "'*' cannot be excluded; to capture nothing outbound, set --istio-service-cidr (-i) to \"\"",
-            ));
-        }
-        let outbound_exclude: Vec<Cidr> = raw.list("CIDR")?;
-        r.record(
-            "OUTBOUND_IP_RANGES_EXCLUDE",
-            join(&outbound_exclude),
-            &raw.source,
-        );
+        let (outbound_include, include_source, outbound_exclude) = resolve_outbound_cidrs(&mut r)?;
 
         let outbound_ports_include = r.ports("istio-outbound-ports", "OUTBOUND_PORTS_INCLUDE")?;
         let outbound_ports_exclude = r.ports(
@@ -572,90 +513,15 @@ impl Config {
         let virt_interfaces = r.ifaces("kube-virt-interfaces", "KUBE_VIRT_INTERFACES")?;
         let exclude_interfaces = r.ifaces("istio-exclude-interfaces", "EXCLUDE_INTERFACES")?;
 
-        let raw = r.raw("ipv6");
-        let ipv6 = match raw.value.trim() {
-            "auto" | "" => Ipv6Mode::Auto,
-            v => match parse_go_bool(v) {
-                Ok(true) => Ipv6Mode::On,
-                Ok(false) => Ipv6Mode::Off,
-                Err(_) => return Err(raw.err("IPv6 mode", "expected auto, true or false")),
-            },
-        };
-        r.record(
-            "ENABLE_INBOUND_IPV6",
-            match ipv6 {
-                Ipv6Mode::Auto => "auto",
-                Ipv6Mode::On => "true",
-                Ipv6Mode::Off => "false",
-            },
-            &raw.source,
-        );
-        // IPv6 ranges while IPv6 rules are off. `Off` is always explicit (flag or env; the
-        // default is auto). An IPv6 range to *capture* contradicts it: the pod would silently
-        // get less capture than it asks for, so that is refused. IPv6 ranges to *exclude* agree
-        // with it (no IPv6 traffic is captured at all) and are accepted, and in auto mode a pod
-        // without IPv6 only gets a warning (`lib::gather_facts`): mesh-wide defaults written
-        // for dual-stack pods must not stop IPv4-only pods from starting.
-        if ipv6 == Ipv6Mode::Off {
-            if let Some(c) = outbound_include.of(Family::V6).first() {
-                return Err(ConfigError {
-                    what: "CIDR".into(),
-                    value: c.to_string(),
-                    source: include_source,
-                    reason: format!(
-                        "an IPv6 range to capture, but IPv6 rules are disabled by {}; remove \
-                         the IPv6 ranges or set --ipv6=auto",
-                        raw.source
-                    ),
-                });
-            }
-        }
+        let ipv6 = resolve_ipv6(&mut r, &outbound_include, include_source)?;
         let dual_stack = r.flag("dual-stack", "DUAL_STACK")?;
         let redirect_dns = r.flag("redirect-dns", "DNS_CAPTURE")?;
         let drop_invalid = r.flag("drop-invalid", "DROP_INVALID")?;
         let capture_all_dns = r.flag("capture-all-dns", "CAPTURE_ALL_DNS")?;
 
-        let raw = r.raw("resolv-conf");
-        let resolv_conf = raw.value.clone();
-        if resolv_conf.trim().is_empty() {
-            return Err(raw.err("path", "empty"));
-        }
-        r.record("RESOLV_CONF", &resolv_conf, &raw.source);
-
-        let raw = r.raw("network-namespace");
-        let network_namespace = Some(raw.value.clone()).filter(|v| !v.is_empty());
-        r.record("NETWORK_NAMESPACE", &raw.value, &raw.source);
-
-        let raw = r.raw("netns");
-        let netns = match raw.value.trim() {
-            "" => None,
-            v if v.bytes().all(|b| b.is_ascii_digit()) => Some(format!("/proc/{v}/ns/net")),
-            v if v.starts_with('/') => Some(v.to_owned()),
-            _ => {
-                return Err(raw.err(
-                    "network namespace",
-                    "expected an absolute path (/proc/PID/ns/net, /var/run/netns/NAME) or a PID",
-                ));
-            }
-        };
-        r.record("NETNS", netns.as_deref().unwrap_or(""), &raw.source);
-        let raw = r.raw("xtables-wait");
-        let xtables_wait: u32 = match raw.value.trim().parse() {
-            Ok(n) if n <= 3600 => n,
-            _ => return Err(raw.err("wait", "expected whole seconds from 0 to 3600")),
-        };
-        r.record("XTABLES_WAIT", xtables_wait, &raw.source);
-        let raw = r.raw("restore-timeout");
-        let restore_timeout =
-            parse_go_duration(raw.value.trim()).map_err(|e| raw.err("duration", e))?;
-        if restore_timeout.is_zero() {
-            return Err(raw.err("duration", "must be longer than 0"));
-        }
-        r.record(
-            "RESTORE_TIMEOUT",
-            format!("{restore_timeout:?}"),
-            &raw.source,
-        );
+        let (resolv_conf, network_namespace, netns) = resolve_places(&mut r)?;
+        let xtables_wait = resolve_xtables_wait(&mut r)?;
+        let restore_timeout = r.duration("restore-timeout", "RESTORE_TIMEOUT")?;
 
         let handover = r.flag("handover", "HANDOVER")?;
         let reconcile = r.flag("reconcile", "RECONCILE")?;
@@ -663,14 +529,7 @@ impl Config {
         let native_nftables = r.flag("native-nftables", "NATIVE_NFTABLES")?;
         let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
 
-        let raw = r.raw("force-iptables-binary");
-        let force_backend = match raw.value.trim() {
-            "" => None,
-            "legacy" => Some(IptablesVariant::Legacy),
-            "nft" => Some(IptablesVariant::Nft),
-            _ => return Err(raw.err("iptables backend", "expected legacy or nft")),
-        };
-        r.record("FORCE_IPTABLES_BINARY", &raw.value, &raw.source);
+        let force_backend = resolve_force_backend(&mut r)?;
 
         let raw = r.env_only("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR");
         let loopback_cidr = resolve_loopback(&raw)?;
@@ -680,13 +539,7 @@ impl Config {
         let skip_rule_apply = r.flag("skip-rule-apply", "SKIP_RULE_APPLY")?;
         let run_validation = r.flag("run-validation", "RUN_VALIDATION")?;
         let probe_port = r.port("iptables-probe-port", "IPTABLES_PROBE_PORT")?;
-        let raw = r.raw("probe-timeout");
-        let probe_timeout =
-            parse_go_duration(raw.value.trim()).map_err(|e| raw.err("duration", e))?;
-        if probe_timeout.is_zero() {
-            return Err(raw.err("duration", "must be longer than 0"));
-        }
-        r.record("PROBE_TIMEOUT", format!("{probe_timeout:?}"), &raw.source);
+        let probe_timeout = r.duration("probe-timeout", "PROBE_TIMEOUT")?;
 
         let log = resolve_log(&r)?;
 
@@ -849,6 +702,209 @@ fn mesh_excluded_ports(rendered: &str, status: Option<Port>) -> String {
         }
     }
     items.join(",")
+}
+
+/// Options istio-init accepts but does not implement: given (and not `false`), an error.
+fn refuse_unimplemented(r: &Resolver<'_>) -> Result<(), ConfigError> {
+    for o in cli::OPTIONS.iter().filter(|o| o.unimplemented) {
+        let raw = r.raw(o.long);
+        if raw.source != Source::Default && raw.bool().unwrap_or(true) {
+            return Err(raw.err(
+                "option",
+                format!(
+                    "--{} is not implemented by istio-init yet; remove it",
+                    o.long
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The proxy's uids and gids (`-u`, `-g`).
+fn resolve_proxy_owners(r: &mut Resolver<'_>) -> Result<(Vec<Id>, Vec<Id>), ConfigError> {
+    // Proxy UIDs: empty means "the uid of $ENVOY_USER, else 1337" (Istio's rule).
+    let uid_raw = r.raw("proxy-uid");
+    let mut proxy_uids: Vec<Id> = uid_raw.list("uid")?;
+    let mut uid_source = uid_raw.source.clone();
+    if proxy_uids.is_empty() {
+        let user = r.env_only("ENVOY_USER");
+        let uid = (r.inputs.user_uid)(&user.value).unwrap_or(1337);
+        let id: Id = uid
+            .to_string()
+            .parse()
+            .map_err(|e| user.err("user", format!("uid {uid}: {e}")))?;
+        proxy_uids.push(id);
+        uid_source = Source::Default;
+    }
+    r.record("PROXY_UID", join(&proxy_uids), &uid_source);
+
+    // Proxy GIDs: empty means the same list as the UIDs.
+    let gid_raw = r.raw("proxy-gid");
+    let mut proxy_gids: Vec<Id> = gid_raw.list("gid")?;
+    let mut gid_source = gid_raw.source.clone();
+    if proxy_gids.is_empty() {
+        proxy_gids = proxy_uids.clone();
+        gid_source = uid_source;
+    }
+    r.record("PROXY_GID", join(&proxy_gids), &gid_source);
+    Ok((proxy_uids, proxy_gids))
+}
+
+/// The inbound interception mode (`-m`).
+fn resolve_interception(r: &mut Resolver<'_>) -> Result<Interception, ConfigError> {
+    let mode_raw = r.raw("istio-inbound-interception-mode");
+    let interception = match mode_raw.value.trim() {
+        "" | "REDIRECT" => Interception::Redirect,
+        "TPROXY" => Interception::Tproxy,
+        "NONE" => Interception::None,
+        _ => {
+            return Err(mode_raw.err(
+                "interception mode",
+                "expected REDIRECT, TPROXY or NONE (upper case)",
+            ));
+        }
+    };
+    r.record(
+        "INBOUND_INTERCEPTION_MODE",
+        match interception {
+            Interception::Redirect => "REDIRECT",
+            Interception::Tproxy => "TPROXY",
+            Interception::None => "NONE",
+        },
+        &mode_raw.source,
+    );
+    Ok(interception)
+}
+
+/// The outbound CIDRs to capture (`-i`, with its source) and to exclude (`-x`).
+fn resolve_outbound_cidrs(
+    r: &mut Resolver<'_>,
+) -> Result<(OutboundCidrs, Source, Vec<Cidr>), ConfigError> {
+    let outbound_include =
+        match r.star_or_list("istio-service-cidr", "OUTBOUND_IP_RANGES_INCLUDE", "CIDR")? {
+            None => OutboundCidrs::All,
+            Some(v) => OutboundCidrs::Only(v),
+        };
+    let include_source = r.raw("istio-service-cidr").source;
+    let raw = r.raw("istio-service-exclude-cidr");
+    if raw.value.trim() == "*" {
+        return Err(raw.err(
+            "CIDR",
+            "'*' cannot be excluded; to capture nothing outbound, set --istio-service-cidr (-i) to \"\"",
+        ));
+    }
+    let outbound_exclude: Vec<Cidr> = raw.list("CIDR")?;
+    r.record(
+        "OUTBOUND_IP_RANGES_EXCLUDE",
+        join(&outbound_exclude),
+        &raw.source,
+    );
+    Ok((outbound_include, include_source, outbound_exclude))
+}
+
+/// The IPv6 mode (`--ipv6`), checked against the IPv6 ranges to capture.
+fn resolve_ipv6(
+    r: &mut Resolver<'_>,
+    outbound_include: &OutboundCidrs,
+    include_source: Source,
+) -> Result<Ipv6Mode, ConfigError> {
+    let raw = r.raw("ipv6");
+    let ipv6 = match raw.value.trim() {
+        "auto" | "" => Ipv6Mode::Auto,
+        v => match parse_go_bool(v) {
+            Ok(true) => Ipv6Mode::On,
+            Ok(false) => Ipv6Mode::Off,
+            Err(_) => return Err(raw.err("IPv6 mode", "expected auto, true or false")),
+        },
+    };
+    r.record(
+        "ENABLE_INBOUND_IPV6",
+        match ipv6 {
+            Ipv6Mode::Auto => "auto",
+            Ipv6Mode::On => "true",
+            Ipv6Mode::Off => "false",
+        },
+        &raw.source,
+    );
+    // IPv6 ranges while IPv6 rules are off. `Off` is always explicit (flag or env; the
+    // default is auto). An IPv6 range to *capture* contradicts it: the pod would silently
+    // get less capture than it asks for, so that is refused. IPv6 ranges to *exclude* agree
+    // with it (no IPv6 traffic is captured at all) and are accepted, and in auto mode a pod
+    // without IPv6 only gets a warning (`lib::gather_facts`): mesh-wide defaults written
+    // for dual-stack pods must not stop IPv4-only pods from starting.
+    if ipv6 == Ipv6Mode::Off {
+        if let Some(c) = outbound_include.of(Family::V6).first() {
+            return Err(ConfigError {
+                what: "CIDR".into(),
+                value: c.to_string(),
+                source: include_source,
+                reason: format!(
+                    "an IPv6 range to capture, but IPv6 rules are disabled by {}; remove \
+                     the IPv6 ranges or set --ipv6=auto",
+                    raw.source
+                ),
+            });
+        }
+    }
+    Ok(ipv6)
+}
+
+/// Where to read and act: the resolv.conf path, and the namespace (`--network-namespace`,
+/// `--netns`).
+#[allow(clippy::type_complexity)]
+fn resolve_places(
+    r: &mut Resolver<'_>,
+) -> Result<(String, Option<String>, Option<String>), ConfigError> {
+    let raw = r.raw("resolv-conf");
+    let resolv_conf = raw.value.clone();
+    if resolv_conf.trim().is_empty() {
+        return Err(raw.err("path", "empty"));
+    }
+    r.record("RESOLV_CONF", &resolv_conf, &raw.source);
+
+    let raw = r.raw("network-namespace");
+    let network_namespace = Some(raw.value.clone()).filter(|v| !v.is_empty());
+    r.record("NETWORK_NAMESPACE", &raw.value, &raw.source);
+
+    let raw = r.raw("netns");
+    let netns = match raw.value.trim() {
+        "" => None,
+        v if v.bytes().all(|b| b.is_ascii_digit()) => Some(format!("/proc/{v}/ns/net")),
+        v if v.starts_with('/') => Some(v.to_owned()),
+        _ => {
+            return Err(raw.err(
+                "network namespace",
+                "expected an absolute path (/proc/PID/ns/net, /var/run/netns/NAME) or a PID",
+            ));
+        }
+    };
+    r.record("NETNS", netns.as_deref().unwrap_or(""), &raw.source);
+    Ok((resolv_conf, network_namespace, netns))
+}
+
+/// How long the iptables programs wait for the xtables lock (`-w`).
+fn resolve_xtables_wait(r: &mut Resolver<'_>) -> Result<u32, ConfigError> {
+    let raw = r.raw("xtables-wait");
+    let xtables_wait: u32 = match raw.value.trim().parse() {
+        Ok(n) if n <= 3600 => n,
+        _ => return Err(raw.err("wait", "expected whole seconds from 0 to 3600")),
+    };
+    r.record("XTABLES_WAIT", xtables_wait, &raw.source);
+    Ok(xtables_wait)
+}
+
+/// The iptables backend forced by `FORCE_IPTABLES_BINARY`, if any.
+fn resolve_force_backend(r: &mut Resolver<'_>) -> Result<Option<IptablesVariant>, ConfigError> {
+    let raw = r.raw("force-iptables-binary");
+    let force_backend = match raw.value.trim() {
+        "" => None,
+        "legacy" => Some(IptablesVariant::Legacy),
+        "nft" => Some(IptablesVariant::Nft),
+        _ => return Err(raw.err("iptables backend", "expected legacy or nft")),
+    };
+    r.record("FORCE_IPTABLES_BINARY", &raw.value, &raw.source);
+    Ok(force_backend)
 }
 
 /// `-d`, with the injector's rule when annotations are involved: the pod's
