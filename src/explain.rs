@@ -71,8 +71,17 @@ pub fn summary(cfg: &Config, facts: &Facts) -> String {
         );
         return o;
     }
-    let tproxy = cfg.interception == Interception::Tproxy;
 
+    inbound(&mut o, cfg);
+    outbound(&mut o, cfg, &families);
+    bypass(&mut o, cfg, v6);
+    dns(&mut o, cfg, facts);
+    o
+}
+
+/// The summary's inbound section.
+fn inbound(o: &mut String, cfg: &Config) {
+    let tproxy = cfg.interception == Interception::Tproxy;
     let _ = writeln!(o, "Inbound (TCP arriving at the pod):");
     let how = if tproxy {
         format!(
@@ -133,7 +142,11 @@ pub fn summary(cfg: &Config, facts: &Facts) -> String {
         );
     }
     let _ = writeln!(o, "- UDP is never captured inbound");
+}
 
+/// The summary's outbound section.
+fn outbound(o: &mut String, cfg: &Config, families: &[Family]) {
+    let v6 = families.contains(&Family::V6);
     let _ = writeln!(o, "Outbound (sent by processes in the pod):");
     let loopbacks = if v6 {
         format!("{} and ::1/128", cfg.loopback_cidr)
@@ -198,7 +211,10 @@ pub fn summary(cfg: &Config, facts: &Facts) -> String {
         );
     }
     let _ = writeln!(o, "- UDP is never redirected, except DNS (below)");
+}
 
+/// The summary's section on what bypasses the proxy.
+fn bypass(o: &mut String, cfg: &Config, v6: bool) {
     let _ = writeln!(o, "Who bypasses the proxy:");
     let _ = writeln!(
         o,
@@ -252,7 +268,11 @@ pub fn summary(cfg: &Config, facts: &Facts) -> String {
         "- the proxy's inbound passthrough traffic from 127.0.0.6{} over lo",
         if v6 { " and ::6" } else { "" }
     );
+}
 
+/// The summary's DNS section, and the INVALID drop.
+fn dns(o: &mut String, cfg: &Config, facts: &Facts) {
+    let families = facts.families();
     let _ = writeln!(o, "DNS:");
     if !cfg.redirect_dns {
         let _ = writeln!(
@@ -286,7 +306,6 @@ pub fn summary(cfg: &Config, facts: &Facts) -> String {
     if cfg.drop_invalid {
         let _ = writeln!(o, "Packets conntrack considers INVALID are dropped.");
     }
-    o
 }
 
 /// The whole `explain` document.
