@@ -487,7 +487,16 @@ fn trace_cmd(cfg: &Config, pod: &PodSettings, args: &cli::TraceArgs) -> anyhow::
     } else {
         build_all(cfg, &target_facts(cfg)?)
     };
-    let t = trace::trace(cfg, &rulesets, &conn, &host::group_gid);
+    // The path as the chosen backend lays it out in the kernel.
+    let nftables = backend::nftables::map::Layout {
+        group: &host::group_gid,
+    };
+    let layout: &dyn trace::Layout = if cfg.native_nftables {
+        &nftables
+    } else {
+        &backend::iptables::render::Layout
+    };
+    let t = trace::trace(cfg, &rulesets, &conn, &host::group_gid, layout);
     print(&t.to_string())
 }
 

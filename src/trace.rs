@@ -1,7 +1,10 @@
 //! `trace`: follows the first packet of one connection through the in-memory ruleset, hook by
 //! hook and rule by rule in kernel order, with jump/RETURN semantics, and reports every rule it
 //! passes, the rule that decides and the verdict (redirected to a proxy port, TPROXY, bypass,
-//! dropped).
+//! dropped). What it passes is named as the chosen backend lays it out in the kernel
+//! ([`Layout`], implemented by each backend beside its renderer): `nat ISTIO_OUTPUT` and
+//! `-m owner --uid-owner 1337 -j RETURN` in the iptables mode, `inet istio-proxy-nat
+//! istio-output` and `skuid 1337 counter return` in the nftables mode.
 //!
 //! The model of netfilter used here:
 //! - an outbound packet traverses raw, mangle and nat OUTPUT; if it leaves by `lo` (a loopback
@@ -20,8 +23,7 @@
 use std::fmt::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::backend::iptables::render;
-use crate::capture::{DNS_PORT, Match, Owner, Proto, Ruleset, Table, Target, chain};
+use crate::capture::{DNS_PORT, Match, Owner, Proto, Rule, Ruleset, Table, Target, chain};
 use crate::net::{Family, Id, Iface};
 use crate::settings::cli::TraceArgs;
 use crate::settings::config::Config;
@@ -194,18 +196,34 @@ pub enum Outcome {
     Matched(String),
 }
 
+/// How the chosen backend lays the capture out in the kernel. `trace` walks the capture, which
+/// is the same in both modes, and names every table, chain, rule and condition as that backend
+/// writes it, so that the path it prints is the one `iptables-save` or `nft list ruleset`
+/// shows. Each backend implements it beside its renderer.
+pub trait Layout {
+    /// A table as listed (`nat`, `inet istio-proxy-nat`).
+    fn table(&self, table: Table) -> String;
+    /// A chain as listed (`ISTIO_OUTPUT`, `istio-output`).
+    fn chain(&self, chain: &str) -> String;
+    /// A rule's conditions and action (`-o lo -j RETURN`, `oifname "lo" counter return`).
+    fn rule(&self, rule: &Rule) -> String;
+    /// One condition of `rule`, as written in it.
+    fn condition(&self, rule: &Rule, m: &Match) -> String;
+}
+
 /// One rule the packet passed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     /// The netfilter hook, with `(looped back)` for the second pass of an outbound packet.
     pub hook: String,
-    pub table: Table,
-    pub chain: &'static str,
+    /// The table and the chain as the backend lists them ([`Layout`]).
+    pub table: String,
+    pub chain: String,
     /// 1-based position in the chain, in kernel order.
     pub position: usize,
     /// Jump depth (0 = built-in chain).
     pub depth: usize,
-    /// The rule as after `-A CHAIN`.
+    /// The rule as the backend lists it.
     pub rule: String,
     pub outcome: Outcome,
 }
@@ -257,6 +275,7 @@ struct Walker<'a> {
     /// A TPROXY rule assigned the connection: a later REDIRECT does not decide.
     tproxied: bool,
     group_gid: &'a dyn Fn(&str) -> Option<u32>,
+    layout: &'a dyn Layout,
 }
 
 fn loopback(family: Family) -> IpAddr {
@@ -268,10 +287,12 @@ fn loopback(family: Family) -> IpAddr {
 
 impl Walker<'_> {
     /// Why a match does not hold, or `Ok` when it does.
-    fn check(&self, m: &Match) -> Result<(), String> {
+    fn check(&self, r: &Rule, m: &Match) -> Result<(), String> {
         let p = &self.pkt;
-        let fail =
-            |actual: String| Err(format!("{} does not hold: {actual}", render::match_text(m)));
+        let fail = |actual: String| {
+            let condition = self.layout.condition(r, m);
+            Err(format!("{condition} does not hold: {actual}"))
+        };
         let holds = |b: bool, actual: String| if b { Ok(()) } else { fail(actual) };
         match m {
             Match::Proto(x) => holds(*x == p.proto, format!("protocol is {}", p.proto.name())),
@@ -339,15 +360,15 @@ impl Walker<'_> {
         }
         let rules = self.rs.chain_rules(table, chain);
         for (i, r) in rules.iter().enumerate() {
-            let failed = r.matches.iter().find_map(|m| self.check(m).err());
+            let failed = r.matches.iter().find_map(|m| self.check(r, m).err());
             let idx = self.steps.len();
             self.steps.push(Step {
                 hook: self.hook.clone(),
-                table,
-                chain,
+                table: self.layout.table(table),
+                chain: self.layout.chain(chain),
                 position: i + 1,
                 depth,
-                rule: render::spec(r),
+                rule: self.layout.rule(r),
                 outcome: Outcome::NoMatch(failed.clone().unwrap_or_default()),
             });
             if failed.is_some() {
@@ -356,7 +377,7 @@ impl Walker<'_> {
             let mut did = |s: String| self.steps[idx].outcome = Outcome::Matched(s);
             match &r.target {
                 Target::Jump(c) => {
-                    did(format!("jump to {c}"));
+                    did(format!("jump to {}", self.layout.chain(c)));
                     if let Some(stop) = self.walk(table, c, depth + 1) {
                         return Some(stop);
                     }
@@ -429,12 +450,14 @@ impl Walker<'_> {
 }
 
 /// Traces one connection. `rulesets` are the families that are programmed; a destination of
-/// another family meets no rule at all. `group_gid` resolves group names used by owner rules.
+/// another family meets no rule at all. `group_gid` resolves group names used by owner rules;
+/// `layout` names what the path passes as the chosen backend writes it.
 pub fn trace(
     cfg: &Config,
     rulesets: &[Ruleset],
     conn: &Connection,
     group_gid: &dyn Fn(&str) -> Option<u32>,
+    layout: &dyn Layout,
 ) -> Trace {
     let family = Family::of(&conn.dst.ip());
     let mut notes = vec![
@@ -481,6 +504,7 @@ pub fn trace(
         last_nat_return: None,
         tproxied: false,
         group_gid,
+        layout,
     };
     let mut verdict = Verdict::Bypass;
     let settle = |stops: Vec<(Table, Stop)>, verdict: &mut Verdict| {
@@ -589,7 +613,7 @@ impl fmt::Display for Trace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "Connection: {}", self.connection)?;
         writeln!(f, "Rules passed ({} ruleset, kernel order):", self.family)?;
-        let mut header: Option<(String, Table, &str)> = None;
+        let mut header: Option<(String, String, String)> = None;
         let mut hook_seen: Option<String> = None;
         for (i, s) in self.steps.iter().enumerate() {
             if hook_seen.as_deref() != Some(&s.hook) {
@@ -597,15 +621,9 @@ impl fmt::Display for Trace {
                 hook_seen = Some(s.hook.clone());
                 header = None;
             }
-            let key = (s.hook.clone(), s.table, s.chain);
+            let key = (s.hook.clone(), s.table.clone(), s.chain.clone());
             if header.as_ref() != Some(&key) {
-                writeln!(
-                    f,
-                    "{}{} {}",
-                    "  ".repeat(s.depth + 1),
-                    s.table.name(),
-                    s.chain
-                )?;
+                writeln!(f, "{}{} {}", "  ".repeat(s.depth + 1), s.table, s.chain)?;
                 header = Some(key);
             }
             let pad = "  ".repeat(s.depth + 2);
@@ -638,10 +656,7 @@ impl fmt::Display for Trace {
                 let _ = write!(
                     deciding,
                     "{} {} rule {}: {}",
-                    s.table.name(),
-                    s.chain,
-                    s.position,
-                    s.rule
+                    s.table, s.chain, s.position, s.rule
                 );
             }
             None => deciding.push_str("no rule: the packet went through unchanged"),
@@ -688,7 +703,13 @@ mod tests {
     fn verdict(args: &[&str], facts: &Facts, c: &Connection) -> (Verdict, Trace) {
         let cfg = resolve(Defaults::Native, args, &[]).unwrap();
         let rs: Vec<Ruleset> = build(&cfg, facts).rulesets();
-        let t = trace(&cfg, &rs, c, &|_| None);
+        let t = trace(
+            &cfg,
+            &rs,
+            c,
+            &|_| None,
+            &crate::backend::iptables::render::Layout,
+        );
         (t.verdict, t)
     }
 

@@ -26,6 +26,7 @@ use nix::sys::socket::{
 };
 use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
 
+use istio_init::backend::iptables::render;
 use istio_init::capture::{Facts, Ruleset};
 use istio_init::net::Family;
 use istio_init::settings::cli;
@@ -425,7 +426,7 @@ fn sidecar_connections(mode: Mode) -> Vec<String> {
     let mut observed = Vec::new();
     for a in &matrix {
         let c = Connection::from_args(a).expect("connection");
-        let t = trace::trace(&cfg, &rulesets, &c, &|_| None);
+        let t = trace::trace(&cfg, &rulesets, &c, &|_| None, &render::Layout);
         *seen_verdicts.entry(format!("{:?}", t.verdict)).or_insert(0) += 1;
         let _stream = connect(&c, pod.path(), peer.path());
         let got = landing(&all);
@@ -596,7 +597,7 @@ fn tproxy_connections(mode: Mode) -> Vec<String> {
     let mut observed = Vec::new();
     for a in &matrix {
         let c = Connection::from_args(a).expect("connection");
-        let t = trace::trace(&cfg, &rulesets, &c, &|_| None);
+        let t = trace::trace(&cfg, &rulesets, &c, &|_| None, &render::Layout);
         *seen.entry(format!("{:?}", t.verdict)).or_insert(0) += 1;
         let _stream = connect(&c, pod.path(), peer.path());
         let got = landing(&all);
@@ -647,4 +648,102 @@ fn tproxy_connections(mode: Mode) -> Vec<String> {
         assert!(seen.contains_key(v), "{mode:?}: {v} not covered: {seen:?}");
     }
     observed
+}
+
+/// `trace` names what the chosen backend lays out in the kernel: every table, chain and rule
+/// it prints is one the same configuration's dry run writes (`add rule inet TABLE CHAIN …` in
+/// nftables mode, `-A CHAIN …` under `*TABLE` in iptables mode), which the conformance tests
+/// load and compare in the kernel.
+#[test]
+fn trace_prints_the_chains_and_rules_of_the_chosen_backend() {
+    let config = [
+        "-m",
+        "TPROXY",
+        "--redirect-dns",
+        "--ipv6=true",
+        "-b",
+        "*",
+        "-x",
+        "198.19.0.0/16",
+    ];
+    let resolv = crate::util::TempDir::new("traceresolv");
+    let resolv = resolv.file(
+        "resolv.conf",
+        "nameserver 198.18.0.53\nnameserver 2001:db8::53\n",
+    );
+    let resolv = resolv.display().to_string();
+    let connections: [&[&str]; 5] = [
+        &["out", "198.18.0.9:80"],
+        &["out", "[2001:db8::9]:443", "--uid", "1337"],
+        &["out", "198.18.0.53:53", "--proto", "udp"],
+        &["in", "198.18.0.5:9080"],
+        &["out", "198.19.1.1:80"],
+    ];
+    for nft in [false, true] {
+        let mode: &[&str] = if nft { &["--native-nftables"] } else { &[] };
+        let with = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = config.iter().map(|s| (*s).to_owned()).collect();
+            v.extend(["--resolv-conf".to_owned(), resolv.clone()]);
+            v.extend(mode.iter().chain(extra).map(|s| (*s).to_owned()));
+            v
+        };
+        let o = output(istio_init().args(with(&["--dry-run"])));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let dry = stdout(&o);
+        // What the dry run writes: nft lines as they are; iptables rules as `TABLE: -A …`
+        // (an insert `-I CHAIN N …` as the `-A CHAIN …` it ends up as).
+        let mut written = std::collections::BTreeSet::new();
+        let mut section = String::new();
+        for l in dry.lines() {
+            if let Some(t) = l.strip_prefix('*') {
+                section = t.trim().to_owned();
+            } else if let Some(rest) = l.strip_prefix("-I ") {
+                let (chain, rest) = rest.split_once(' ').unwrap();
+                let (_, spec) = rest.split_once(' ').unwrap();
+                written.insert(format!("{section}: -A {chain} {spec}"));
+            } else if l.starts_with("-A ") {
+                written.insert(format!("{section}: {l}"));
+            } else {
+                written.insert(l.to_owned());
+            }
+        }
+        let mut table = String::new();
+        let mut seen = 0;
+        for c in connections {
+            let mut args = vec!["trace".to_owned()];
+            args.extend(c.iter().map(|s| (*s).to_owned()));
+            args.extend(with(&[]));
+            let o = output(istio_init().args(&args));
+            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+            let t = stdout(&o);
+            for line in t.lines().map(str::trim) {
+                let is_header = line.starts_with("inet istio-proxy-")
+                    || ["nat ", "mangle ", "raw "]
+                        .iter()
+                        .any(|p| line.starts_with(p));
+                if is_header {
+                    table = line.to_owned();
+                    continue;
+                }
+                let Some((_, rest)) = line.split_once(". ") else {
+                    continue;
+                };
+                let Some(rule) = rest.split("  -").next().filter(|_| !table.is_empty()) else {
+                    continue;
+                };
+                let want = if nft {
+                    format!("add rule {table} {rule}")
+                } else {
+                    let (t, chain) = table.split_once(' ').unwrap();
+                    format!("{t}: -A {chain} {rule}")
+                };
+                assert!(written.contains(&want), "{args:?}: {want:?} not in:\n{dry}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 20, "only {seen} rules checked");
+        if nft {
+            assert!(!dry.contains("ISTIO_"));
+        }
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use crate::capture::{Match, Owner, Rule, Ruleset, TableRules, Target};
+use crate::capture::{Match, Owner, Rule, Ruleset, Table, TableRules, Target};
 
 fn not(neg: bool) -> &'static str {
     if neg { "! " } else { "" }
@@ -170,5 +170,27 @@ mod tests {
             .map(|f| super::ruleset_text(&build(&cfg, &facts).family(*f)))
             .collect();
         assert_eq!(a, b);
+    }
+}
+
+/// The iptables mode's [`Layout`](crate::trace::Layout): what `iptables-save` lists.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout;
+
+impl crate::trace::Layout for Layout {
+    fn table(&self, table: Table) -> String {
+        table.name().to_owned()
+    }
+
+    fn chain(&self, chain: &str) -> String {
+        chain.to_owned()
+    }
+
+    fn rule(&self, rule: &Rule) -> String {
+        spec(rule)
+    }
+
+    fn condition(&self, _rule: &Rule, m: &Match) -> String {
+        match_text(m)
     }
 }

@@ -213,58 +213,7 @@ pub fn statements(
     }
     let port_proto = proto.unwrap_or(L4::Tcp);
     for m in matches {
-        out.push(match m {
-            Match::Proto(p) => Stmt::L4Proto(l4(*p)),
-            Match::InIface(i) => Stmt::Iifname(i.as_str().to_owned()),
-            Match::OutIface(i) => Stmt::Oifname(i.as_str().to_owned()),
-            Match::Src(c) => Stmt::Addr {
-                dir: Dir::Src,
-                negate: false,
-                net: net(*c),
-            },
-            Match::Dst { neg, net: c } => Stmt::Addr {
-                dir: Dir::Dst,
-                negate: *neg,
-                net: net(*c),
-            },
-            Match::Dport { neg, port } => Stmt::Port {
-                proto: port_proto,
-                dir: Dir::Dst,
-                negate: *neg,
-                ports: vec![range(*port)],
-            },
-            Match::Sport(p) => Stmt::Port {
-                proto: port_proto,
-                dir: Dir::Src,
-                negate: false,
-                ports: vec![range(*p)],
-            },
-            Match::Dports { neg, ports } => Stmt::Port {
-                proto: port_proto,
-                dir: Dir::Dst,
-                negate: *neg,
-                ports: ports.iter().copied().map(range).collect(),
-            },
-            Match::Owner { neg, owner } => match owner {
-                Owner::Uid(u) => Stmt::SkUid {
-                    negate: *neg,
-                    id: u.get(),
-                },
-                Owner::Gid(g) => Stmt::SkGid {
-                    negate: *neg,
-                    id: match g {
-                        Group::Id(id) => id.get(),
-                        Group::Name(n) => group(n).ok_or_else(|| UnknownGroup(n.clone()))?,
-                    },
-                },
-            },
-            Match::CtState(s) => Stmt::CtState(ct_states(s)),
-            Match::Mark { neg, mark } => Stmt::Mark {
-                negate: *neg,
-                value: *mark,
-            },
-            Match::Connmark(m) => Stmt::CtMark(*m),
-        });
+        out.push(match_stmt(m, port_proto, group)?);
     }
     let counted = |action: Stmt| [Stmt::Counter, action];
     let action = match &rule.target {
@@ -290,4 +239,105 @@ pub fn statements(
     };
     out.extend(action);
     Ok(out)
+}
+
+/// One match as a statement; `port_proto` is the protocol a port match is written for (the
+/// rule's, TCP when it has none).
+fn match_stmt(
+    m: &Match,
+    port_proto: L4,
+    group: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Stmt, UnknownGroup> {
+    Ok(match m {
+        Match::Proto(p) => Stmt::L4Proto(l4(*p)),
+        Match::InIface(i) => Stmt::Iifname(i.as_str().to_owned()),
+        Match::OutIface(i) => Stmt::Oifname(i.as_str().to_owned()),
+        Match::Src(c) => Stmt::Addr {
+            dir: Dir::Src,
+            negate: false,
+            net: net(*c),
+        },
+        Match::Dst { neg, net: c } => Stmt::Addr {
+            dir: Dir::Dst,
+            negate: *neg,
+            net: net(*c),
+        },
+        Match::Dport { neg, port } => Stmt::Port {
+            proto: port_proto,
+            dir: Dir::Dst,
+            negate: *neg,
+            ports: vec![range(*port)],
+        },
+        Match::Sport(p) => Stmt::Port {
+            proto: port_proto,
+            dir: Dir::Src,
+            negate: false,
+            ports: vec![range(*p)],
+        },
+        Match::Dports { neg, ports } => Stmt::Port {
+            proto: port_proto,
+            dir: Dir::Dst,
+            negate: *neg,
+            ports: ports.iter().copied().map(range).collect(),
+        },
+        Match::Owner { neg, owner } => match owner {
+            Owner::Uid(u) => Stmt::SkUid {
+                negate: *neg,
+                id: u.get(),
+            },
+            Owner::Gid(g) => Stmt::SkGid {
+                negate: *neg,
+                id: match g {
+                    Group::Id(id) => id.get(),
+                    Group::Name(n) => group(n).ok_or_else(|| UnknownGroup(n.clone()))?,
+                },
+            },
+        },
+        Match::CtState(s) => Stmt::CtState(ct_states(s)),
+        Match::Mark { neg, mark } => Stmt::Mark {
+            negate: *neg,
+            value: *mark,
+        },
+        Match::Connmark(m) => Stmt::CtMark(*m),
+    })
+}
+
+/// The nftables mode's [`Layout`](crate::trace::Layout): what `nft list ruleset` lists.
+pub struct Layout<'a> {
+    /// Resolves the group names of owner matches.
+    pub group: &'a dyn Fn(&str) -> Option<u32>,
+}
+
+impl std::fmt::Debug for Layout<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("nftables::Layout")
+    }
+}
+
+impl crate::trace::Layout for Layout<'_> {
+    fn table(&self, table: Table) -> String {
+        format!("inet {}", table_name(table))
+    }
+
+    fn chain(&self, chain: &str) -> String {
+        chain_name(chain)
+    }
+
+    fn rule(&self, rule: &Rule) -> String {
+        match statements(rule, self.group) {
+            Ok(stmts) => crate::nft::render_stmts(&stmts),
+            Err(UnknownGroup(g)) => format!("(owner group {g:?} does not resolve)"),
+        }
+    }
+
+    fn condition(&self, rule: &Rule, m: &Match) -> String {
+        let proto = rule.matches.iter().find_map(|m| match m {
+            Match::Proto(p) => Some(l4(*p)),
+            _ => None,
+        });
+        match match_stmt(m, proto.unwrap_or(L4::Tcp), self.group) {
+            Ok(stmt) => crate::nft::render_stmt(&stmt),
+            Err(UnknownGroup(g)) => format!("skgid {g}"),
+        }
+    }
 }
