@@ -304,24 +304,30 @@ fn resolve_inserts<'a>(rules: impl Iterator<Item = &'a Rule>) -> Vec<&'a Rule> {
     out
 }
 
-/// The user chains a table declares, the way istio-iptables derives them: first every
-/// non-built-in chain that holds a rule, in first-use order, then every jump target that holds
-/// none.
+/// Every chain `rules` use, built-in ones included: the chains rules are in, in order of first
+/// appearance, then the jump targets not among them. The one derivation of a table's chains:
+/// the iptables mode declares the user chains of it, its scratch copies take all of it, and
+/// the nftables mode creates all of it.
+pub fn chains_used<'r>(rules: impl IntoIterator<Item = &'r Rule> + Clone) -> Vec<&'static str> {
+    let mut used: Vec<&'static str> = Vec::new();
+    for c in rules.clone().into_iter().map(|r| r.chain) {
+        if !used.contains(&c) {
+            used.push(c);
+        }
+    }
+    for c in rules.into_iter().filter_map(|r| r.target.jump_chain()) {
+        if !used.contains(&c) {
+            used.push(c);
+        }
+    }
+    used
+}
+
+/// The user chains (not built-in) `rules` use, in [`chains_used`] order.
 fn chains_of(rules: &[Rule]) -> Vec<&'static str> {
-    let mut new_chains: Vec<&'static str> = Vec::new();
-    for r in rules {
-        if !chain::is_builtin(r.chain) && !new_chains.contains(&r.chain) {
-            new_chains.push(r.chain);
-        }
-    }
-    for r in rules {
-        if let Some(target) = r.target.jump_chain() {
-            if !chain::is_builtin(target) && !new_chains.contains(&target) {
-                new_chains.push(target);
-            }
-        }
-    }
-    new_chains
+    let mut used = chains_used(rules);
+    used.retain(|c| !chain::is_builtin(c));
+    used
 }
 
 /// The rules of one table for one family: the chains it declares (in declaration order) and

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::render;
-use crate::capture::{Ruleset, Table, TableRules, chain};
+use crate::capture::{Ruleset, Table, chain};
 
 /// Prefix of every scratch chain used for canonicalisation. Not `ISTIO_`, so a leftover scratch
 /// chain is never mistaken for a live Istio chain; cleanup removes leftovers too.
@@ -261,23 +261,6 @@ pub fn is_istio_shaped(table: &str, chain: &str, rule: &str) -> bool {
     }
 }
 
-/// The chains of a table that get rules or are jump targets, built-in chains included, in
-/// first-use order.
-fn chains_used(t: &TableRules) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::new();
-    for r in &t.rules {
-        if !out.contains(&r.chain) {
-            out.push(r.chain);
-        }
-    }
-    for c in &t.new_chains {
-        if !out.contains(c) {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Loads the expected ruleset into scratch chains (create-or-flush, so a leftover from an
 /// interrupted run is reused): every chain `C` it uses becomes `ii-t.C`, jumps renamed
 /// accordingly, inserts applied to the (empty) scratch chain. Only tables in `only` are
@@ -290,7 +273,7 @@ pub fn scratch_text(rs: &Ruleset, only: Option<&[&str]>, scratch: &Scratch) -> S
             continue;
         }
         let _ = writeln!(out, "*{}", t.table.name());
-        for c in chains_used(t) {
+        for c in crate::capture::chains_used(&t.rules) {
             let _ = writeln!(out, ":{} - [0:0]", scratch_name(c));
         }
         for r in &t.rules {
@@ -324,7 +307,7 @@ pub fn canon_from_scratch(saved: &Saved, rs: &Ruleset, scratch: &Scratch) -> Can
             continue;
         };
         let mut ct = CanonTable::default();
-        for c in chains_used(t) {
+        for c in crate::capture::chains_used(&t.rules) {
             let rules: Vec<String> = st
                 .chain(&scratch.name(c))
                 .map(|sc| sc.rules.iter().map(|r| unscratch(r, scratch)).collect())
@@ -813,6 +796,7 @@ pub fn table_named(name: &str) -> Option<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::TableRules;
     use crate::capture::{Facts, build};
     use crate::net::Family;
     use crate::settings::cli::Defaults;

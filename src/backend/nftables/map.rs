@@ -68,14 +68,7 @@ const CHAIN_ORDER: [&str; 10] = [
 
 /// The chains one table needs: those with rules and every jump target.
 fn chains(capture: &Capture, table: Table) -> Vec<&'static str> {
-    let mut used: Vec<&'static str> = Vec::new();
-    for r in capture.rules.iter().filter(|r| r.table == table) {
-        for c in [Some(r.chain), r.target.jump_chain()].into_iter().flatten() {
-            if !used.contains(&c) {
-                used.push(c);
-            }
-        }
-    }
+    let mut used = crate::capture::chains_used(capture.rules.iter().filter(|r| r.table == table));
     let rank = |c: &&str| {
         CHAIN_ORDER
             .iter()
