@@ -19,7 +19,7 @@ pub enum Kind {
     Bool,
 }
 
-/// Where an option comes from, for the help text and the README's compatibility table.
+/// Where an option comes from, for the help text and the compatibility table of docs/cli.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// An istio-iptables flag, accepted with the same meaning.

@@ -1,4 +1,4 @@
-//! The README's compatibility table is generated from the CLI definition and checked here, so
+//! The compatibility table of `docs/cli.md` is generated from the CLI definition and checked here, so
 //! the two cannot drift. `UPDATE_README=1 cargo test readme` rewrites the table in place.
 
 use std::path::Path;
@@ -76,22 +76,23 @@ fn table() -> String {
 
 #[test]
 fn readme_compatibility_table_matches_the_cli() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    let readme = std::fs::read_to_string(&path).expect("README.md");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/cli.md");
+    let readme = std::fs::read_to_string(&path).expect("docs/cli.md");
     let (head, rest) = readme
         .split_once(BEGIN)
-        .expect("README has the table begin marker");
+        .expect("docs/cli.md has the table begin marker");
     let (current, tail) = rest
         .split_once(END)
-        .expect("README has the table end marker");
+        .expect("docs/cli.md has the table end marker");
     let want = format!("\n{}", table());
     if std::env::var("UPDATE_README").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, format!("{head}{BEGIN}{want}{END}{tail}")).expect("writing README");
+        std::fs::write(&path, format!("{head}{BEGIN}{want}{END}{tail}"))
+            .expect("writing docs/cli.md");
         return;
     }
     assert_eq!(
         current, want,
-        "README compatibility table is stale: run UPDATE_README=1 cargo test readme"
+        "the compatibility table of docs/cli.md is stale: run UPDATE_README=1 cargo test readme"
     );
 }
 
