@@ -27,7 +27,7 @@ use anyhow::Context;
 use crate::backend::iptables as apply;
 use crate::backend::iptables::Iptables;
 use crate::backend::nftables::Nftables;
-use crate::backend::{Batched, Firewall, Install};
+use crate::backend::{Batched, Firewall, Found, Snapshot};
 use crate::capture::{Capture, Facts, Ruleset};
 use crate::exit::UsageError;
 use crate::settings::annotations::PodSettings;
@@ -223,33 +223,36 @@ pub fn run(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<()> {
     }
 
     if cfg.dry_run {
-        let facts = target_facts(&cfg)?;
-        log_summary(&cfg, &facts);
-        let capture = capture::build(&cfg, &facts);
-        let fw = firewall(&cfg, env);
-        fw.log_plan(&capture);
-        log::info!("dry run: printing the ruleset, no rule changes will be made");
-        let text = fw.render(&capture);
-        if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(text.as_bytes()))
-                .with_context(|| {
-                    format!("writing the dry-run output to {path} (DRY_RUN_FILE_PATH)")
-                })?;
-        }
-        print(&text).context("writing the ruleset")?;
-        if cfg.run_validation {
-            log::info!("dry run: skipping --run-validation");
-        }
-        return Ok(());
+        return dry_run(&cfg, env);
     }
 
     let result = program(&cfg, env);
     log_resource_use();
     result
+}
+
+/// `--dry-run`: the chosen backend's document on stdout (and appended to
+/// `DRY_RUN_FILE_PATH`); nothing is changed.
+fn dry_run(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
+    let facts = target_facts(cfg)?;
+    log_summary(cfg, &facts);
+    let capture = capture::build(cfg, &facts);
+    let fw = firewall(cfg, env);
+    log::info!("dry run: printing the ruleset, no rule changes will be made");
+    let text = fw.render(&capture);
+    if let Some(path) = (env.var)("DRY_RUN_FILE_PATH").filter(|p| !p.is_empty()) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .with_context(|| format!("writing the dry-run output to {path} (DRY_RUN_FILE_PATH)"))?;
+    }
+    print(&text).context("writing the ruleset")?;
+    if cfg.run_validation {
+        log::info!("dry run: skipping --run-validation");
+    }
+    Ok(())
 }
 
 fn log_summary(cfg: &Config, facts: &Facts) {
@@ -261,7 +264,9 @@ fn log_summary(cfg: &Config, facts: &Facts) {
 
 /// The backend this configuration selects (`--native-nftables`), and the other one.
 pub fn firewalls(cfg: &Config, env: &Env<'_>) -> (Box<dyn Firewall>, Box<dyn Firewall>) {
-    let nft: Box<dyn Firewall> = Box::new(Nftables::new(host::group_gid));
+    let nft: Box<dyn Firewall> = Box::new(Nftables {
+        group: host::group_gid,
+    });
     let ipt: Box<dyn Firewall> = Box::new(iptables(cfg, env));
     if cfg.native_nftables {
         (nft, ipt)
@@ -283,7 +288,12 @@ fn iptables(cfg: &Config, env: &Env<'_>) -> Iptables {
             force_apply: cfg.force_apply,
             force_backend: cfg.force_backend,
         },
-        handover: cfg.handover,
+        // Nothing after the rules: no namespace to return from, no validation, no TPROXY routes
+        // (the `::6` address comes with IPv6 rules, and two families never hand over).
+        handover: cfg.handover
+            && cfg.netns.is_none()
+            && !cfg.run_validation
+            && cfg.interception != Interception::Tproxy,
         timeout: cfg.restore_timeout,
     }
 }
@@ -315,25 +325,7 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
         if !programs {
             log::info!("--skip-rule-apply: no rule or route is touched");
         } else if cfg.cleanup_only {
-            // Both families, whatever IPv6 detection says now: the rules may predate it.
-            let capture = if cfg.interception == Interception::None {
-                Capture::default()
-            } else {
-                let both = Facts {
-                    ipv6: true,
-                    ..facts.clone()
-                };
-                capture::build(cfg, &both)
-            };
-            log::info!(
-                "--cleanup-only: removing the Istio rules of both modes (TPROXY routes are left \
-                 alone)"
-            );
-            let removed = [
-                (fw.name(), fw.remove(&capture)),
-                (other.name(), other.remove(&capture)),
-            ];
-            return both_removed(removed);
+            return cleanup(cfg, fw.as_ref(), other.as_ref(), &facts);
         } else {
             install(cfg, fw.as_ref(), other.as_ref(), &facts)?;
         }
@@ -352,6 +344,32 @@ fn program(cfg: &Config, env: &Env<'_>) -> anyhow::Result<()> {
     }
 }
 
+/// `--cleanup-only`: both modes' removals, whatever the other did; both failures reported.
+fn cleanup(
+    cfg: &Config,
+    fw: &dyn Firewall,
+    other: &dyn Firewall,
+    facts: &Facts,
+) -> anyhow::Result<()> {
+    // Both families, whatever IPv6 detection says now: the rules may predate it.
+    let capture = if cfg.interception == Interception::None {
+        Capture::default()
+    } else {
+        let both = Facts {
+            ipv6: true,
+            ..facts.clone()
+        };
+        capture::build(cfg, &both)
+    };
+    log::info!(
+        "--cleanup-only: removing the Istio rules of both modes (TPROXY routes are left alone)"
+    );
+    both_removed([
+        (fw.name(), fw.remove(&capture)),
+        (other.name(), other.remove(&capture)),
+    ])
+}
+
 /// The outcome of `--cleanup-only`'s two removals: each runs whatever the other did, and
 /// when both fail the error names both (the first one's kind decides the exit code).
 fn both_removed(removed: [(&str, anyhow::Result<()>); 2]) -> anyhow::Result<()> {
@@ -365,23 +383,56 @@ fn both_removed(removed: [(&str, anyhow::Result<()>); 2]) -> anyhow::Result<()> 
     }
 }
 
-/// Routes and rules: the routing is read and checked before the backend starts, and only the
-/// additions are left for the last moment before the rules; a failed install removes the
-/// routes this run added. The other mode's rules would capture traffic too: found, they stop
-/// the run, or with `--reconcile` are removed: in the new rules' own transaction where both
-/// are nf_tables objects (the nftables mode replacing iptables-nft rules), otherwise once the
-/// new rules are in place.
+/// Routes and rules, as one straight line: read the namespace, check for the other mode's
+/// rules, prepare the routes and the backend's plan (nothing changes until here), log the
+/// plan, add the routes, commit the plan (a failed commit removes the routes this run added),
+/// then remove what is left of the other mode's rules. The routes go in at the last moment
+/// before the rules.
 fn install(
     cfg: &Config,
     fw: &dyn Firewall,
     other: &dyn Firewall,
     facts: &Facts,
 ) -> anyhow::Result<()> {
-    // One dump of the nf_tables tables for the whole run: the coexistence check and the
-    // backend read it (the namespace lock keeps other istio-init runs out meanwhile).
-    let tables = netlink::tables::list(None)?;
-    let found = other.inspect(&tables)?;
-    if !found.what.is_empty() && !cfg.reconcile {
+    let ns = Snapshot::read()?;
+    let found = other.inspect(&ns)?;
+    let capture = capture::build(cfg, facts);
+    let replacing = other_mode_in_transaction(cfg, fw, other, &found, &capture, &ns)?;
+    let routes = netlink::route::prepare(&netlink::route::RoutePlan::new(cfg, facts))
+        .context("configuring TPROXY routing")?;
+    let plan = fw.prepare(&capture, &ns, &replacing)?;
+
+    log_summary(cfg, facts);
+    plan.log();
+    if plan.hands_over() {
+        log_resource_use();
+    }
+    let added = routes.commit().context("configuring TPROXY routing")?;
+    let committed = plan.commit();
+    added.report();
+    if committed.is_err() {
+        added.undo();
+    }
+    committed?;
+    remove_other_mode(fw, other, &capture, &found, &replacing)
+}
+
+/// The other mode's rules `found` would capture traffic too: they stop the run, or with
+/// `--reconcile` the part of them that can go in the new rules' own nf_tables transaction is
+/// returned (the iptables mode's iptables-nft rules, for the nftables mode), decided before
+/// anything changes.
+fn other_mode_in_transaction(
+    cfg: &Config,
+    fw: &dyn Firewall,
+    other: &dyn Firewall,
+    found: &Found,
+    capture: &Capture,
+    ns: &Snapshot,
+) -> anyhow::Result<Batched> {
+    if found.what.is_empty() {
+        return Ok(Batched::default());
+    }
+    if !cfg.reconcile {
         anyhow::bail!(
             "this network namespace holds the {} mode's Istio rules ({}): with the {} rules both \
              would capture traffic; remove them first (istio-init --cleanup-only, which removes \
@@ -391,76 +442,39 @@ fn install(
             fw.name()
         );
     }
-    let capture = capture::build(cfg, facts);
-    // What of the other mode's rules can go in the new rules' own transaction (the iptables
-    // mode's iptables-nft rules, for the nftables mode): decided before anything changes.
-    let batched = if found.what.is_empty() {
-        Batched::default()
+    other.batched_removal(capture, ns).with_context(|| {
+        format!(
+            "preparing the removal of the {} mode's rules (--reconcile)",
+            other.name()
+        )
+    })
+}
+
+/// `--reconcile`, once the new rules are in place: removes what of the other mode's rules
+/// `found` was not removed in their transaction (`replacing`).
+fn remove_other_mode(
+    fw: &dyn Firewall,
+    other: &dyn Firewall,
+    capture: &Capture,
+    found: &Found,
+    replacing: &Batched,
+) -> anyhow::Result<()> {
+    if found.what.is_empty() {
+        return Ok(());
+    }
+    let how = if replacing.complete {
+        format!(" in the {} transaction", fw.name())
     } else {
-        other.batched_removal(&capture, &tables).with_context(|| {
-            format!(
-                "preparing the removal of the {} mode's rules (--reconcile)",
-                other.name()
-            )
-        })?
-    };
-    let plan = netlink::route::RoutePlan::new(cfg, facts);
-    let mut routes = Some(netlink::route::prepare(&plan).context("configuring TPROXY routing")?);
-    let mut added: Option<netlink::route::Added> = None;
-    // What the rules do is logged while the backend gets ready (the restores load their
-    // libraries meanwhile), so it costs no time on the way to the rules.
-    let mut logged = false;
-    let installed = fw.install(
-        &capture,
-        &mut Install {
-            tables: &tables,
-            rules_only: plan.is_empty() && cfg.netns.is_none() && !cfg.run_validation,
-            at_commit: &mut || {
-                log_summary(cfg, facts);
-                fw.log_plan(&capture);
-                logged = true;
-                if let Some(r) = routes.take() {
-                    added = Some(r.commit().context("configuring TPROXY routing")?);
-                }
-                Ok(())
-            },
-            before_handover: &|| {
-                log_summary(cfg, facts);
-                fw.log_plan(&capture);
-                log_resource_use();
-            },
-            also_remove: &batched,
-        },
-    );
-    if !logged {
-        log_summary(cfg, facts);
-        fw.log_plan(&capture);
-    }
-    if let Some(a) = &added {
-        a.report();
-    }
-    if let (Err(_), Some(added)) = (&installed, added) {
-        // The rules were rolled back: so are the routes this run added.
-        added.undo();
-    }
-    installed?;
-    if !found.what.is_empty() && batched.complete {
-        log::info!(
-            "--reconcile: removed the {} mode's rules ({}) in the {} transaction",
-            other.name(),
-            found.what.join(", "),
-            fw.name()
-        );
-    } else if !found.what.is_empty() {
         other
-            .remove(&capture)
+            .remove(capture)
             .with_context(|| format!("removing the {} mode's rules (--reconcile)", other.name()))?;
-        log::info!(
-            "--reconcile: removed the {} mode's rules ({})",
-            other.name(),
-            found.what.join(", ")
-        );
-    }
+        String::new()
+    };
+    log::info!(
+        "--reconcile: removed the {} mode's rules ({}){how}",
+        other.name(),
+        found.what.join(", ")
+    );
     Ok(())
 }
 

@@ -1,9 +1,13 @@
 //! Firewall backends: each installs, inspects and removes the [`Capture`] in the current
-//! network namespace. `iptables/` drives the iptables programs (one restore per family).
+//! network namespace. `iptables/` drives the iptables programs (one restore per family),
+//! `nftables/` sends one nf_tables batch.
 //!
 //! The seam is at the height of a whole capture (as a container network stack's firewall
-//! driver is): what to capture is decided once, in [`crate::capture`]; how it becomes kernel
-//! state, how a re-run converges and how a failure is undone are each backend's own.
+//! driver is) and has two phases: [`Firewall::prepare`] decides everything from the capture
+//! and a [`Snapshot`] of the namespace, and returns a [`Plan`]; the run (`lib.rs`) logs the
+//! plan, adds the routes and commits it. What to capture is decided once, in
+//! [`crate::capture`]; how it becomes kernel state, how a re-run converges and how a failure
+//! is undone are each backend's own.
 
 pub mod iptables;
 pub mod nftables;
@@ -12,32 +16,59 @@ use crate::capture::Capture;
 use crate::netlink::tables::Table;
 use crate::nft::Op;
 
-/// What an install is allowed to do beyond writing the rules, and what it may take as read.
-pub struct Install<'a> {
-    /// The namespace's nf_tables tables, listed once per run (see `lib.rs`'s `install`) and
-    /// unchanged since: the coexistence check and the backend read the same snapshot.
-    pub tables: &'a [Table],
-    /// Nothing is left to do after the rules (no routes, no validation, no other namespace to
-    /// return from): the backend may hand the process over to the program that applies them.
-    pub rules_only: bool,
-    /// Called once, at the last moment before the rules take effect (the TPROXY routes are
-    /// added there, and what the rules do is logged); when it fails, no rule is applied.
-    pub at_commit: &'a mut dyn FnMut() -> anyhow::Result<()>,
-    /// Called just before a hand-over, which does not return.
-    pub before_handover: &'a dyn Fn(),
-    /// The other mode's rules to remove in the same nf_tables transaction (`--reconcile`):
-    /// only the nftables backend has one, and only the iptables mode's rules have any (see
-    /// [`Firewall::batched_removal`]); empty otherwise.
-    pub also_remove: &'a Batched,
+/// The namespace as a run finds it, read once before anything changes: the coexistence
+/// check, the other mode's removal and the backend all decide from the same facts (the
+/// namespace lock keeps other istio-init runs out meanwhile).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The nf_tables tables (one netlink dump).
+    pub tables: Vec<Table>,
 }
 
-impl std::fmt::Debug for Install<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Install")
-            .field("tables", &self.tables)
-            .field("rules_only", &self.rules_only)
-            .field("also_remove", &self.also_remove)
-            .finish_non_exhaustive()
+impl Snapshot {
+    /// Reads the calling thread's network namespace.
+    pub fn read() -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            tables: crate::netlink::tables::list(None)?,
+        })
+    }
+}
+
+/// An install, decided by [`Firewall::prepare`]: everything is chosen, encoded and checked,
+/// and nothing has changed yet. [`Plan::commit`] makes it take effect; dropped, nothing does.
+#[derive(Debug)]
+pub enum Plan<'a> {
+    /// The iptables mode: one `*-restore` per family, started and held with its input.
+    Iptables(iptables::Plan<'a>),
+    /// The iptables mode on a fresh namespace where one restore does all the work: this
+    /// process becomes that program.
+    Handover(iptables::Handover),
+    /// The nftables mode: one encoded netlink batch, one kernel transaction.
+    Nftables(nftables::Plan),
+}
+
+impl Plan<'_> {
+    /// Logs what the commit writes: counts at info level, the text at debug level.
+    pub fn log(&self) {
+        match self {
+            Plan::Iptables(p) => p.log(),
+            Plan::Handover(h) => h.log(),
+            Plan::Nftables(p) => p.log(),
+        }
+    }
+
+    /// Whether the commit replaces this process (it returns only on failure).
+    pub fn hands_over(&self) -> bool {
+        matches!(self, Plan::Handover(_))
+    }
+
+    /// Makes the rules take effect, all or nothing: on error the namespace is as it was.
+    pub fn commit(self) -> anyhow::Result<()> {
+        match self {
+            Plan::Iptables(p) => p.commit().map(drop),
+            Plan::Handover(h) => Err(h.exec()),
+            Plan::Nftables(p) => p.commit(),
+        }
     }
 }
 
@@ -68,24 +99,30 @@ pub trait Firewall: Sync {
     fn name(&self) -> &'static str;
     /// The capabilities an install or removal needs (all others are dropped first).
     fn capabilities(&self) -> &'static [caps::Capability];
-    /// The dry-run document: exactly what [`Firewall::install`] writes, in the syntax of the
-    /// program that would load it.
+    /// The dry-run document: exactly what an install writes, in the syntax of the program
+    /// that would load it.
     fn render(&self, capture: &Capture) -> String;
-    /// Logs what an install writes: counts at info level, the text at debug level.
-    fn log_plan(&self, capture: &Capture);
-    /// Installs the capture, all or nothing: on error the namespace is as it was. A re-run of
-    /// the same capture is a no-op (or converges, as the backend's options say).
-    fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()>;
+    /// Decides the install of `capture` in the namespace `ns` shows, without changing it.
+    /// `replacing` is the other mode's rules to remove in the same nf_tables transaction
+    /// (`--reconcile`; see [`Firewall::batched_removal`]): only the nftables backend has one.
+    /// A re-run of the same capture commits nothing new (or converges, as the backend's
+    /// options say).
+    fn prepare(
+        &self,
+        capture: &Capture,
+        ns: &Snapshot,
+        replacing: &Batched,
+    ) -> anyhow::Result<Plan<'_>>;
     /// Removes what any istio-init run may have installed with this backend; `capture` is the
     /// current configuration's, for rules in built-in chains.
     fn remove(&self, capture: &Capture) -> anyhow::Result<()>;
-    /// This backend's capture, if present; `tables` is the namespace's nf_tables tables.
-    fn inspect(&self, tables: &[Table]) -> anyhow::Result<Found>;
+    /// This backend's capture, if present in `ns`.
+    fn inspect(&self, ns: &Snapshot) -> anyhow::Result<Found>;
     /// For `--reconcile` by the other (nftables) backend: this backend's rules that are
     /// nf_tables objects, as operations to put into that backend's transaction. Reads only;
     /// fails, before anything changes, when they cannot be told from foreign rules. By
-    /// default nothing: the removal is [`Firewall::remove`], after the install.
-    fn batched_removal(&self, _capture: &Capture, _tables: &[Table]) -> anyhow::Result<Batched> {
+    /// default nothing: the removal is [`Firewall::remove`], after the commit.
+    fn batched_removal(&self, _capture: &Capture, _ns: &Snapshot) -> anyhow::Result<Batched> {
         Ok(Batched::default())
     }
 }

@@ -10,7 +10,7 @@
 use std::io::{Seek, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -30,20 +30,11 @@ use super::{Options, Programs, System};
 pub struct Handover {
     family: Family,
     program: PathBuf,
-    input: std::fs::File,
+    command: Command,
+    text: String,
     rules: usize,
     chains: usize,
     timeout: Duration,
-}
-
-/// The run's facts the handover conditions need beyond the rulesets and options.
-#[derive(Debug, Clone, Copy)]
-pub struct Plain {
-    /// `--handover` is on.
-    pub enabled: bool,
-    /// Nothing to do before or after the rules: no `--netns`, `--run-validation`, `--cleanup-only`,
-    /// TPROXY route or `::6` address.
-    pub rules_only: bool,
 }
 
 /// The restore's stdin holding `text` whole: a pipe when it fits in one page, which every
@@ -66,14 +57,13 @@ fn input_for(text: &[u8]) -> std::io::Result<std::fs::File> {
 
 const ONE_PAGE: usize = 4096;
 
-/// Whether this run can hand over to its single restore (module doc), and if so, everything
-/// ready for [`Handover::exec`]. `None` means the supervised path; the reason is logged at
-/// debug level.
+/// Whether this run, which has nothing to do after the rules (the caller's part), can hand
+/// over to its single restore (module doc), and if so, everything ready for
+/// [`Handover::exec`]. `None` means the supervised path; the reason is logged at debug level.
 pub fn handover(
     sys: &System,
     opts: &Options,
     rulesets: &[Ruleset],
-    plain: Plain,
     nf_tables: &[tables::Table],
     timeout: Duration,
 ) -> Option<Handover> {
@@ -81,10 +71,7 @@ pub fn handover(
         log::debug!("supervising the restores: {why}");
         None
     };
-    if !plain.enabled {
-        return why_not("--handover=false");
-    }
-    if !plain.rules_only || opts.reconcile || opts.force_apply {
+    if opts.reconcile || opts.force_apply {
         return why_not("the run has more to do than the rules");
     }
     if opts.force_backend == Some(IptablesVariant::Legacy) {
@@ -114,9 +101,10 @@ pub fn handover(
         Ok(p) => p,
         Err(e) => return why_not(&format!("{e:#}")),
     };
-    let input = input_for(crate::backend::iptables::render::ruleset_text(rs).as_bytes());
-    let input = match input {
-        Ok(f) => f,
+    let text = crate::backend::iptables::render::ruleset_text(rs);
+    let mut command = sys.restore_command(&program);
+    match input_for(text.as_bytes()) {
+        Ok(f) => command.stdin(Stdio::from(f)),
         Err(e) => return why_not(&format!("cannot prepare the input: {e}")),
     };
     log::info!(
@@ -126,7 +114,8 @@ pub fn handover(
     Some(Handover {
         family,
         program,
-        input,
+        command,
+        text,
         rules: rs.rule_count(),
         chains: rs.chain_count(),
         timeout,
@@ -134,8 +123,19 @@ pub fn handover(
 }
 
 impl Handover {
+    /// Logs what the restore writes: counts at info level, its input at debug level.
+    pub fn log(&self) {
+        log::info!(
+            "{} ruleset: {} rules in {} new chains",
+            self.family,
+            self.rules,
+            self.chains
+        );
+        log::debug!("{} restore input:\n{}", self.family, self.text);
+    }
+
     /// Becomes the restore. Returns only when `execve` failed (nothing was applied).
-    pub fn exec(self, sys: &System) -> anyhow::Error {
+    pub fn exec(mut self) -> anyhow::Error {
         let secs = u32::try_from(self.timeout.as_millis().div_ceil(1000))
             .unwrap_or(u32::MAX)
             .max(1);
@@ -151,10 +151,7 @@ impl Handover {
             self.family
         );
         nix::unistd::alarm::set(secs);
-        let e = sys
-            .restore_command(&self.program)
-            .stdin(Stdio::from(self.input))
-            .exec();
+        let e = self.command.exec();
         nix::unistd::alarm::cancel();
         anyhow!(
             "{}: cannot run {}: {e}; nothing was applied",

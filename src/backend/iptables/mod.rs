@@ -12,7 +12,7 @@ use anyhow::{Context, anyhow, bail};
 use netlink_packet_netfilter::NetfilterProtoFamily;
 
 use self::state::{Layout, Saved, Verdict};
-use crate::backend::{Found, Install};
+use crate::backend::{Batched, Found, Snapshot};
 use crate::capture::{Capture, Ruleset, Table};
 use crate::net::Family;
 use crate::netlink::tables;
@@ -26,7 +26,7 @@ pub mod render;
 mod spawn;
 pub mod state;
 
-pub use handover::{Handover, Plain, handover};
+pub use handover::{Handover, handover};
 pub use messages::{describe, iptables_message};
 pub use programs::{DEFAULT_PATH, System};
 
@@ -50,26 +50,44 @@ pub trait Programs {
         backend: IptablesVariant,
         input: &str,
     ) -> Result<(), RestoreFailure>;
-    /// Runs several restores (one per family) and returns their results in order, calling
-    /// `before_inputs` once just before the restores can act on their input; when it fails,
-    /// no restore changes anything and its error is returned. The real programs all start
-    /// before any receives its input, are held until all have it and the hook has run, then
-    /// run concurrently; this default calls the hook and runs them one after the other.
-    fn restore_all(
-        &self,
-        jobs: &[(Family, IptablesVariant, &str)],
-        before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
-    ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
-        before_inputs()?;
-        Ok(jobs
-            .iter()
-            .map(|&(family, backend, input)| self.restore(family, backend, input))
-            .collect())
+    /// Starts one restore per job, each with its whole input and none acting on it before
+    /// [`Held::release`]; dropped unreleased, none changes anything. The real programs are
+    /// started at once and held back together (`spawn.rs`); by default the restores run one
+    /// after the other at the release.
+    fn start_restores(&self, jobs: Vec<RestoreJob>) -> anyhow::Result<Box<dyn Held + '_>> {
+        Ok(Box::new(OneByOne {
+            programs: self,
+            jobs,
+        }))
     }
     /// Runs `*-save` and returns its output.
     fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String>;
     /// The legacy tables instantiated in the namespace (`/proc/.../ip{,6}_tables_names`).
     fn legacy_tables(&self, family: Family) -> Vec<String>;
+}
+
+/// One restore to run: the family, the backend, and its input.
+pub type RestoreJob = (Family, IptablesVariant, String);
+
+/// Restores started by [`Programs::start_restores`], not yet acting on their inputs.
+pub trait Held {
+    /// Lets them act, and returns their results in job order.
+    fn release(self: Box<Self>) -> Vec<Result<(), RestoreFailure>>;
+}
+
+/// Restores run one after the other at the release ([`Programs::start_restores`]' default).
+struct OneByOne<'a, P: ?Sized> {
+    programs: &'a P,
+    jobs: Vec<RestoreJob>,
+}
+
+impl<P: Programs + ?Sized> Held for OneByOne<'_, P> {
+    fn release(self: Box<Self>) -> Vec<Result<(), RestoreFailure>> {
+        self.jobs
+            .iter()
+            .map(|(family, backend, input)| self.programs.restore(*family, *backend, input))
+            .collect()
+    }
 }
 
 /// What to do when the namespace is not fresh.
@@ -85,7 +103,9 @@ pub struct Options {
 pub struct Iptables {
     pub programs: System,
     pub options: Options,
-    /// `--handover`: a fresh namespace's single restore may replace this process.
+    /// A fresh namespace's single restore may replace this process: `--handover`, and the
+    /// run has nothing to do after the rules (no `--netns` to return from, no validation, no
+    /// TPROXY routes).
     pub handover: bool,
     /// `--restore-timeout`, also the hand-over's alarm.
     pub timeout: std::time::Duration,
@@ -104,59 +124,42 @@ impl crate::backend::Firewall for Iptables {
         render::dry_run_text(&capture.rulesets())
     }
 
-    fn log_plan(&self, capture: &Capture) {
-        for rs in capture.rulesets() {
-            log::info!(
-                "{} ruleset: {} rules in {} new chains",
-                rs.family,
-                rs.rule_count(),
-                rs.chain_count()
-            );
-            log::debug!(
-                "{} restore input:\n{}",
-                rs.family,
-                render::ruleset_text(&rs)
-            );
-        }
-    }
-
-    fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
+    fn prepare(
+        &self,
+        capture: &Capture,
+        ns: &Snapshot,
+        _replacing: &Batched,
+    ) -> anyhow::Result<crate::backend::Plan<'_>> {
         let rulesets = capture.rulesets();
-        let plain = Plain {
-            enabled: self.handover,
-            rules_only: how.rules_only,
-        };
-        if let Some(h) = handover(
-            &self.programs,
-            &self.options,
-            &rulesets,
-            plain,
-            how.tables,
-            self.timeout,
-        ) {
-            (how.before_handover)();
-            // Returns only if the program could not be started.
-            return Err(h.exec(&self.programs));
-        }
-        apply(&self.programs, &self.options, &rulesets, how.at_commit).map(drop)
+        let handover = self.handover.then(|| {
+            handover(
+                &self.programs,
+                &self.options,
+                &rulesets,
+                &ns.tables,
+                self.timeout,
+            )
+        });
+        Ok(match handover.flatten() {
+            Some(h) => crate::backend::Plan::Handover(h),
+            None => {
+                crate::backend::Plan::Iptables(prepare(&self.programs, &self.options, rulesets)?)
+            }
+        })
     }
 
     fn remove(&self, capture: &Capture) -> anyhow::Result<()> {
         cleanup(&self.programs, &capture.rulesets())
     }
 
-    fn batched_removal(
-        &self,
-        capture: &Capture,
-        nf_tables: &[tables::Table],
-    ) -> anyhow::Result<crate::backend::Batched> {
-        nft_removal::batched(&self.programs, &capture.rulesets(), nf_tables)
+    fn batched_removal(&self, capture: &Capture, ns: &Snapshot) -> anyhow::Result<Batched> {
+        nft_removal::batched(&self.programs, &capture.rulesets(), &ns.tables)
     }
 
-    fn inspect(&self, nf_tables: &[tables::Table]) -> anyhow::Result<Found> {
+    fn inspect(&self, ns: &Snapshot) -> anyhow::Result<Found> {
         let mut found = Found::default();
         // iptables-nft: its ISTIO_* chains are read over netlink (no program runs).
-        for t in nf_tables {
+        for t in &ns.tables {
             let word = match t.family {
                 NetfilterProtoFamily::IPv4 => "ip",
                 NetfilterProtoFamily::IPv6 => "ip6",
@@ -229,6 +232,17 @@ struct Committed {
     rs: Ruleset,
     backend: IptablesVariant,
     tables: Vec<Table>,
+}
+
+impl Committed {
+    /// Every table of `rs`, applied in `backend`.
+    fn all(rs: &Ruleset, backend: IptablesVariant) -> Committed {
+        Committed {
+            rs: rs.clone(),
+            backend,
+            tables: rs.tables.iter().map(|t| t.table).collect(),
+        }
+    }
 }
 
 /// The backend decision for one family.
@@ -305,24 +319,36 @@ fn choose(nf: &dyn Programs, opts: &Options, family: Family) -> anyhow::Result<C
     })
 }
 
-/// Applies every family's ruleset. The first restore of every family is started at once
-/// (see [`Programs::restore_all`]); what follows a failure (a re-run, a fallback) is handled
-/// family by family, IPv4 first. On failure, every table this run created, in any family, is
-/// removed again and the error says what failed and that it was rolled back.
-///
-/// `before_rules` (the TPROXY routes) runs once, after the backends are chosen and the
-/// restores started, just before they are released to act on their input: the smallest
-/// possible window between the routes and the rules. When it fails, no rule is applied and
-/// its error is returned.
-pub fn apply(
-    nf: &dyn Programs,
+/// The iptables mode's install, decided and ready: every family's backend chosen, the restore
+/// inputs written out, and the first restore of every family started with its input but held
+/// (see [`Programs::start_restores`]). Nothing has changed yet; dropped, nothing does.
+pub struct Plan<'a> {
+    nf: &'a dyn Programs,
+    opts: Options,
+    rulesets: Vec<Ruleset>,
+    choices: Vec<Choice>,
+    texts: Vec<String>,
+    held: Box<dyn Held + 'a>,
+}
+
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("rulesets", &self.rulesets)
+            .field("choices", &self.choices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Chooses every family's backend (reading state only, so a refusal here leaves nothing to
+/// undo), writes the restore inputs and starts the first restores, held.
+pub fn prepare<'a>(
+    nf: &'a dyn Programs,
     opts: &Options,
-    rulesets: &[Ruleset],
-    before_rules: &mut dyn FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<Vec<FamilyReport>> {
-    // Backends first: reading state only, so a refusal here leaves nothing to undo.
+    rulesets: Vec<Ruleset>,
+) -> anyhow::Result<Plan<'a>> {
     let mut choices = Vec::new();
-    for rs in rulesets {
+    for rs in &rulesets {
         let choice = choose(nf, opts, rs.family)?;
         log::info!(
             "{}: using the {} backend: {}",
@@ -333,45 +359,78 @@ pub fn apply(
         choices.push(choice);
     }
     let texts: Vec<String> = rulesets.iter().map(render::ruleset_text).collect();
-    let jobs: Vec<(Family, IptablesVariant, &str)> = rulesets
+    let jobs: Vec<RestoreJob> = rulesets
         .iter()
         .zip(&choices)
         .zip(&texts)
         .filter(|((rs, _), _)| !rs.tables.is_empty())
-        .map(|((rs, c), text)| (rs.family, c.backend, text.as_str()))
+        .map(|((rs, c), text)| (rs.family, c.backend, text.clone()))
         .collect();
-    let mut firsts = nf.restore_all(&jobs, before_rules)?.into_iter();
+    let held = nf.start_restores(jobs)?;
+    Ok(Plan {
+        nf,
+        opts: *opts,
+        rulesets,
+        choices,
+        texts,
+        held,
+    })
+}
 
-    // Successes are recorded before any failure is looked at, so that a failure in one
-    // family rolls back the families that succeeded alongside it.
-    let mut done: Vec<Committed> = Vec::new();
-    let mut outcomes = Vec::new();
-    for (rs, choice) in rulesets.iter().zip(&choices) {
-        if rs.tables.is_empty() {
-            outcomes.push(None);
-            continue;
+impl Plan<'_> {
+    /// Logs what the restores write: counts at info level, the inputs at debug level.
+    pub fn log(&self) {
+        for (rs, text) in self.rulesets.iter().zip(&self.texts) {
+            log::info!(
+                "{} ruleset: {} rules in {} new chains",
+                rs.family,
+                rs.rule_count(),
+                rs.chain_count()
+            );
+            log::debug!("{} restore input:\n{text}", rs.family);
         }
-        let first = firsts
-            .next()
-            .unwrap_or_else(|| unreachable!("one result per job"));
-        if first.is_ok() {
-            done.push(Committed {
-                rs: rs.clone(),
-                backend: choice.backend,
-                tables: rs.tables.iter().map(|t| t.table).collect(),
-            });
-        }
-        outcomes.push(Some(first));
     }
 
-    let mut reports = Vec::new();
-    for (((rs, choice), text), first) in rulesets.iter().zip(&choices).zip(&texts).zip(outcomes) {
-        match finish_family(nf, opts, rs, choice, text, first, &mut done) {
-            Ok(r) => reports.push(r),
-            Err(e) => return Err(roll_back_after(nf, &done, e)),
+    /// Releases the held restores; what follows a failure (a re-run, a fallback) is handled
+    /// family by family, IPv4 first. On failure, every table this run created, in any family,
+    /// is removed again and the error says what failed and that it was rolled back.
+    pub fn commit(self) -> anyhow::Result<Vec<FamilyReport>> {
+        let Plan {
+            nf,
+            opts,
+            rulesets,
+            choices,
+            texts,
+            held,
+        } = self;
+        let mut firsts = held.release().into_iter();
+        // Successes are recorded before any failure is looked at, so that a failure in one
+        // family rolls back the families that succeeded alongside it.
+        let mut done: Vec<Committed> = Vec::new();
+        let mut outcomes = Vec::new();
+        for (rs, choice) in rulesets.iter().zip(&choices) {
+            if rs.tables.is_empty() {
+                outcomes.push(None);
+                continue;
+            }
+            let first = firsts
+                .next()
+                .unwrap_or_else(|| unreachable!("one result per job"));
+            if first.is_ok() {
+                done.push(Committed::all(rs, choice.backend));
+            }
+            outcomes.push(Some(first));
         }
+        let mut reports = Vec::new();
+        for (((rs, choice), text), first) in rulesets.iter().zip(&choices).zip(&texts).zip(outcomes)
+        {
+            match finish_family(nf, &opts, rs, choice, text, first, &mut done) {
+                Ok(r) => reports.push(r),
+                Err(e) => return Err(roll_back_after(nf, &done, e)),
+            }
+        }
+        Ok(reports)
     }
-    Ok(reports)
 }
 
 /// The error of a failed run, after undoing what it applied.
@@ -467,11 +526,7 @@ fn finish_family(
     let outcome = match first {
         Ok(()) => {
             if fell_back {
-                done.push(Committed {
-                    rs: rs.clone(),
-                    backend,
-                    tables: rs.tables.iter().map(|t| t.table).collect(),
-                });
+                done.push(Committed::all(rs, backend));
             }
             log::info!(
                 "{family}: applied {} rules in {} chains ({backend})",
@@ -942,6 +997,11 @@ mod tests {
         }
     }
 
+    /// Prepares and commits `rulesets` with the default options.
+    fn apply(fake: &Fake, rulesets: Vec<Ruleset>) -> anyhow::Result<Vec<FamilyReport>> {
+        prepare(fake, &Options::default(), rulesets)?.commit()
+    }
+
     fn rulesets(args: &[&str]) -> Vec<Ruleset> {
         use crate::capture::{Facts, build};
         use crate::settings::cli::Defaults;
@@ -962,7 +1022,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&[]);
-        let reports = apply(&fake, &Options::default(), &rs, &mut || Ok(())).unwrap();
+        let reports = apply(&fake, rs.clone()).unwrap();
         let calls = fake.calls.borrow();
         assert_eq!(calls.len(), 2);
         assert_eq!(
@@ -990,7 +1050,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY"]);
-        let err = apply(&fake, &Options::default(), &rs, &mut || Ok(())).unwrap_err();
+        let err = apply(&fake, rs.clone()).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.starts_with("IPv4 rules applied by this run were rolled back"),
@@ -1027,13 +1087,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY"]);
-        let mut hook_calls = 0;
-        let err = apply(&fake, &Options::default(), &rs, &mut || {
-            hook_calls += 1;
-            Ok(())
-        })
-        .unwrap_err();
-        assert_eq!(hook_calls, 1);
+        let err = apply(&fake, rs.clone()).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.starts_with("IPv6 rules applied by this run were rolled back"),
@@ -1052,14 +1106,12 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_route_hook_applies_no_rule() {
+    fn a_plan_dropped_before_its_commit_applies_no_rule() {
+        // The routes failed between the plan and its commit (lib.rs), say.
         let fake = Fake::new();
         let rs = rulesets(&["-m", "TPROXY"]);
-        let err = apply(&fake, &Options::default(), &rs, &mut || {
-            anyhow::bail!("configuring TPROXY routing: nope")
-        })
-        .unwrap_err();
-        assert_eq!(format!("{err:#}"), "configuring TPROXY routing: nope");
+        let plan = prepare(&fake, &Options::default(), rs).unwrap();
+        drop(plan);
         assert!(fake.calls.borrow().is_empty(), "{:#?}", fake.calls.borrow());
     }
 
@@ -1085,7 +1137,7 @@ mod tests {
             ..Fake::new()
         };
         let rs = rulesets(&["-m", "TPROXY", "--ipv6=false"]);
-        let err = apply(&fake, &Options::default(), &rs[..1], &mut || Ok(())).unwrap_err();
+        let err = apply(&fake, rs[..1].to_vec()).unwrap_err();
         assert!(format!("{err:#}").contains("nope"));
         let calls = fake.calls.borrow();
         assert_eq!(calls.len(), 2);

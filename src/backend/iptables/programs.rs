@@ -15,8 +15,8 @@ use crate::backend::iptables::state;
 use crate::net::Family;
 use crate::settings::config::IptablesVariant;
 
-use super::spawn::{Ended, Job, run_all};
-use super::{Programs, RestoreFailure, tool_prefix};
+use super::spawn::{Ended, Gate, Job, NotRun, run_all, start_all};
+use super::{Held, Programs, RestoreFailure, RestoreJob, tool_prefix};
 
 /// The real programs.
 #[derive(Debug)]
@@ -25,8 +25,8 @@ pub struct System {
     path: String,
     /// `XTABLES_LIBDIR`, passed through.
     libdir: Option<String>,
-    /// The lock file for legacy writes (`None`: iptables' default `/run/xtables.lock` works).
-    lockfile: Result<Option<String>, String>,
+    /// The user's `XTABLES_LOCKFILE` (`None`: chosen for each legacy write).
+    lockfile: Option<String>,
     /// Seconds legacy writes wait for the xtables lock.
     wait: u32,
     /// How long one program may run (legacy programs get `wait` on top).
@@ -44,10 +44,8 @@ impl System {
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| DEFAULT_PATH.to_owned());
         let libdir = var("XTABLES_LIBDIR").filter(|v| !v.is_empty());
-        let lockfile = match var("XTABLES_LOCKFILE").filter(|v| !v.is_empty()) {
-            Some(f) => Ok(Some(f)),
-            None => Err(String::new()), // resolved on first legacy write
-        };
+        // Unset: chosen on each legacy write (`legacy_lockfile`).
+        let lockfile = var("XTABLES_LOCKFILE").filter(|v| !v.is_empty());
         System {
             path,
             libdir,
@@ -104,8 +102,8 @@ impl System {
     /// `/run/xtables.lock` when it can be opened, else `/tmp` or `/dev/shm` (read-only root
     /// filesystems). The namespace's legacy writers are all in this container, so a private
     /// lock file serialises them as well as the default does.
-    fn legacy_lockfile(&self) -> Result<Option<String>, String> {
-        if let Ok(Some(f)) = &self.lockfile {
+    fn legacy_lockfile(&self) -> anyhow::Result<Option<String>> {
+        if let Some(f) = &self.lockfile {
             return Ok(Some(f.clone()));
         }
         let open = |p: &str| {
@@ -126,11 +124,11 @@ impl System {
                 return Ok(Some(alt.to_owned()));
             }
         }
-        Err(format!(
+        bail!(
             "legacy iptables needs a writable lock file and none can be created ({default}: \
              {err}; /tmp and /dev/shm are not writable either): mount a writable emptyDir at \
              /run or /tmp, or set XTABLES_LOCKFILE"
-        ))
+        )
     }
 
     fn envs(&self) -> Vec<(&'static str, String)> {
@@ -204,7 +202,7 @@ impl System {
                     cmd.env("XTABLES_LOCKFILE", f);
                 }
                 Ok(None) => {}
-                Err(e) => return Err(fail(program, e)),
+                Err(e) => return Err(fail(program, format!("{e:#}"))),
             }
         }
         let (limit, limit_source) = self.limit(backend);
@@ -220,13 +218,13 @@ impl System {
 }
 
 /// How a restore ended, as the apply logic sees it.
-fn restore_result(program: String, ended: Result<Ended, String>) -> Result<(), RestoreFailure> {
+fn restore_result(program: String, ended: Result<Ended, NotRun>) -> Result<(), RestoreFailure> {
     let fail = |stderr: String| RestoreFailure {
         program: program.clone(),
         stderr,
         line: None,
     };
-    let ended = ended.map_err(fail)?;
+    let ended = ended.map_err(|NotRun(why)| fail(why))?;
     if let Some(why) = ended.abnormal() {
         return Err(fail(why));
     }
@@ -246,6 +244,35 @@ fn restore_result(program: String, ended: Result<Ended, String>) -> Result<(), R
     })
 }
 
+/// The restores [`System`] started, held until [`Held::release`]: `slots` has a result for
+/// each job that could not be started (in job order), `None` for each program of `gate`.
+#[derive(Debug)]
+struct HeldRestores {
+    gate: Gate,
+    slots: Vec<Option<Result<(), RestoreFailure>>>,
+    programs: Vec<String>,
+}
+
+impl Held for HeldRestores {
+    fn release(self: Box<Self>) -> Vec<Result<(), RestoreFailure>> {
+        let HeldRestores {
+            gate,
+            slots,
+            programs,
+        } = *self;
+        let mut ended = gate.release().into_iter().zip(programs);
+        slots
+            .into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| match ended.next() {
+                    Some((e, program)) => restore_result(program, e),
+                    None => unreachable!("one result per job"),
+                })
+            })
+            .collect()
+    }
+}
+
 impl Programs for System {
     fn restore(
         &self,
@@ -253,44 +280,40 @@ impl Programs for System {
         backend: IptablesVariant,
         input: &str,
     ) -> Result<(), RestoreFailure> {
-        self.restore_all(&[(family, backend, input)], &mut || Ok(()))
-            .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_else(|| unreachable!("one result per job, and no hook to fail"))
+        let job = self.restore_job(family, backend, input)?;
+        let program = job.program.clone();
+        let ended = match run_all(vec![job]) {
+            Ok(mut ended) => ended
+                .pop()
+                .unwrap_or_else(|| unreachable!("one result per job")),
+            Err(e) => Err(NotRun(format!("{e:#}"))),
+        };
+        restore_result(program, ended)
     }
 
     /// Every restore is started before any receives its input, each then receives all of it
-    /// at once, and they are held until all have it, then released together (see `run.rs`):
-    /// the families commit concurrently, and once released a restore finishes even if
-    /// istio-init dies (killed before the release, none acts on its input).
-    fn restore_all(
-        &self,
-        jobs: &[(Family, IptablesVariant, &str)],
-        before_inputs: &mut dyn FnMut() -> anyhow::Result<()>,
-    ) -> anyhow::Result<Vec<Result<(), RestoreFailure>>> {
-        let mut results: Vec<Option<Result<(), RestoreFailure>>> = Vec::new();
+    /// at once, and they are held until the release, then continued together (see
+    /// `spawn.rs`): the families commit concurrently, and once released a restore finishes
+    /// even if istio-init dies (killed before the release, none acts on its input).
+    fn start_restores(&self, jobs: Vec<RestoreJob>) -> anyhow::Result<Box<dyn Held + '_>> {
+        let mut slots = Vec::new();
         let mut runnable = Vec::new();
         let mut programs = Vec::new();
-        for &(family, backend, input) in jobs {
-            match self.restore_job(family, backend, input) {
+        for (family, backend, input) in &jobs {
+            match self.restore_job(*family, *backend, input) {
                 Ok(job) => {
-                    results.push(None);
+                    slots.push(None);
                     programs.push(job.program.clone());
                     runnable.push(job);
                 }
-                Err(f) => results.push(Some(Err(f))),
+                Err(f) => slots.push(Some(Err(f))),
             }
         }
-        let mut ended = run_all(runnable, before_inputs)?.into_iter().zip(programs);
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| match ended.next() {
-                    Some((e, program)) => restore_result(program, e),
-                    None => unreachable!("one result per job"),
-                })
-            })
-            .collect())
+        Ok(Box::new(HeldRestores {
+            gate: start_all(runnable)?,
+            slots,
+            programs,
+        }))
     }
 
     fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String> {
@@ -307,7 +330,7 @@ impl Programs for System {
             limit,
             limit_source,
         };
-        let ended = run_all(vec![job], &mut || Ok(()))?
+        let ended = run_all(vec![job])?
             .pop()
             .unwrap_or_else(|| unreachable!("one result per job"))
             .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;

@@ -4,7 +4,7 @@
 //! `CAP_NET_ADMIN`.
 //!
 //! Effects: `NETLINK_NETFILTER` sockets (the batch; an install reads the run's one dump of the
-//! tables, handed over in [`Install`], and a removal dumps them itself);
+//! tables, its [`Snapshot`], and a removal dumps them itself);
 //! reads `/proc/thread-self/net/ip{,6}_tables_names` for the coexistence check.
 //!
 //! Design: `docs/design.md`, "The nftables backend".
@@ -14,7 +14,7 @@ pub mod map;
 use anyhow::{Context, anyhow};
 use netlink_packet_netfilter::NetfilterProtoFamily;
 
-use crate::backend::{Firewall, Found, Install};
+use crate::backend::{Batched, Firewall, Found, Snapshot};
 use crate::capture::Capture;
 use crate::net::Family;
 use crate::netlink::nftables as wire;
@@ -26,18 +26,51 @@ use crate::nft::{self, Op, Transaction};
 pub struct Nftables {
     /// Resolves owner-group names (`/etc/group`, no NSS).
     pub group: fn(&str) -> Option<u32>,
-    /// The counts of the transaction [`Firewall::install`] built, for [`Firewall::log_plan`]
-    /// while it runs (`at_commit`), which would otherwise build the transaction again.
-    pub planned: std::sync::OnceLock<String>,
 }
 
-impl Nftables {
-    /// The backend, resolving owner groups with `group`.
-    pub fn new(group: fn(&str) -> Option<u32>) -> Nftables {
-        Nftables {
-            group,
-            planned: std::sync::OnceLock::new(),
+/// The nftables mode's install, decided: one transaction that replaces istio-init's tables
+/// (and removes the other mode's nf_tables rules with `--reconcile`), encoded for the kernel.
+#[derive(Debug)]
+pub struct Plan {
+    tx: Transaction,
+    batch: wire::Batch,
+    /// Its counts, for the log.
+    summary: String,
+    /// istio-init's tables it replaces.
+    replaced: Vec<String>,
+    /// The other mode's rules it removes, for the log.
+    removed: Vec<String>,
+}
+
+impl Plan {
+    /// Logs the transaction: counts at info level, its `nft -f` text at debug level.
+    pub fn log(&self) {
+        log::info!("nftables ruleset: {}", self.summary);
+        log::debug!("nftables transaction:\n{}", nft::render(&self.tx));
+    }
+
+    /// Sends the batch: the kernel applies all of it or none.
+    pub fn commit(self) -> anyhow::Result<()> {
+        wire::send(&self.tx, &self.batch)
+            .map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
+        let removed = if self.removed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", which also removed the iptables mode's rules ({})",
+                self.removed.join("; ")
+            )
+        };
+        let summary = &self.summary;
+        if self.replaced.is_empty() {
+            log::info!("nftables: applied {summary} in one transaction{removed}");
+        } else {
+            log::info!(
+                "nftables: replaced inet {} with {summary} in one transaction{removed}",
+                self.replaced.join(", inet ")
+            );
         }
+        Ok(())
     }
 }
 
@@ -102,53 +135,31 @@ impl Firewall for Nftables {
         }
     }
 
-    fn log_plan(&self, capture: &Capture) {
-        // The transaction is built here only when install has not (a dry run, a handover of
-        // the other backend) or for the debug listing.
-        let tx = (self.planned.get().is_none() || log::log_enabled!(log::Level::Debug))
-            .then(|| map::transaction(capture, &[], &self.group).ok())
-            .flatten();
-        let summary = self.planned.get().cloned();
-        if let Some(summary) = summary.or_else(|| tx.as_ref().map(|tx| counts(capture, tx))) {
-            log::info!("nftables ruleset: {summary}");
-        }
-        if let Some(tx) = &tx {
-            log::debug!("nftables transaction:\n{}", nft::render(tx));
-        }
-    }
-
-    fn install(&self, capture: &Capture, how: &mut Install<'_>) -> anyhow::Result<()> {
-        let present = ours(how.tables);
-        let mut tx = map::transaction(capture, &present, &self.group)
+    fn prepare(
+        &self,
+        capture: &Capture,
+        ns: &Snapshot,
+        replacing: &Batched,
+    ) -> anyhow::Result<crate::backend::Plan<'_>> {
+        let replaced = ours(&ns.tables);
+        let mut tx = map::transaction(capture, &replaced, &self.group)
             .map_err(|map::UnknownGroup(g)| anyhow!("owner group {g:?} does not resolve"))?;
         let summary = counts(capture, &tx);
-        let _ = self.planned.set(summary.clone());
         // The other mode's rules that are nf_tables objects go first: one transaction
         // removes them and adds ours.
-        let theirs = how.also_remove;
-        tx.ops.splice(0..0, theirs.ops.iter().cloned());
-        // Encoded before the routes go in (`at_commit`), so that a SIGKILL between the two
-        // has as little time as possible to land in.
+        tx.ops.splice(0..0, replacing.ops.iter().cloned());
         let batch = wire::encode(&tx).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
-        (how.at_commit)()?;
-        wire::send(&tx, &batch).map_err(|e| anyhow!("applying the nftables rules: {e}"))?;
-        let removed = if theirs.ops.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", which also removed the iptables mode's rules ({})",
-                theirs.what.join("; ")
-            )
-        };
-        if present.is_empty() {
-            log::info!("nftables: applied {summary} in one transaction{removed}");
-        } else {
-            log::info!(
-                "nftables: replaced inet {} with {summary} in one transaction{removed}",
-                present.join(", inet ")
-            );
-        }
-        Ok(())
+        Ok(crate::backend::Plan::Nftables(Plan {
+            tx,
+            batch,
+            summary,
+            replaced,
+            removed: if replacing.ops.is_empty() {
+                Vec::new()
+            } else {
+                replacing.what.clone()
+            },
+        }))
     }
 
     fn remove(&self, _capture: &Capture) -> anyhow::Result<()> {
@@ -162,9 +173,9 @@ impl Firewall for Nftables {
         Ok(())
     }
 
-    fn inspect(&self, tables: &[Table]) -> anyhow::Result<Found> {
+    fn inspect(&self, ns: &Snapshot) -> anyhow::Result<Found> {
         Ok(Found {
-            what: ours(tables)
+            what: ours(&ns.tables)
                 .into_iter()
                 .map(|t| format!("inet {t}"))
                 .collect(),
