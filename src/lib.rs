@@ -289,7 +289,7 @@ fn iptables(cfg: &Config, env: &Env<'_>) -> Iptables {
             force_backend: cfg.force_backend,
         },
         // Nothing after the rules: no namespace to return from, no validation, no TPROXY routes
-        // (the `::6` address comes with IPv6 rules, and two families never hand over).
+        // (nor the `::6` address: it comes with IPv6 rules, which never hand over).
         handover: cfg.handover
             && cfg.netns.is_none()
             && !cfg.run_validation

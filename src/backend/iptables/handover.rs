@@ -77,6 +77,9 @@ pub fn handover(
     if opts.force_backend == Some(IptablesVariant::Legacy) {
         return why_not("the legacy backend is forced");
     }
+    if rulesets.iter().any(|rs| rs.family == Family::V6) {
+        return why_not("IPv6 rules are on: the ::6 address goes in first");
+    }
     let mut with_rules = rulesets.iter().filter(|rs| !rs.tables.is_empty());
     let (Some(rs), None) = (with_rules.next(), with_rules.next()) else {
         return why_not("not exactly one family has rules");
