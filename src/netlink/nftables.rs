@@ -225,7 +225,7 @@ impl Encoder {
         );
     }
 
-    fn op(&mut self, i: usize, op: &Op) -> Result<(), String> {
+    fn op(&mut self, i: usize, op: &Op) -> Result<(), nft::Reason> {
         nft::check_names(op)?;
         match op {
             Op::DeleteTable(t) => {
@@ -1058,7 +1058,10 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.op, 3);
-        assert!(e.reason.contains("conflicting protocols"), "{e}");
+        assert!(
+            e.reason.to_string().contains("conflicting protocols"),
+            "{e}"
+        );
     }
 
     #[test]
