@@ -940,6 +940,36 @@ pub fn apply(tx: &Transaction) -> Result<(), ApplyError> {
 /// message. The kernel processes the whole batch inside the `send`, so the answers are all
 /// queued when it returns; one error anywhere means the kernel applied nothing. `tx` is the transaction the batch was encoded from (to name a refused op).
 pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
+    let mut s = send_batch(batch)?;
+    let last_seq = batch.seqs.last().map(|&(seq, _)| seq);
+    let mut answers = read_answers(&mut s, last_seq)?;
+    answers.errors.sort_unstable();
+    if let Some(&(seq, errno)) = answers.errors.first() {
+        let op = if seq == batch.begin_seq {
+            None
+        } else {
+            batch.op_of(seq)
+        };
+        let op_ref = op.and_then(|i| tx.ops.get(i));
+        return Err(ApplyError::Refused(Refused {
+            op,
+            text: op_ref.map(nft::render_op),
+            errno: nix::errno::Errno::from_raw(errno),
+            features: op_ref.map(nft::kernel_features).unwrap_or_default(),
+            others: answers.errors.len() - 1,
+            lost: answers.overflow,
+        }));
+    }
+    if last_seq.is_some() && !answers.acked {
+        return Err(ApplyError::Unconfirmed {
+            overflow: answers.overflow,
+        });
+    }
+    Ok(())
+}
+
+/// A netfilter netlink socket, the batch sent on it, ready (non-blocking) for the answers.
+fn send_batch(batch: &Batch) -> Result<netlink_sys::Socket, ApplyError> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     let sock = |what| move |error| ApplyError::Socket { what, error };
     let mut s = Socket::new(NETLINK_NETFILTER).map_err(sock("socket"))?;
@@ -963,10 +993,26 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
         });
     }
     s.set_non_blocking(true).map_err(sock("O_NONBLOCK"))?;
-    let last_seq = batch.seqs.last().map(|&(seq, _)| seq);
-    let mut acked = false;
-    let mut overflow = false;
-    let mut errors: Vec<(u32, i32)> = Vec::new();
+    Ok(s)
+}
+
+/// What the kernel answered a batch.
+struct Answers {
+    /// The last message (the only one that asks for it) was acknowledged.
+    acked: bool,
+    /// Some answers were lost: more than the receive buffer holds.
+    overflow: bool,
+    /// (sequence number, errno) of each message refused.
+    errors: Vec<(u32, i32)>,
+}
+
+/// Reads the answers queued on `s` until there are none left.
+fn read_answers(s: &mut netlink_sys::Socket, last_seq: Option<u32>) -> Result<Answers, ApplyError> {
+    let mut answers = Answers {
+        acked: false,
+        overflow: false,
+        errors: Vec::new(),
+    };
     // Answers carry only headers (NETLINK_CAP_ACK): 36 bytes each, one per `recv`.
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     loop {
@@ -976,7 +1022,7 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             // More errors than the receive buffer holds: the first ones are still queued.
             Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
-                overflow = true;
+                answers.overflow = true;
                 continue;
             }
             Err(e) => {
@@ -986,17 +1032,17 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
                 });
             }
         }
-        let answers = super::split(&buf).map_err(|e| ApplyError::Socket {
+        let messages = super::split(&buf).map_err(|e| ApplyError::Socket {
             what: "reading an answer",
             error: std::io::Error::other(e.to_string()),
         })?;
-        for (header, bytes) in answers {
+        for (header, bytes) in messages {
             if header.message_type != NLMSG_ERROR {
                 continue;
             }
             match error_code(bytes) {
-                Some(0) => acked |= Some(header.sequence_number) == last_seq,
-                Some(code) => errors.push((header.sequence_number, -code)),
+                Some(0) => answers.acked |= Some(header.sequence_number) == last_seq,
+                Some(code) => answers.errors.push((header.sequence_number, -code)),
                 None => {
                     return Err(ApplyError::Socket {
                         what: "reading an answer",
@@ -1006,27 +1052,7 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             }
         }
     }
-    errors.sort_unstable();
-    if let Some(&(seq, errno)) = errors.first() {
-        let op = if seq == batch.begin_seq {
-            None
-        } else {
-            batch.op_of(seq)
-        };
-        let op_ref = op.and_then(|i| tx.ops.get(i));
-        return Err(ApplyError::Refused(Refused {
-            op,
-            text: op_ref.map(nft::render_op),
-            errno: nix::errno::Errno::from_raw(errno),
-            features: op_ref.map(nft::kernel_features).unwrap_or_default(),
-            others: errors.len() - 1,
-            lost: overflow,
-        }));
-    }
-    if last_seq.is_some() && !acked {
-        return Err(ApplyError::Unconfirmed { overflow });
-    }
-    Ok(())
+    Ok(answers)
 }
 
 #[cfg(test)]
