@@ -481,7 +481,7 @@ impl Config {
         let owner_groups = resolve_owner_groups(&mut r)?;
         let outbound = resolve_outbound(&mut r)?;
         let families = resolve_families(&mut r, &outbound)?;
-        let places = resolve_places_and_waits(&mut r)?;
+        let places = resolve_places(&mut r)?;
         let modes = resolve_modes(&mut r)?;
         let loopback_cidr = resolve_loopback_cidr(&mut r)?;
         let run = resolve_run(&mut r)?;
@@ -769,17 +769,6 @@ struct PlaceParts {
     restore_timeout: Duration,
 }
 
-fn resolve_places_and_waits(r: &mut Resolver<'_>) -> Result<PlaceParts, ConfigError> {
-    let (resolv_conf, network_namespace, netns) = resolve_places(r)?;
-    Ok(PlaceParts {
-        resolv_conf,
-        network_namespace,
-        netns,
-        xtables_wait: resolve_xtables_wait(r)?,
-        restore_timeout: r.duration("restore-timeout", "RESTORE_TIMEOUT")?,
-    })
-}
-
 /// How the rules are applied: the modes and the backend.
 struct ModeParts {
     handover: bool,
@@ -975,11 +964,8 @@ fn resolve_ipv6(
 }
 
 /// Where to read and act: the resolv.conf path, and the namespace (`--network-namespace`,
-/// `--netns`).
-#[allow(clippy::type_complexity)]
-fn resolve_places(
-    r: &mut Resolver<'_>,
-) -> Result<(String, Option<String>, Option<String>), ConfigError> {
+/// `--netns`); then the waits (`-w`, `--restore-timeout`).
+fn resolve_places(r: &mut Resolver<'_>) -> Result<PlaceParts, ConfigError> {
     let raw = r.raw("resolv-conf");
     let resolv_conf = raw.value.clone();
     if resolv_conf.trim().is_empty() {
@@ -1004,7 +990,13 @@ fn resolve_places(
         }
     };
     r.record("NETNS", netns.as_deref().unwrap_or(""), &raw.source);
-    Ok((resolv_conf, network_namespace, netns))
+    Ok(PlaceParts {
+        resolv_conf,
+        network_namespace,
+        netns,
+        xtables_wait: resolve_xtables_wait(r)?,
+        restore_timeout: r.duration("restore-timeout", "RESTORE_TIMEOUT")?,
+    })
 }
 
 /// How long the iptables programs wait for the xtables lock (`-w`).
