@@ -52,62 +52,93 @@ pub struct Connection {
     pub iface: String,
 }
 
-impl Connection {
-    /// Validates the command-line description of a connection and fills in the defaults.
-    pub fn from_args(a: &TraceArgs) -> Result<Connection, String> {
-        let direction = match a.direction.as_str() {
-            "in" | "inbound" => Direction::In,
-            "out" | "outbound" => Direction::Out,
-            d => {
-                return Err(format!(
-                    "invalid direction {d:?} for trace: expected in or out"
-                ));
+/// A `trace` argument that does not describe a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceArgError {
+    /// Not `in` or `out`.
+    Direction(String),
+    /// Not `tcp` or `udp` (lowercased).
+    Proto(String),
+    /// The destination is not ADDRESS:PORT.
+    Destination(String),
+    /// The destination's port is 0.
+    DestinationPort0(String),
+    /// `--uid` or `--gid` (`what`) is not an id.
+    Id {
+        what: &'static str,
+        value: String,
+        reason: crate::net::Reason,
+    },
+    /// `--src` is not an address.
+    Src(String),
+    /// `--src` and the destination are of different families.
+    Families { src: String, dst: SocketAddr },
+    /// `--iface` is not an interface name.
+    Iface {
+        name: String,
+        reason: crate::net::Reason,
+    },
+    /// `--iface` is a pattern (`eth+`), not a name.
+    IfacePattern(String),
+}
+
+impl fmt::Display for TraceArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TraceArgError::Direction(d) => {
+                write!(f, "invalid direction {d:?} for trace: expected in or out")
             }
-        };
-        let proto = match a.proto.to_ascii_lowercase().as_str() {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            p => {
-                return Err(format!(
-                    "invalid protocol {p:?} for trace --proto: expected tcp or udp"
-                ));
+            TraceArgError::Proto(p) => write!(
+                f,
+                "invalid protocol {p:?} for trace --proto: expected tcp or udp"
+            ),
+            TraceArgError::Destination(d) => write!(
+                f,
+                "invalid destination {d:?} for trace: expected ADDRESS:PORT, e.g. 10.0.0.1:80 or [2001:db8::1]:80"
+            ),
+            TraceArgError::DestinationPort0(d) => {
+                write!(f, "invalid destination {d:?} for trace: port 0")
             }
-        };
-        let dst: SocketAddr = a.destination.parse().map_err(|_| {
-            format!(
-                "invalid destination {:?} for trace: expected ADDRESS:PORT, e.g. 10.0.0.1:80 or [2001:db8::1]:80",
-                a.destination
-            )
-        })?;
-        if dst.port() == 0 {
-            return Err(format!(
-                "invalid destination {:?} for trace: port 0",
-                a.destination
-            ));
+            TraceArgError::Id {
+                what,
+                value,
+                reason,
+            } => write!(f, "invalid {what} {value:?} for trace --{what}: {reason}"),
+            TraceArgError::Src(s) => write!(f, "invalid address {s:?} for trace --src"),
+            TraceArgError::Families { src, dst } => write!(
+                f,
+                "trace --src {src} and the destination {dst} are of different IP families"
+            ),
+            TraceArgError::Iface { name, reason } => write!(
+                f,
+                "invalid interface name {name:?} for trace --iface: {reason}"
+            ),
+            TraceArgError::IfacePattern(name) => write!(
+                f,
+                "invalid interface name {name:?} for trace --iface: give a real name, not a pattern"
+            ),
         }
-        let id = |v: &Option<String>, what: &str| -> Result<Option<u32>, String> {
-            v.as_deref()
-                .map(|s| {
-                    s.parse::<Id>()
-                        .map(Id::get)
-                        .map_err(|e| format!("invalid {what} {s:?} for trace --{what}: {e}"))
-                })
-                .transpose()
-        };
-        let uid = id(&a.uid, "uid")?.unwrap_or(0);
-        let gid = id(&a.gid, "gid")?.unwrap_or(uid);
+    }
+}
+
+impl std::error::Error for TraceArgError {}
+
+impl Connection {
+    /// [`Connection::parse`] with the error as its message, as `lib.rs` takes it (into a
+    /// `UsageError`).
+    pub fn from_args(a: &TraceArgs) -> Result<Connection, String> {
+        Connection::parse(a).map_err(|e| e.to_string())
+    }
+
+    /// Validates the command-line description of a connection and fills in the defaults.
+    pub fn parse(a: &TraceArgs) -> Result<Connection, TraceArgError> {
+        let direction = parse_direction(&a.direction)?;
+        let proto = parse_proto(&a.proto)?;
+        let dst = parse_destination(&a.destination)?;
+        let uid = parse_id(&a.uid, "uid")?.unwrap_or(0);
+        let gid = parse_id(&a.gid, "gid")?.unwrap_or(uid);
         let src = match &a.src {
-            Some(s) => {
-                let ip: IpAddr = s
-                    .parse()
-                    .map_err(|_| format!("invalid address {s:?} for trace --src"))?;
-                if Family::of(&ip) != Family::of(&dst.ip()) {
-                    return Err(format!(
-                        "trace --src {s} and the destination {dst} are of different IP families"
-                    ));
-                }
-                Some(ip)
-            }
+            Some(s) => Some(parse_src(s, dst)?),
             None if direction == Direction::Out && dst.ip().is_loopback() => Some(match dst {
                 SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -115,17 +146,7 @@ impl Connection {
             None => None,
         };
         let iface = match &a.iface {
-            Some(i) => {
-                let parsed: Iface = i
-                    .parse()
-                    .map_err(|e| format!("invalid interface name {i:?} for trace --iface: {e}"))?;
-                if parsed.as_str().ends_with('+') {
-                    return Err(format!(
-                        "invalid interface name {i:?} for trace --iface: give a real name, not a pattern"
-                    ));
-                }
-                parsed.as_str().to_owned()
-            }
+            Some(i) => parse_iface(i)?,
             None if dst.ip().is_loopback() => "lo".to_owned(),
             None => "eth0".to_owned(),
         };
@@ -139,6 +160,71 @@ impl Connection {
             iface,
         })
     }
+}
+
+fn parse_direction(d: &str) -> Result<Direction, TraceArgError> {
+    match d {
+        "in" | "inbound" => Ok(Direction::In),
+        "out" | "outbound" => Ok(Direction::Out),
+        d => Err(TraceArgError::Direction(d.to_owned())),
+    }
+}
+
+fn parse_proto(p: &str) -> Result<Proto, TraceArgError> {
+    match p.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(Proto::Tcp),
+        "udp" => Ok(Proto::Udp),
+        p => Err(TraceArgError::Proto(p.to_owned())),
+    }
+}
+
+fn parse_destination(d: &str) -> Result<SocketAddr, TraceArgError> {
+    let dst: SocketAddr = d
+        .parse()
+        .map_err(|_| TraceArgError::Destination(d.to_owned()))?;
+    if dst.port() == 0 {
+        return Err(TraceArgError::DestinationPort0(d.to_owned()));
+    }
+    Ok(dst)
+}
+
+/// `--uid` or `--gid` (`what`), if given.
+fn parse_id(v: &Option<String>, what: &'static str) -> Result<Option<u32>, TraceArgError> {
+    v.as_deref()
+        .map(|s| {
+            s.parse::<Id>()
+                .map(Id::get)
+                .map_err(|reason| TraceArgError::Id {
+                    what,
+                    value: s.to_owned(),
+                    reason,
+                })
+        })
+        .transpose()
+}
+
+/// `--src`, of the destination's family.
+fn parse_src(s: &str, dst: SocketAddr) -> Result<IpAddr, TraceArgError> {
+    let ip: IpAddr = s.parse().map_err(|_| TraceArgError::Src(s.to_owned()))?;
+    if Family::of(&ip) != Family::of(&dst.ip()) {
+        return Err(TraceArgError::Families {
+            src: s.to_owned(),
+            dst,
+        });
+    }
+    Ok(ip)
+}
+
+/// `--iface`: a name, not a pattern.
+fn parse_iface(i: &str) -> Result<String, TraceArgError> {
+    let parsed: Iface = i.parse().map_err(|reason| TraceArgError::Iface {
+        name: i.to_owned(),
+        reason,
+    })?;
+    if parsed.as_str().ends_with('+') {
+        return Err(TraceArgError::IfacePattern(i.to_owned()));
+    }
+    Ok(parsed.as_str().to_owned())
 }
 
 impl fmt::Display for Connection {
@@ -285,13 +371,36 @@ fn loopback(family: Family) -> IpAddr {
     }
 }
 
+/// A rule's condition that does not hold for the packet, and what the packet has instead.
+#[derive(Debug)]
+struct Unmet {
+    condition: String,
+    actual: String,
+}
+
+impl fmt::Display for Unmet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} does not hold: {}", self.condition, self.actual)
+    }
+}
+
+impl std::error::Error for Unmet {}
+
 impl Walker<'_> {
+    /// Why the first of a rule's matches that does not hold fails, if one does not.
+    fn first_unmet(&self, r: &Rule) -> Option<String> {
+        let unmet = r.matches.iter().find_map(|m| self.check(r, m).err());
+        unmet.map(|u| u.to_string())
+    }
+
     /// Why a match does not hold, or `Ok` when it does.
-    fn check(&self, r: &Rule, m: &Match) -> Result<(), String> {
+    fn check(&self, r: &Rule, m: &Match) -> Result<(), Unmet> {
         let p = &self.pkt;
         let fail = |actual: String| {
-            let condition = self.layout.condition(r, m);
-            Err(format!("{condition} does not hold: {actual}"))
+            Err(Unmet {
+                condition: self.layout.condition(r, m),
+                actual,
+            })
         };
         let holds = |b: bool, actual: String| if b { Ok(()) } else { fail(actual) };
         match m {
@@ -360,7 +469,7 @@ impl Walker<'_> {
         }
         let rules = self.rs.chain_rules(table, chain);
         for (i, r) in rules.iter().enumerate() {
-            let failed = r.matches.iter().find_map(|m| self.check(r, m).err());
+            let failed = self.first_unmet(r);
             let idx = self.steps.len();
             self.steps.push(Step {
                 hook: self.hook.clone(),
@@ -464,14 +573,6 @@ pub fn trace(
         "first packet of a new connection: conntrack state NEW, marks 0, ephemeral source port"
             .to_owned(),
     ];
-    let port_names = vec![
-        (cfg.proxy_port.get(), "the proxy's outbound listener"),
-        (
-            cfg.inbound_capture_port.get(),
-            "the proxy's inbound listener",
-        ),
-        (DNS_PORT.get(), "the agent's DNS listener"),
-    ];
     let empty = Ruleset {
         family,
         tables: Vec::new(),
@@ -487,17 +588,7 @@ pub fn trace(
     };
     let mut w = Walker {
         rs,
-        pkt: Packet {
-            proto: conn.proto,
-            src: conn.src,
-            dst: conn.dst.ip(),
-            dport: conn.dst.port(),
-            in_iface: None,
-            out_iface: None,
-            owner: None,
-            mark: 0,
-            ctmark: 0,
-        },
+        pkt: first_packet(conn),
         hook: String::new(),
         steps: Vec::new(),
         deciding: None,
@@ -506,65 +597,10 @@ pub fn trace(
         group_gid,
         layout,
     };
-    let mut verdict = Verdict::Bypass;
-    let settle = |stops: Vec<(Table, Stop)>, verdict: &mut Verdict| {
-        for (_, stop) in stops {
-            match stop {
-                Stop::Drop => *verdict = Verdict::Dropped,
-                Stop::Tproxy(p) => *verdict = Verdict::Tproxy { port: p },
-                Stop::Redirect(p) if !matches!(verdict, Verdict::Tproxy { .. }) => {
-                    *verdict = Verdict::Redirect { port: p };
-                }
-                Stop::Redirect(_) | Stop::Accept => {}
-            }
-        }
+    let verdict = match conn.direction {
+        Direction::Out => w.outbound(conn, family, &mut notes),
+        Direction::In => w.inbound(conn, &mut notes),
     };
-    let all = [Table::Raw, Table::Mangle, Table::Nat];
-    match conn.direction {
-        Direction::Out => {
-            w.pkt.out_iface = Some(conn.iface.clone());
-            w.pkt.owner = Some((conn.uid, conn.gid));
-            let stops = w.hook("OUTPUT", &all, chain::OUTPUT);
-            settle(stops, &mut verdict);
-            if let Verdict::Redirect { port } = verdict {
-                w.pkt.dst = loopback(family);
-                w.pkt.dport = port;
-                w.pkt.out_iface = Some("lo".into());
-                notes.push(format!(
-                    "REDIRECT in OUTPUT rewrites the destination to {}",
-                    SocketAddr::new(w.pkt.dst, port)
-                ));
-            }
-            if verdict != Verdict::Dropped && w.pkt.out_iface.as_deref() == Some("lo") {
-                w.pkt.in_iface = Some("lo".into());
-                w.pkt.out_iface = None;
-                w.pkt.owner = None;
-                notes.push(
-                    "it comes back in on lo: raw and mangle PREROUTING see it again; nat PREROUTING does not (NAT was decided in OUTPUT)"
-                        .into(),
-                );
-                let stops = w.hook(
-                    "PREROUTING (looped back on lo)",
-                    &[Table::Raw, Table::Mangle],
-                    chain::PREROUTING,
-                );
-                settle(stops, &mut verdict);
-            }
-        }
-        Direction::In => {
-            w.pkt.in_iface = Some(conn.iface.clone());
-            let stops = w.hook("PREROUTING", &all, chain::PREROUTING);
-            if stops.iter().any(|(_, s)| matches!(s, Stop::Tproxy(_)))
-                && stops.iter().any(|(_, s)| matches!(s, Stop::Redirect(_)))
-            {
-                notes.push(
-                    "both TPROXY (mangle) and REDIRECT (nat) matched: the TPROXY socket assignment takes the connection"
-                        .into(),
-                );
-            }
-            settle(stops, &mut verdict);
-        }
-    }
     if verdict == Verdict::Bypass {
         w.deciding = w.last_nat_return;
     }
@@ -574,8 +610,106 @@ pub fn trace(
         steps: w.steps,
         deciding: w.deciding,
         verdict,
-        port_names,
+        port_names: port_names(cfg),
         notes,
+    }
+}
+
+/// The ports a trace names: the proxy's listeners and the agent's DNS one.
+fn port_names(cfg: &Config) -> Vec<(u16, &'static str)> {
+    vec![
+        (cfg.proxy_port.get(), "the proxy's outbound listener"),
+        (
+            cfg.inbound_capture_port.get(),
+            "the proxy's inbound listener",
+        ),
+        (DNS_PORT.get(), "the agent's DNS listener"),
+    ]
+}
+
+/// The first packet of the connection, before any hook (no interface, owner or mark yet).
+fn first_packet(conn: &Connection) -> Packet {
+    Packet {
+        proto: conn.proto,
+        src: conn.src,
+        dst: conn.dst.ip(),
+        dport: conn.dst.port(),
+        in_iface: None,
+        out_iface: None,
+        owner: None,
+        mark: 0,
+        ctmark: 0,
+    }
+}
+
+/// Updates the verdict with what stopped the walk of each table of a hook: a drop, a TPROXY
+/// (which a later REDIRECT does not override) or a REDIRECT.
+fn settle(stops: Vec<(Table, Stop)>, verdict: &mut Verdict) {
+    for (_, stop) in stops {
+        match stop {
+            Stop::Drop => *verdict = Verdict::Dropped,
+            Stop::Tproxy(p) => *verdict = Verdict::Tproxy { port: p },
+            Stop::Redirect(p) if !matches!(verdict, Verdict::Tproxy { .. }) => {
+                *verdict = Verdict::Redirect { port: p };
+            }
+            Stop::Redirect(_) | Stop::Accept => {}
+        }
+    }
+}
+
+const ALL_TABLES: [Table; 3] = [Table::Raw, Table::Mangle, Table::Nat];
+
+impl Walker<'_> {
+    /// An outbound connection: OUTPUT, then (when it is redirected to, or addressed to,
+    /// loopback) PREROUTING on lo.
+    fn outbound(&mut self, conn: &Connection, family: Family, notes: &mut Vec<String>) -> Verdict {
+        let mut verdict = Verdict::Bypass;
+        self.pkt.out_iface = Some(conn.iface.clone());
+        self.pkt.owner = Some((conn.uid, conn.gid));
+        let stops = self.hook("OUTPUT", &ALL_TABLES, chain::OUTPUT);
+        settle(stops, &mut verdict);
+        if let Verdict::Redirect { port } = verdict {
+            self.pkt.dst = loopback(family);
+            self.pkt.dport = port;
+            self.pkt.out_iface = Some("lo".into());
+            notes.push(format!(
+                "REDIRECT in OUTPUT rewrites the destination to {}",
+                SocketAddr::new(self.pkt.dst, port)
+            ));
+        }
+        if verdict != Verdict::Dropped && self.pkt.out_iface.as_deref() == Some("lo") {
+            self.pkt.in_iface = Some("lo".into());
+            self.pkt.out_iface = None;
+            self.pkt.owner = None;
+            notes.push(
+                "it comes back in on lo: raw and mangle PREROUTING see it again; nat PREROUTING does not (NAT was decided in OUTPUT)"
+                    .into(),
+            );
+            let stops = self.hook(
+                "PREROUTING (looped back on lo)",
+                &[Table::Raw, Table::Mangle],
+                chain::PREROUTING,
+            );
+            settle(stops, &mut verdict);
+        }
+        verdict
+    }
+
+    /// An inbound connection: PREROUTING.
+    fn inbound(&mut self, conn: &Connection, notes: &mut Vec<String>) -> Verdict {
+        let mut verdict = Verdict::Bypass;
+        self.pkt.in_iface = Some(conn.iface.clone());
+        let stops = self.hook("PREROUTING", &ALL_TABLES, chain::PREROUTING);
+        if stops.iter().any(|(_, s)| matches!(s, Stop::Tproxy(_)))
+            && stops.iter().any(|(_, s)| matches!(s, Stop::Redirect(_)))
+        {
+            notes.push(
+                "both TPROXY (mangle) and REDIRECT (nat) matched: the TPROXY socket assignment takes the connection"
+                    .into(),
+            );
+        }
+        settle(stops, &mut verdict);
+        verdict
     }
 }
 

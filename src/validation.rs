@@ -11,6 +11,7 @@
 //!
 //! Effects: opens TCP sockets on loopback only; changes nothing.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -208,84 +209,144 @@ fn seen_error(e: Errno) -> Seen {
     }
 }
 
-/// The outcome of one family's check: `Ok(detail)` or `Err(explanation)`.
-fn check_family(cfg: &Config, family: Family, me: Me) -> Result<String, String> {
+/// Why one family's check failed: what was checked, what was observed, the likely cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Explanation {
+    checked: String,
+    observed: String,
+    cause: String,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "checked: {}\n    observed: {}\n    likely cause: {}",
+            self.checked, self.observed, self.cause
+        )
+    }
+}
+
+impl std::error::Error for Explanation {}
+
+/// The outcome of one family's check: `Ok(detail)` or why it failed.
+fn check_family(cfg: &Config, family: Family, me: Me) -> Result<String, Explanation> {
     let mut ports = vec![cfg.proxy_port.get(), cfg.inbound_capture_port.get()];
     ports.dedup();
     let probe = SocketAddr::new(passthrough(family), cfg.probe_port.get());
+    let (listeners, bind_errors) = open_listeners(family, &ports);
+    let checked = what_is_checked(cfg, family, me, probe, &ports);
+    if listeners.is_empty() {
+        return Err(Explanation {
+            checked,
+            observed: format!("no listener could be opened: {}", bind_errors.join(", ")),
+            cause: "another process holds the proxy's ports in this network namespace (is the proxy already running?), or the loopback interface is down".into(),
+        });
+    }
+    let (last, attempts) = probe_until_redirected(cfg, family, probe, &listeners);
+    if let Seen::Redirected { listener, original } = last {
+        return Ok(format!(
+            "{family}: the probe to {probe} was redirected to {listener} (SO_ORIGINAL_DST {original})"
+        ));
+    }
+    log::debug!("{family} validation: {attempts} attempts, last: {last:?}");
+    let (observed, cause) = diagnose(cfg, family, me, probe, last, attempts);
+    Err(Explanation {
+        checked,
+        observed,
+        cause,
+    })
+}
+
+/// A listener on loopback for each port, and why each one that could not be opened failed.
+fn open_listeners(family: Family, ports: &[u16]) -> (Vec<(SocketAddr, TcpListener)>, Vec<String>) {
     let mut listeners = Vec::new();
     let mut bind_errors = Vec::new();
-    for p in &ports {
+    for p in ports {
         let addr = SocketAddr::new(loopback(family), *p);
         match open_listener(addr) {
             Ok(l) => listeners.push((addr, l)),
             Err(e) => bind_errors.push(format!("{addr} ({})", e.desc())),
         }
     }
+    (listeners, bind_errors)
+}
+
+/// The check, in words: the connection made and where the rules must send it.
+fn what_is_checked(
+    cfg: &Config,
+    family: Family,
+    me: Me,
+    probe: SocketAddr,
+    ports: &[u16],
+) -> String {
     let targets = ports
         .iter()
         .map(|p| SocketAddr::new(loopback(family), *p).to_string())
         .collect::<Vec<_>>()
         .join(" or ");
-    let checked = format!(
+    format!(
         "a TCP connection from {} to {probe} as uid {} gid {}, which the rules must redirect to a listener on {targets} (for {:?})",
         loopback(family),
         me.uid,
         me.gid,
         cfg.probe_timeout
-    );
-    if listeners.is_empty() {
-        return Err(explain(
-            &checked,
-            &format!("no listener could be opened: {}", bind_errors.join(", ")),
-            "another process holds the proxy's ports in this network namespace (is the proxy already running?), or the loopback interface is down",
-        ));
-    }
+    )
+}
+
+/// Probes until a probe is redirected or the timeout passes: the last outcome, and the
+/// number of attempts.
+fn probe_until_redirected(
+    cfg: &Config,
+    family: Family,
+    probe: SocketAddr,
+    listeners: &[(SocketAddr, TcpListener)],
+) -> (Seen, u32) {
     let deadline = Instant::now() + cfg.probe_timeout;
     let mut attempts = 0;
-    let last = loop {
+    loop {
         attempts += 1;
         let budget = deadline
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(1))
             .max(Duration::from_millis(10));
-        let seen = attempt(family, probe, &listeners, budget);
-        if let Seen::Redirected { listener, original } = seen {
-            return Ok(format!(
-                "{family}: the probe to {probe} was redirected to {listener} (SO_ORIGINAL_DST {original})"
-            ));
+        let seen = attempt(family, probe, listeners, budget);
+        if let Seen::Redirected { .. } = seen {
+            return (seen, attempts);
         }
         let now = Instant::now();
         if now >= deadline {
-            break seen;
+            return (seen, attempts);
         }
         std::thread::sleep(RETRY.min(deadline - now));
         if Instant::now() >= deadline {
-            break seen;
+            return (seen, attempts);
         }
-    };
-    log::debug!("{family} validation: {attempts} attempts, last: {last:?}");
+    }
+}
+
+/// What the last failed attempt observed, and its likely cause.
+fn diagnose(
+    cfg: &Config,
+    family: Family,
+    me: Me,
+    probe: SocketAddr,
+    last: Seen,
+    attempts: u32,
+) -> (String, String) {
     let is_proxy = cfg.proxy_uids.iter().any(|u| u.get() == me.uid)
         || cfg.proxy_gids.iter().any(|g| g.get() == me.gid);
-    let not_proxy = format!(
-        "this check runs as uid {} gid {}, but the rules only redirect the proxy's own traffic (uid {}, gid {}) to {}: run the validation as the proxy user (runAsUser: {})",
-        me.uid,
-        me.gid,
-        join(&cfg.proxy_uids),
-        join(&cfg.proxy_gids),
-        passthrough(family),
-        cfg.proxy_uids.first().map_or(1337, |u| u.get())
-    );
-    let rules_missing = format!(
-        "the {family} redirect rules are not in place (nat OUTPUT has no rule sending the proxy's traffic to {} to port {}): with istio-cni, the CNI plugin has not programmed this pod yet or failed (see the istio-cni node agent's log; istio-cni's repair deletes pods whose istio-validation exits 126); with istio-init, it did not run or its rules were removed",
-        passthrough(family),
-        cfg.inbound_capture_port
-    );
+    let rules_missing = rules_missing(cfg, family);
+    let not_redirected = if is_proxy {
+        rules_missing.clone()
+    } else {
+        not_proxy(cfg, family, me)
+    };
     let after = format!("after {attempts} attempts");
-    let (observed, cause) = match last {
+    match last {
         Seen::Refused => (
             format!("connection refused ({after}): nothing redirected it, and nothing listens at {probe}"),
-            if is_proxy { rules_missing } else { not_proxy },
+            not_redirected,
         ),
         Seen::TimedOut => (
             format!("no answer: the connection attempt timed out ({after})"),
@@ -310,16 +371,33 @@ fn check_family(cfg: &Config, family: Family, me: Me) -> Result<String, String> 
         ),
         Seen::Elsewhere => (
             format!("the connection to {probe} was accepted, but not by the proxy's ports: it was not redirected"),
-            format!("a process listens on port {} itself; {}", probe.port(), if is_proxy { rules_missing } else { not_proxy }),
+            format!("a process listens on port {} itself; {not_redirected}", probe.port()),
         ),
         Seen::Local(e) => (e, "the validation could not open its probe socket".into()),
         Seen::Redirected { .. } => unreachable!("success returns early"),
-    };
-    Err(explain(&checked, &observed, &cause))
+    }
 }
 
-fn explain(checked: &str, observed: &str, cause: &str) -> String {
-    format!("checked: {checked}\n    observed: {observed}\n    likely cause: {cause}")
+/// The cause when the check does not run as the proxy's user.
+fn not_proxy(cfg: &Config, family: Family, me: Me) -> String {
+    format!(
+        "this check runs as uid {} gid {}, but the rules only redirect the proxy's own traffic (uid {}, gid {}) to {}: run the validation as the proxy user (runAsUser: {})",
+        me.uid,
+        me.gid,
+        join(&cfg.proxy_uids),
+        join(&cfg.proxy_gids),
+        passthrough(family),
+        cfg.proxy_uids.first().map_or(1337, |u| u.get())
+    )
+}
+
+/// The cause when the proxy's own traffic is not redirected.
+fn rules_missing(cfg: &Config, family: Family) -> String {
+    format!(
+        "the {family} redirect rules are not in place (nat OUTPUT has no rule sending the proxy's traffic to {} to port {}): with istio-cni, the CNI plugin has not programmed this pod yet or failed (see the istio-cni node agent's log; istio-cni's repair deletes pods whose istio-validation exits 126); with istio-init, it did not run or its rules were removed",
+        passthrough(family),
+        cfg.inbound_capture_port
+    )
 }
 
 /// Checks every family; logs each success and returns a [`ValidationFailed`] naming every

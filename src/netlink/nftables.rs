@@ -225,7 +225,7 @@ impl Encoder {
         );
     }
 
-    fn op(&mut self, i: usize, op: &Op) -> Result<(), String> {
+    fn op(&mut self, i: usize, op: &Op) -> Result<(), nft::Reason> {
         nft::check_names(op)?;
         match op {
             Op::DeleteTable(t) => {
@@ -314,152 +314,106 @@ impl Encoder {
     fn stmt(&mut self, op: usize, table: &str, s: &Stmt, out: &mut Vec<Expr>) {
         match s {
             Stmt::L4Proto(p) => {
-                out.push(meta_load(MetaKey::L4Proto));
-                out.push(cmp(Operator::Equal, vec![proto_number(*p)]));
+                out.extend(meta_cmp(MetaKey::L4Proto, false, vec![proto_number(*p)]))
             }
             Stmt::NfProto(f) => {
-                out.push(meta_load(MetaKey::Nfproto));
-                out.push(cmp(Operator::Equal, vec![nfproto_byte(*f)]));
+                out.extend(meta_cmp(MetaKey::Nfproto, false, vec![nfproto_byte(*f)]))
             }
             Stmt::Port {
                 proto,
                 dir,
                 negate,
                 ports,
-            } => {
-                let offset = match dir {
-                    Dir::Src => 0,
-                    Dir::Dst => 2,
-                };
-                out.push(payload(raw::NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2));
-                match nft::PortSet::of(ports) {
-                    PortSet::One(p) => out.push(cmp(op_of(*negate), p.to_be_bytes().to_vec())),
-                    PortSet::Range(a, b) if !*negate => {
-                        out.push(cmp(Operator::GreatherThanEqual, a.to_be_bytes().to_vec()));
-                        out.push(cmp(Operator::LessThanEqual, b.to_be_bytes().to_vec()));
-                    }
-                    PortSet::Range(a, b) => out.push(range_neq(a, b)),
-                    set => {
-                        let id = self.port_set(op, table, *proto, *dir, &set);
-                        let mut l = vec![
-                            Lookup::SourceRegister(Register::Reg1),
-                            Lookup::Set(raw::ANON_SET_NAME.to_owned()),
-                            Lookup::SetId(id),
-                        ];
-                        if *negate {
-                            l.push(Lookup::Flags(raw::NFT_LOOKUP_F_INV));
-                        }
-                        out.push(Expressions::Lookup(l).into());
-                    }
-                }
-            }
-            Stmt::Iifname(n) | Stmt::Oifname(n) => {
-                let key = if matches!(s, Stmt::Iifname(_)) {
-                    MetaKey::Iifname
-                } else {
-                    MetaKey::Oifname
-                };
-                let mut name = n.as_bytes().to_vec();
-                name.resize(raw::IFNAMSIZ, 0);
-                out.push(meta_load(key));
-                out.push(cmp(Operator::Equal, name));
-            }
-            Stmt::Addr { dir, negate, net } => {
-                let (offset, octets) = match (net.network(), dir) {
-                    (std::net::IpAddr::V4(a), Dir::Src) => (12, a.octets().to_vec()),
-                    (std::net::IpAddr::V4(a), Dir::Dst) => (16, a.octets().to_vec()),
-                    (std::net::IpAddr::V6(a), Dir::Src) => (8, a.octets().to_vec()),
-                    (std::net::IpAddr::V6(a), Dir::Dst) => (24, a.octets().to_vec()),
-                };
-                let prefix = usize::from(net.prefix_len());
-                // As nft: a prefix on a byte boundary loads only its bytes; any other (and
-                // /0) loads the whole address and masks it.
-                if prefix > 0 && prefix % 8 == 0 {
-                    let n = prefix / 8;
-                    out.push(payload(raw::NFT_PAYLOAD_NETWORK_HEADER, offset, n as u32));
-                    out.push(cmp(op_of(*negate), octets[..n].to_vec()));
-                } else {
-                    let len = octets.len();
-                    out.push(payload(raw::NFT_PAYLOAD_NETWORK_HEADER, offset, len as u32));
-                    out.push(bitwise(prefix_mask(prefix, len)));
-                    out.push(cmp(op_of(*negate), octets));
-                }
-            }
+            } => self.port_match(op, table, (*proto, *dir), *negate, ports, out),
+            Stmt::Iifname(n) => out.extend(meta_cmp(MetaKey::Iifname, false, ifname_bytes(n))),
+            Stmt::Oifname(n) => out.extend(meta_cmp(MetaKey::Oifname, false, ifname_bytes(n))),
+            Stmt::Addr { dir, negate, net } => addr_match(*dir, *negate, net, out),
             Stmt::SkUid { negate, id } => {
-                out.push(meta_load(MetaKey::SocketUserId));
-                out.push(cmp(op_of(*negate), id.to_ne_bytes().to_vec()));
+                out.extend(meta_cmp(
+                    MetaKey::SocketUserId,
+                    *negate,
+                    id.to_ne_bytes().to_vec(),
+                ));
             }
             Stmt::SkGid { negate, id } => {
-                out.push(meta_load(MetaKey::SocketGroupId));
-                out.push(cmp(op_of(*negate), id.to_ne_bytes().to_vec()));
+                out.extend(meta_cmp(
+                    MetaKey::SocketGroupId,
+                    *negate,
+                    id.to_ne_bytes().to_vec(),
+                ));
             }
             Stmt::Mark { negate, value } => {
-                out.push(meta_load(MetaKey::Mark));
-                out.push(cmp(op_of(*negate), value.to_ne_bytes().to_vec()));
+                out.extend(meta_cmp(
+                    MetaKey::Mark,
+                    *negate,
+                    value.to_ne_bytes().to_vec(),
+                ));
             }
-            Stmt::CtMark(v) => {
-                out.push(ct_load(raw::NFT_CT_MARK));
-                out.push(cmp(Operator::Equal, v.to_ne_bytes().to_vec()));
-            }
-            Stmt::CtState(st) => {
-                out.push(ct_load(raw::NFT_CT_STATE));
-                out.push(bitwise(st.bits().to_ne_bytes().to_vec()));
-                out.push(cmp(Operator::NotEqual, vec![0; 4]));
-            }
+            Stmt::CtMark(v) => out.extend([
+                ct_load(raw::NFT_CT_MARK),
+                cmp(Operator::Equal, v.to_ne_bytes().to_vec()),
+            ]),
+            Stmt::CtState(st) => out.extend([
+                ct_load(raw::NFT_CT_STATE),
+                bitwise(st.bits().to_ne_bytes().to_vec()),
+                cmp(Operator::NotEqual, vec![0; 4]),
+            ]),
             Stmt::Counter => out.push(raw_expr("counter", vec![])),
             Stmt::SetMark(v) => {
-                out.push(immediate(v.to_ne_bytes().to_vec()));
-                out.push(meta_set(MetaKey::Mark));
+                out.extend([immediate(v.to_ne_bytes().to_vec()), meta_set(MetaKey::Mark)]);
             }
             Stmt::SetMarkFromCt => {
-                out.push(ct_load(raw::NFT_CT_MARK));
-                out.push(meta_set(MetaKey::Mark));
+                out.extend([ct_load(raw::NFT_CT_MARK), meta_set(MetaKey::Mark)]);
             }
             Stmt::SetCtMarkFromMark => {
-                out.push(meta_load(MetaKey::Mark));
-                out.push(ct_set(raw::NFT_CT_MARK));
+                out.extend([meta_load(MetaKey::Mark), ct_set(raw::NFT_CT_MARK)]);
             }
             Stmt::SetCtZone(z) => {
-                out.push(immediate(z.to_ne_bytes().to_vec()));
-                out.push(ct_set(raw::NFT_CT_ZONE));
+                out.extend([
+                    immediate(z.to_ne_bytes().to_vec()),
+                    ct_set(raw::NFT_CT_ZONE),
+                ]);
             }
-            Stmt::Redirect(p) => {
-                out.push(immediate(p.to_be_bytes().to_vec()));
-                out.push(raw_expr(
-                    "redir",
-                    vec![
-                        u32_nla(raw::NFTA_REDIR_REG_PROTO_MIN, Register::Reg1.into()),
-                        u32_nla(raw::NFTA_REDIR_FLAGS, raw::NF_NAT_RANGE_PROTO_SPECIFIED),
-                    ],
-                ));
+            Stmt::Redirect(p) => out.extend(redirect(*p)),
+            Stmt::Tproxy { family, port } => out.extend(tproxy(*family, *port)),
+            Stmt::Verdict(v) => out.push(verdict(v)),
+        }
+    }
+
+    /// A port match: the port loaded from the transport header, compared with one port or
+    /// a range, or looked up in an anonymous set (emitted before the rule).
+    fn port_match(
+        &mut self,
+        op: usize,
+        table: &str,
+        (proto, dir): (L4, Dir),
+        negate: bool,
+        ports: &[nft::PortRange],
+        out: &mut Vec<Expr>,
+    ) {
+        let offset = match dir {
+            Dir::Src => 0,
+            Dir::Dst => 2,
+        };
+        out.push(payload(raw::NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2));
+        match nft::PortSet::of(ports) {
+            PortSet::One(p) => out.push(cmp(op_of(negate), p.to_be_bytes().to_vec())),
+            PortSet::Range(a, b) if !negate => {
+                out.push(cmp(Operator::GreatherThanEqual, a.to_be_bytes().to_vec()));
+                out.push(cmp(Operator::LessThanEqual, b.to_be_bytes().to_vec()));
             }
-            Stmt::Tproxy { family, port } => {
-                out.push(immediate(port.to_be_bytes().to_vec()));
-                out.push(raw_expr(
-                    "tproxy",
-                    vec![
-                        u32_nla(raw::NFTA_TPROXY_FAMILY, u32::from(nfproto_byte(*family))),
-                        u32_nla(raw::NFTA_TPROXY_REG_PORT, Register::Reg1.into()),
-                    ],
-                ));
-            }
-            Stmt::Verdict(v) => {
-                let mut attrs = vec![VerdictAttribute::Code(match v {
-                    Verdict::Accept => NlVerdict::Other(raw::NF_ACCEPT),
-                    Verdict::Drop => NlVerdict::Other(raw::NF_DROP),
-                    Verdict::Return => NlVerdict::Return,
-                    Verdict::Jump(_) => NlVerdict::Jump,
-                })];
-                if let Verdict::Jump(c) = v {
-                    attrs.push(VerdictAttribute::Chain(c.clone()));
+            PortSet::Range(a, b) => out.push(range_neq(a, b)),
+            set => {
+                let id = self.port_set(op, table, proto, dir, &set);
+                let mut l = vec![
+                    Lookup::SourceRegister(Register::Reg1),
+                    Lookup::Set(raw::ANON_SET_NAME.to_owned()),
+                    Lookup::SetId(id),
+                ];
+                if negate {
+                    l.push(Lookup::Flags(raw::NFT_LOOKUP_F_INV));
                 }
-                out.push(
-                    Expressions::Immediate(vec![
-                        Immediate::DestinationRegister(Register::Verdict),
-                        Immediate::Data(DataAttribute::Verdict(attrs)),
-                    ])
-                    .into(),
-                );
+                out.push(Expressions::Lookup(l).into());
             }
         }
     }
@@ -469,27 +423,7 @@ impl Encoder {
     fn port_set(&mut self, op: usize, table: &str, proto: L4, dir: Dir, set: &PortSet) -> u32 {
         self.set_id += 1;
         let id = self.set_id;
-        // (key, interval end, open interval) of every element, as nft sends them.
-        let mut elems: Vec<(u16, bool, bool)> = Vec::new();
-        let interval = match set {
-            PortSet::Ports(v) => {
-                elems.extend(v.iter().map(|&p| (p, false, false)));
-                false
-            }
-            PortSet::Intervals(v) => {
-                if v.first().is_some_and(|&(a, _)| a != 0) {
-                    elems.push((0, true, false));
-                }
-                for &(a, b) in v {
-                    elems.push((a, false, b == u16::MAX));
-                    if b != u16::MAX {
-                        elems.push((b + 1, true, false));
-                    }
-                }
-                true
-            }
-            PortSet::One(_) | PortSet::Range(..) => unreachable!("single values are not sets"),
-        };
+        let (elems, interval) = set_elements(set);
         let mut flags = SetFlags::Anonymous | SetFlags::Constant;
         if interval {
             flags |= SetFlags::Interval;
@@ -503,7 +437,7 @@ impl Encoder {
             SetAttribute::Id(id),
             // nft counts an interval open to 65535 as two elements, though it sends one.
             SetAttribute::Description(vec![SetDescription::Size(
-                (elems.len() + usize::from(elems.last().is_some_and(|e| e.2))) as u32,
+                (elems.len() + usize::from(elems.last().is_some_and(|e| e.open))) as u32,
             )]),
             SetAttribute::UserData(set_udata(proto, dir, interval)),
         ];
@@ -512,34 +446,11 @@ impl Encoder {
             NfTablesMessage::NewSet(SetMessage { attributes }),
             NLM_F_CREATE,
         );
-        let elements = elems
-            .into_iter()
-            .enumerate()
-            .map(|(i, (key, end, open))| {
-                let mut e = Vec::with_capacity(3);
-                if end {
-                    e.push(SetElementAttribute::Flags(SetElementFlags::IntervalEnd));
-                }
-                e.push(SetElementAttribute::Key(DataAttribute::Value(
-                    key.to_be_bytes().to_vec(),
-                )));
-                if open {
-                    let mut u = vec![raw::UDATA_SET_ELEM_FLAGS, 4];
-                    u.extend(raw::SET_ELEM_F_INTERVAL_OPEN.to_ne_bytes());
-                    e.push(SetElementAttribute::UserData(u));
-                }
-                // nft numbers the nest of each element 1, 2, 3… (the kernel ignores the
-                // number; the crate's `ListAttribute::Element` always writes 1).
-                let mut body = vec![0; e.as_slice().buffer_len()];
-                e.as_slice().emit(&mut body);
-                ListAttribute::Other(DefaultNla::new((i + 1) as u16 | NLA_F_NESTED, body))
-            })
-            .collect();
         let attributes = vec![
             SetElementList::Table(table.to_owned()),
             SetElementList::Set(raw::ANON_SET_NAME.to_owned()),
             SetElementList::SetId(id),
-            SetElementList::Elements(elements),
+            SetElementList::Elements(elems.iter().enumerate().map(set_element).collect()),
         ];
         self.nft(
             op,
@@ -548,6 +459,142 @@ impl Encoder {
         );
         id
     }
+}
+
+/// A meta key loaded and compared (`!=` when `negate`) with `value`.
+fn meta_cmp(key: MetaKey, negate: bool, value: Vec<u8>) -> [Expr; 2] {
+    [meta_load(key), cmp(op_of(negate), value)]
+}
+
+/// An interface name as the kernel compares it: padded with zeros to `IFNAMSIZ`.
+fn ifname_bytes(name: &str) -> Vec<u8> {
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.resize(raw::IFNAMSIZ, 0);
+    bytes
+}
+
+/// An address match. As nft: a prefix on a byte boundary loads only its bytes; any other
+/// (and /0) loads the whole address and masks it.
+fn addr_match(dir: Dir, negate: bool, net: &ipnet::IpNet, out: &mut Vec<Expr>) {
+    let (offset, octets) = match (net.network(), dir) {
+        (std::net::IpAddr::V4(a), Dir::Src) => (12, a.octets().to_vec()),
+        (std::net::IpAddr::V4(a), Dir::Dst) => (16, a.octets().to_vec()),
+        (std::net::IpAddr::V6(a), Dir::Src) => (8, a.octets().to_vec()),
+        (std::net::IpAddr::V6(a), Dir::Dst) => (24, a.octets().to_vec()),
+    };
+    let prefix = usize::from(net.prefix_len());
+    if prefix > 0 && prefix % 8 == 0 {
+        let n = prefix / 8;
+        out.push(payload(raw::NFT_PAYLOAD_NETWORK_HEADER, offset, n as u32));
+        out.push(cmp(op_of(negate), octets[..n].to_vec()));
+    } else {
+        let len = octets.len();
+        out.push(payload(raw::NFT_PAYLOAD_NETWORK_HEADER, offset, len as u32));
+        out.push(bitwise(prefix_mask(prefix, len)));
+        out.push(cmp(op_of(negate), octets));
+    }
+}
+
+/// `redirect to :PORT`.
+fn redirect(port: u16) -> [Expr; 2] {
+    [
+        immediate(port.to_be_bytes().to_vec()),
+        raw_expr(
+            "redir",
+            vec![
+                u32_nla(raw::NFTA_REDIR_REG_PROTO_MIN, Register::Reg1.into()),
+                u32_nla(raw::NFTA_REDIR_FLAGS, raw::NF_NAT_RANGE_PROTO_SPECIFIED),
+            ],
+        ),
+    ]
+}
+
+/// `tproxy ip|ip6 to :PORT`.
+fn tproxy(family: Family, port: u16) -> [Expr; 2] {
+    [
+        immediate(port.to_be_bytes().to_vec()),
+        raw_expr(
+            "tproxy",
+            vec![
+                u32_nla(raw::NFTA_TPROXY_FAMILY, u32::from(nfproto_byte(family))),
+                u32_nla(raw::NFTA_TPROXY_REG_PORT, Register::Reg1.into()),
+            ],
+        ),
+    ]
+}
+
+/// A verdict: an immediate into the verdict register.
+fn verdict(v: &Verdict) -> Expr {
+    let mut attrs = vec![VerdictAttribute::Code(match v {
+        Verdict::Accept => NlVerdict::Other(raw::NF_ACCEPT),
+        Verdict::Drop => NlVerdict::Other(raw::NF_DROP),
+        Verdict::Return => NlVerdict::Return,
+        Verdict::Jump(_) => NlVerdict::Jump,
+    })];
+    if let Verdict::Jump(c) = v {
+        attrs.push(VerdictAttribute::Chain(c.clone()));
+    }
+    Expressions::Immediate(vec![
+        Immediate::DestinationRegister(Register::Verdict),
+        Immediate::Data(DataAttribute::Verdict(attrs)),
+    ])
+    .into()
+}
+
+/// One element of an anonymous port set, as nft sends it.
+struct SetElem {
+    key: u16,
+    /// The element ends an interval (the first port after it).
+    end: bool,
+    /// The interval it starts is open to 65535 (no end element follows).
+    open: bool,
+}
+
+/// The elements of a port set, and whether it is an interval set.
+fn set_elements(set: &PortSet) -> (Vec<SetElem>, bool) {
+    let elem = |key, end, open| SetElem { key, end, open };
+    let mut elems = Vec::new();
+    let interval = match set {
+        PortSet::Ports(v) => {
+            elems.extend(v.iter().map(|&p| elem(p, false, false)));
+            false
+        }
+        PortSet::Intervals(v) => {
+            if v.first().is_some_and(|&(a, _)| a != 0) {
+                elems.push(elem(0, true, false));
+            }
+            for &(a, b) in v {
+                elems.push(elem(a, false, b == u16::MAX));
+                if b != u16::MAX {
+                    elems.push(elem(b + 1, true, false));
+                }
+            }
+            true
+        }
+        PortSet::One(_) | PortSet::Range(..) => unreachable!("single values are not sets"),
+    };
+    (elems, interval)
+}
+
+/// The `i`th (from 0) element of a set's element list.
+fn set_element((i, el): (usize, &SetElem)) -> ListAttribute<SetElementAttribute> {
+    let mut e = Vec::with_capacity(3);
+    if el.end {
+        e.push(SetElementAttribute::Flags(SetElementFlags::IntervalEnd));
+    }
+    e.push(SetElementAttribute::Key(DataAttribute::Value(
+        el.key.to_be_bytes().to_vec(),
+    )));
+    if el.open {
+        let mut u = vec![raw::UDATA_SET_ELEM_FLAGS, 4];
+        u.extend(raw::SET_ELEM_F_INTERVAL_OPEN.to_ne_bytes());
+        e.push(SetElementAttribute::UserData(u));
+    }
+    // nft numbers the nest of each element 1, 2, 3… (the kernel ignores the number; the
+    // crate's `ListAttribute::Element` always writes 1).
+    let mut body = vec![0; e.as_slice().buffer_len()];
+    e.as_slice().emit(&mut body);
+    ListAttribute::Other(DefaultNla::new((i + 1) as u16 | NLA_F_NESTED, body))
 }
 
 fn base_chain(b: &BaseChain) -> [ChainAttribute; 2] {
@@ -893,6 +940,36 @@ pub fn apply(tx: &Transaction) -> Result<(), ApplyError> {
 /// message. The kernel processes the whole batch inside the `send`, so the answers are all
 /// queued when it returns; one error anywhere means the kernel applied nothing. `tx` is the transaction the batch was encoded from (to name a refused op).
 pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
+    let mut s = send_batch(batch)?;
+    let last_seq = batch.seqs.last().map(|&(seq, _)| seq);
+    let mut answers = read_answers(&mut s, last_seq)?;
+    answers.errors.sort_unstable();
+    if let Some(&(seq, errno)) = answers.errors.first() {
+        let op = if seq == batch.begin_seq {
+            None
+        } else {
+            batch.op_of(seq)
+        };
+        let op_ref = op.and_then(|i| tx.ops.get(i));
+        return Err(ApplyError::Refused(Refused {
+            op,
+            text: op_ref.map(nft::render_op),
+            errno: nix::errno::Errno::from_raw(errno),
+            features: op_ref.map(nft::kernel_features).unwrap_or_default(),
+            others: answers.errors.len() - 1,
+            lost: answers.overflow,
+        }));
+    }
+    if last_seq.is_some() && !answers.acked {
+        return Err(ApplyError::Unconfirmed {
+            overflow: answers.overflow,
+        });
+    }
+    Ok(())
+}
+
+/// A netfilter netlink socket, the batch sent on it, ready (non-blocking) for the answers.
+fn send_batch(batch: &Batch) -> Result<netlink_sys::Socket, ApplyError> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     let sock = |what| move |error| ApplyError::Socket { what, error };
     let mut s = Socket::new(NETLINK_NETFILTER).map_err(sock("socket"))?;
@@ -916,10 +993,26 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
         });
     }
     s.set_non_blocking(true).map_err(sock("O_NONBLOCK"))?;
-    let last_seq = batch.seqs.last().map(|&(seq, _)| seq);
-    let mut acked = false;
-    let mut overflow = false;
-    let mut errors: Vec<(u32, i32)> = Vec::new();
+    Ok(s)
+}
+
+/// What the kernel answered a batch.
+struct Answers {
+    /// The last message (the only one that asks for it) was acknowledged.
+    acked: bool,
+    /// Some answers were lost: more than the receive buffer holds.
+    overflow: bool,
+    /// (sequence number, errno) of each message refused.
+    errors: Vec<(u32, i32)>,
+}
+
+/// Reads the answers queued on `s` until there are none left.
+fn read_answers(s: &mut netlink_sys::Socket, last_seq: Option<u32>) -> Result<Answers, ApplyError> {
+    let mut answers = Answers {
+        acked: false,
+        overflow: false,
+        errors: Vec::new(),
+    };
     // Answers carry only headers (NETLINK_CAP_ACK): 36 bytes each, one per `recv`.
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     loop {
@@ -929,7 +1022,7 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             // More errors than the receive buffer holds: the first ones are still queued.
             Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
-                overflow = true;
+                answers.overflow = true;
                 continue;
             }
             Err(e) => {
@@ -939,17 +1032,17 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
                 });
             }
         }
-        let answers = super::split(&buf).map_err(|e| ApplyError::Socket {
+        let messages = super::split(&buf).map_err(|e| ApplyError::Socket {
             what: "reading an answer",
             error: std::io::Error::other(e.to_string()),
         })?;
-        for (header, bytes) in answers {
+        for (header, bytes) in messages {
             if header.message_type != NLMSG_ERROR {
                 continue;
             }
             match error_code(bytes) {
-                Some(0) => acked |= Some(header.sequence_number) == last_seq,
-                Some(code) => errors.push((header.sequence_number, -code)),
+                Some(0) => answers.acked |= Some(header.sequence_number) == last_seq,
+                Some(code) => answers.errors.push((header.sequence_number, -code)),
                 None => {
                     return Err(ApplyError::Socket {
                         what: "reading an answer",
@@ -959,27 +1052,7 @@ pub fn send(tx: &Transaction, batch: &Batch) -> Result<(), ApplyError> {
             }
         }
     }
-    errors.sort_unstable();
-    if let Some(&(seq, errno)) = errors.first() {
-        let op = if seq == batch.begin_seq {
-            None
-        } else {
-            batch.op_of(seq)
-        };
-        let op_ref = op.and_then(|i| tx.ops.get(i));
-        return Err(ApplyError::Refused(Refused {
-            op,
-            text: op_ref.map(nft::render_op),
-            errno: nix::errno::Errno::from_raw(errno),
-            features: op_ref.map(nft::kernel_features).unwrap_or_default(),
-            others: errors.len() - 1,
-            lost: overflow,
-        }));
-    }
-    if last_seq.is_some() && !acked {
-        return Err(ApplyError::Unconfirmed { overflow });
-    }
-    Ok(())
+    Ok(answers)
 }
 
 #[cfg(test)]
@@ -1058,7 +1131,10 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.op, 3);
-        assert!(e.reason.contains("conflicting protocols"), "{e}");
+        assert!(
+            e.reason.to_string().contains("conflicting protocols"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -226,7 +226,7 @@ pub struct Invalid {
     pub op: usize,
     /// The op in nft syntax.
     pub text: String,
-    pub reason: String,
+    pub reason: Reason,
 }
 
 impl std::fmt::Display for Invalid {
@@ -240,6 +240,63 @@ impl std::fmt::Display for Invalid {
 }
 
 impl std::error::Error for Invalid {}
+
+/// Why nft (or the kernel) would not take a rule or a name: the reason of an [`Invalid`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// A verdict before the last statement of a rule.
+    VerdictNotLast,
+    /// A port match with an empty list of ports.
+    NoPorts,
+    /// A port range `first-last` with `first > last`.
+    ReversedRange(u16, u16),
+    /// A match of protocol `want` after one of `have`, at the same layer.
+    ConflictingProtocols {
+        want: &'static str,
+        have: &'static str,
+    },
+    /// `redirect to :PORT` without a transport protocol match before it.
+    RedirectWithoutL4,
+    /// `tproxy` without a transport protocol match before it.
+    TproxyWithoutL4,
+    /// `tproxy` of one family in a rule that matches the other's addresses.
+    TproxyFamily { tproxy: Family, matched: Family },
+    /// An interface name Linux or nft would not take (see [`check_ifname`]).
+    Ifname(String),
+    /// A table or chain name nft would not take (see [`check_name`]).
+    Name(String),
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::VerdictNotLast => f.write_str("a verdict must be the last statement of a rule"),
+            Reason::NoPorts => f.write_str("a port match needs at least one port"),
+            Reason::ReversedRange(first, last) => {
+                write!(f, "port range {first}-{last} is reversed")
+            }
+            Reason::ConflictingProtocols { want, have } => {
+                write!(f, "conflicting protocols: {want} after a {have} match")
+            }
+            Reason::RedirectWithoutL4 => {
+                f.write_str("`redirect to :PORT` needs a transport protocol match first")
+            }
+            Reason::TproxyWithoutL4 => {
+                f.write_str("`tproxy` needs a transport protocol match first")
+            }
+            Reason::TproxyFamily { tproxy, matched } => write!(
+                f,
+                "`tproxy {}` in a rule that matches {} addresses",
+                family_word(*tproxy),
+                family_word(*matched)
+            ),
+            Reason::Ifname(name) => write!(f, "invalid interface name {name:?}"),
+            Reason::Name(name) => write!(f, "invalid table or chain name {name:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Reason {}
 
 /// How the ports of a match are written and encoded, as nft does after merging: anonymous
 /// sets are interval sets when they hold a range (overlapping and adjacent ranges merged,
@@ -291,23 +348,23 @@ impl PortSet {
 /// `meta nfproto ipv4|ipv6` before the first address match. Errors (as reasons) are what nft
 /// refuses: conflicting protocols, a transport mapping without a transport protocol, a
 /// verdict that is not last, an empty port list or a reversed range, a bad interface name.
-pub fn explicit(stmts: &[Stmt]) -> Result<Vec<Stmt>, String> {
+pub fn explicit(stmts: &[Stmt]) -> Result<Vec<Stmt>, Reason> {
     let mut out = Vec::with_capacity(stmts.len() + 2);
     let mut l3: Option<Family> = None;
     let mut l4: Option<L4> = None;
     for (i, s) in stmts.iter().enumerate() {
         if matches!(s, Stmt::Verdict(_)) && i + 1 != stmts.len() {
-            return Err("a verdict must be the last statement of a rule".into());
+            return Err(Reason::VerdictNotLast);
         }
         match s {
             Stmt::L4Proto(p) => require(&mut l4, *p, None, Stmt::L4Proto, l4_word)?,
             Stmt::NfProto(f) => require(&mut l3, *f, None, Stmt::NfProto, family_word)?,
             Stmt::Port { proto, ports, .. } => {
                 if ports.is_empty() {
-                    return Err("a port match needs at least one port".into());
+                    return Err(Reason::NoPorts);
                 }
                 if let Some(p) = ports.iter().find(|p| p.first > p.last) {
-                    return Err(format!("port range {}-{} is reversed", p.first, p.last));
+                    return Err(Reason::ReversedRange(p.first, p.last));
                 }
                 require(&mut l4, *proto, Some(&mut out), Stmt::L4Proto, l4_word)?;
             }
@@ -320,18 +377,17 @@ pub fn explicit(stmts: &[Stmt]) -> Result<Vec<Stmt>, String> {
             )?,
             Stmt::Iifname(n) | Stmt::Oifname(n) => check_ifname(n)?,
             Stmt::Redirect(_) if l4.is_none() => {
-                return Err("`redirect to :PORT` needs a transport protocol match first".into());
+                return Err(Reason::RedirectWithoutL4);
             }
             Stmt::Tproxy { family: f, .. } => {
                 if l4.is_none() {
-                    return Err("`tproxy` needs a transport protocol match first".into());
+                    return Err(Reason::TproxyWithoutL4);
                 }
                 if l3.is_some_and(|have| have != *f) {
-                    return Err(format!(
-                        "`tproxy {}` in a rule that matches {} addresses",
-                        family_word(*f),
-                        family_word(l3.unwrap_or(*f))
-                    ));
+                    return Err(Reason::TproxyFamily {
+                        tproxy: *f,
+                        matched: l3.unwrap_or(*f),
+                    });
                 }
             }
             _ => {}
@@ -349,13 +405,12 @@ fn require<T: Copy + PartialEq>(
     deps: Option<&mut Vec<Stmt>>,
     dep: impl FnOnce(T) -> Stmt,
     word: fn(T) -> &'static str,
-) -> Result<(), String> {
+) -> Result<(), Reason> {
     match *have {
-        Some(h) if h != want => Err(format!(
-            "conflicting protocols: {} after a {} match",
-            word(want),
-            word(h)
-        )),
+        Some(h) if h != want => Err(Reason::ConflictingProtocols {
+            want: word(want),
+            have: word(h),
+        }),
         Some(_) => Ok(()),
         None => {
             if let Some(out) = deps {
@@ -369,7 +424,7 @@ fn require<T: Copy + PartialEq>(
 
 /// Linux interface names: 1 to 15 bytes, no `/`, `:` or white space; `*`, `"` and `\` are
 /// refused too (nft would read a wildcard or a quote).
-pub fn check_ifname(name: &str) -> Result<(), String> {
+pub fn check_ifname(name: &str) -> Result<(), Reason> {
     let bad = name.is_empty()
         || name.len() > 15
         || name == "."
@@ -378,7 +433,7 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || "/:*\"\\".contains(c));
     if bad {
-        Err(format!("invalid interface name {name:?}"))
+        Err(Reason::Ifname(name.to_owned()))
     } else {
         Ok(())
     }
@@ -386,7 +441,7 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
 
 /// Table and chain names: an ASCII letter, then letters, digits, `-`, `_` or `.` (nft's
 /// identifiers, unquoted), at most 255 bytes.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), Reason> {
     let ok = name.len() <= 255
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name
@@ -395,7 +450,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid table or chain name {name:?}"))
+        Err(Reason::Name(name.to_owned()))
     }
 }
 
@@ -412,7 +467,7 @@ pub fn validate(tx: &Transaction) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn check_op(op: &Op) -> Result<(), String> {
+fn check_op(op: &Op) -> Result<(), Reason> {
     check_names(op)?;
     match op {
         Op::AddRule(r) => explicit(&r.stmts).map(drop),
@@ -423,7 +478,7 @@ fn check_op(op: &Op) -> Result<(), String> {
 /// The names an op carries (table, chain, a rule's jump target), checked as [`check_name`]
 /// does: [`validate`] without the rules' statements, for an encoder that makes them explicit
 /// anyway.
-pub fn check_names(op: &Op) -> Result<(), String> {
+pub fn check_names(op: &Op) -> Result<(), Reason> {
     match op {
         Op::DeleteTable(t) | Op::AddTable(t) => check_name(t),
         Op::AddChain(c) => check_name(&c.table).and_then(|()| check_name(&c.name)),
@@ -771,7 +826,7 @@ mod tests {
             };
             let e = validate(&tx).unwrap_err();
             assert_eq!(e.op, 1);
-            assert!(e.reason.contains(want), "{e}");
+            assert!(e.reason.to_string().contains(want), "{e}");
             assert!(e.text.starts_with("add rule inet t c "), "{e}");
         }
     }

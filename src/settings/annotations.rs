@@ -124,66 +124,72 @@ pub fn parse_downward(text: &str) -> Result<Annotations, ParseError> {
     Ok(out)
 }
 
+/// Why a value is not a string Go's `strconv.Unquote` takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnquoteError {
+    /// The whole value, not in double quotes.
+    NotQuoted(String),
+    UnescapedQuote,
+    LineBreak,
+    TrailingBackslash,
+    /// `\` and a character that starts no escape.
+    UnknownEscape(char),
+    /// Fewer digits than the escape needs.
+    CutShort,
+    /// `\` `escape` and `digits` that are not all digits of its radix.
+    BadEscape {
+        escape: char,
+        digits: String,
+    },
+    /// An octal escape's digits (`\` and them) over 255.
+    OctalOver255(String),
+    /// A `\u` or `\U` (`escape`) escape's digits that name no character.
+    NotAChar {
+        escape: char,
+        digits: String,
+    },
+    NotUtf8,
+}
+
+impl fmt::Display for UnquoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnquoteError::NotQuoted(s) => write!(f, "{} is not a double-quoted string", quote(s)),
+            UnquoteError::UnescapedQuote => f.write_str("unescaped '\"' inside the quoted value"),
+            UnquoteError::LineBreak => f.write_str("line break inside the quoted value"),
+            UnquoteError::TrailingBackslash => f.write_str("'\\' at the end of the value"),
+            UnquoteError::UnknownEscape(e) => write!(f, "unknown escape '\\{}'", e.escape_debug()),
+            UnquoteError::CutShort => f.write_str("escape cut short"),
+            UnquoteError::BadEscape { escape, digits } => {
+                write!(f, "bad escape '\\{escape}{}'", printable(digits))
+            }
+            UnquoteError::OctalOver255(text) => write!(f, "octal escape \\{text} is over 255"),
+            UnquoteError::NotAChar { escape, digits } => {
+                write!(f, "\\{escape}{digits} is not a character")
+            }
+            UnquoteError::NotUtf8 => f.write_str("the value is not valid UTF-8"),
+        }
+    }
+}
+
+impl std::error::Error for UnquoteError {}
+
 /// Go's `strconv.Unquote` for a double-quoted string.
-pub fn go_unquote(s: &str) -> Result<String, String> {
+pub fn go_unquote(s: &str) -> Result<String, UnquoteError> {
     let inner = s
         .strip_prefix('"')
         .and_then(|r| r.strip_suffix('"'))
         .filter(|_| s.len() >= 2)
-        .ok_or_else(|| format!("{} is not a double-quoted string", quote(s)))?;
+        .ok_or_else(|| UnquoteError::NotQuoted(s.to_owned()))?;
     let mut bytes: Vec<u8> = Vec::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
         match c {
-            '"' => return Err("unescaped '\"' inside the quoted value".into()),
-            '\n' => return Err("line break inside the quoted value".into()),
+            '"' => return Err(UnquoteError::UnescapedQuote),
+            '\n' => return Err(UnquoteError::LineBreak),
             '\\' => {
-                let e = chars.next().ok_or("'\\' at the end of the value")?;
-                let simple = match e {
-                    'a' => Some(0x07),
-                    'b' => Some(0x08),
-                    'f' => Some(0x0c),
-                    'n' => Some(b'\n'),
-                    'r' => Some(b'\r'),
-                    't' => Some(b'\t'),
-                    'v' => Some(0x0b),
-                    '\\' => Some(b'\\'),
-                    '"' => Some(b'"'),
-                    _ => None,
-                };
-                if let Some(b) = simple {
-                    bytes.push(b);
-                    continue;
-                }
-                let (digits, radix, is_byte) = match e {
-                    'x' => (2, 16, true),
-                    'u' => (4, 16, false),
-                    'U' => (8, 16, false),
-                    '0'..='7' => (3, 8, true),
-                    _ => return Err(format!("unknown escape '\\{}'", e.escape_debug())),
-                };
-                let mut text = String::new();
-                if radix == 8 {
-                    text.push(e);
-                }
-                while text.len() < digits {
-                    text.push(chars.next().ok_or("escape cut short")?);
-                }
-                let n = u32::from_str_radix(&text, radix).map_err(|_| {
-                    format!(
-                        "bad escape '\\{e}{}'",
-                        printable(&text[usize::from(radix == 8)..])
-                    )
-                })?;
-                if is_byte {
-                    let b = u8::try_from(n)
-                        .map_err(|_| format!("octal escape \\{text} is over 255"))?;
-                    bytes.push(b);
-                } else {
-                    let ch = char::from_u32(n).ok_or(format!("\\{e}{text} is not a character"))?;
-                    let mut buf = [0; 4];
-                    bytes.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
+                let e = chars.next().ok_or(UnquoteError::TrailingBackslash)?;
+                unescape(e, &mut chars, &mut bytes)?;
             }
             c => {
                 let mut buf = [0; 4];
@@ -191,7 +197,61 @@ pub fn go_unquote(s: &str) -> Result<String, String> {
             }
         }
     }
-    String::from_utf8(bytes).map_err(|_| "the value is not valid UTF-8".to_owned())
+    String::from_utf8(bytes).map_err(|_| UnquoteError::NotUtf8)
+}
+
+/// Appends to `bytes` what the escape `\e` stands for, taking its digits from `chars`.
+fn unescape(
+    e: char,
+    chars: &mut std::str::Chars<'_>,
+    bytes: &mut Vec<u8>,
+) -> Result<(), UnquoteError> {
+    let simple = match e {
+        'a' => Some(0x07),
+        'b' => Some(0x08),
+        'f' => Some(0x0c),
+        'n' => Some(b'\n'),
+        'r' => Some(b'\r'),
+        't' => Some(b'\t'),
+        'v' => Some(0x0b),
+        '\\' => Some(b'\\'),
+        '"' => Some(b'"'),
+        _ => None,
+    };
+    if let Some(b) = simple {
+        bytes.push(b);
+        return Ok(());
+    }
+    let (digits, radix, is_byte) = match e {
+        'x' => (2, 16, true),
+        'u' => (4, 16, false),
+        'U' => (8, 16, false),
+        '0'..='7' => (3, 8, true),
+        _ => return Err(UnquoteError::UnknownEscape(e)),
+    };
+    let mut text = String::new();
+    if radix == 8 {
+        text.push(e);
+    }
+    while text.len() < digits {
+        text.push(chars.next().ok_or(UnquoteError::CutShort)?);
+    }
+    let n = u32::from_str_radix(&text, radix).map_err(|_| UnquoteError::BadEscape {
+        escape: e,
+        digits: text[usize::from(radix == 8)..].to_owned(),
+    })?;
+    if is_byte {
+        let b = u8::try_from(n).map_err(|_| UnquoteError::OctalOver255(text.clone()))?;
+        bytes.push(b);
+    } else {
+        let ch = char::from_u32(n).ok_or(UnquoteError::NotAChar {
+            escape: e,
+            digits: text,
+        })?;
+        let mut buf = [0; 4];
+        bytes.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+    }
+    Ok(())
 }
 
 /// The deepest nesting of sequences and mappings accepted in YAML input. A pod manifest is
@@ -314,22 +374,31 @@ fn expect_mapping(y: &Yaml, path: &str) -> Result<(), ParseError> {
 
 fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
     expect_mapping(doc, &path)?;
-    let kind = match field(doc, "kind") {
-        Yaml::String(k) => Some(k.as_str()),
-        Yaml::BadValue | Yaml::Null => None,
-        other => {
-            return Err(ParseError {
-                at: join_path(&path, "kind"),
-                reason: format!("expected a string, found {}", type_name(other)),
-            });
-        }
-    };
+    match kind_of(doc, &path)? {
+        None | Some("Pod") => bare_pod(doc, &path),
+        Some(kind) => pod_inside(doc, path, kind),
+    }
+}
+
+/// The document's `kind`, if it has one.
+fn kind_of<'a>(doc: &'a Yaml, path: &str) -> Result<Option<&'a str>, ParseError> {
+    match field(doc, "kind") {
+        Yaml::String(k) => Ok(Some(k.as_str())),
+        Yaml::BadValue | Yaml::Null => Ok(None),
+        other => Err(ParseError {
+            at: join_path(path, "kind"),
+            reason: format!("expected a string, found {}", type_name(other)),
+        }),
+    }
+}
+
+/// The pod a document of another kind holds: a list of one pod, or a workload's template.
+fn pod_inside(doc: &Yaml, path: String, kind: &str) -> Result<Pod, ParseError> {
     match kind {
-        None | Some("Pod") => {}
-        Some("List" | "PodList") => {
+        "List" | "PodList" => {
             let items = field(doc, "items");
             let p = join_path(&path, "items");
-            return match items {
+            match items {
                 Yaml::Array(v) if v.len() == 1 => pod_of(&v[0], format!("{p}[0]")),
                 Yaml::Array(v) => Err(ParseError {
                     at: p,
@@ -339,31 +408,33 @@ fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
                     at: p,
                     reason: format!("expected a list, found {}", type_name(other)),
                 }),
-            };
+            }
         }
-        Some("CronJob") => {
+        "CronJob" => {
             let p = join_path(&path, "spec.jobTemplate.spec.template");
             let t = field(
                 field(field(field(doc, "spec"), "jobTemplate"), "spec"),
                 "template",
             );
-            return template(doc, t, p);
+            template(doc, t, p)
         }
-        Some(k) if TEMPLATE_KINDS.contains(&k) => {
+        k if TEMPLATE_KINDS.contains(&k) => {
             let p = join_path(&path, "spec.template");
-            return template(doc, field(field(doc, "spec"), "template"), p);
+            template(doc, field(field(doc, "spec"), "template"), p)
         }
-        Some(k) => {
-            return Err(ParseError {
-                at: join_path(&path, "kind"),
-                reason: format!(
-                    "{} is not a Pod (nor a workload with a pod template)",
-                    printable(k)
-                ),
-            });
-        }
+        k => Err(ParseError {
+            at: join_path(&path, "kind"),
+            reason: format!(
+                "{} is not a Pod (nor a workload with a pod template)",
+                printable(k)
+            ),
+        }),
     }
-    let meta_path = join_path(&path, "metadata");
+}
+
+/// A pod (or a pod template): its name, annotations, labels and `spec.hostNetwork`.
+fn bare_pod(doc: &Yaml, path: &str) -> Result<Pod, ParseError> {
+    let meta_path = join_path(path, "metadata");
     let meta = field(doc, "metadata");
     if !matches!(meta, Yaml::BadValue | Yaml::Null) {
         expect_mapping(meta, &meta_path)?;
@@ -373,13 +444,12 @@ fn pod_of(doc: &Yaml, path: String) -> Result<Pod, ParseError> {
         (_, Yaml::String(n)) => printable(n).into_owned(),
         _ => "pod".to_owned(),
     };
-    let spec = field(doc, "spec");
-    let host_network = match field(spec, "hostNetwork") {
+    let host_network = match field(field(doc, "spec"), "hostNetwork") {
         Yaml::Boolean(b) => *b,
         Yaml::BadValue | Yaml::Null => false,
         other => {
             return Err(ParseError {
-                at: join_path(&path, "spec.hostNetwork"),
+                at: join_path(path, "spec.hostNetwork"),
                 reason: format!("expected a boolean, found {}", type_name(other)),
             });
         }
@@ -565,45 +635,58 @@ fn translate_inner(
     ann: &Annotations,
     inject_label: Option<&String>,
 ) -> Result<PodSettings, ConfigError> {
-    let mut out = PodSettings::default();
-    let set = |out: &mut PodSettings, long: &'static str, value: &str, key: &str| {
-        out.overrides.opts.insert(
-            long,
-            Override {
-                value: value.to_owned(),
-                key: key.to_owned(),
-            },
-        );
+    let mut out = PodSettings {
+        nothing_to_do: injection_disabled(ann, inject_label),
+        ..PodSettings::default()
     };
-
-    let inject = match inject_label {
-        Some(v) => Some(("label", v)),
-        None => ann.get(key::INJECT).map(|v| ("annotation", v)),
-    };
-    if let Some((what, v)) = inject.filter(|(_, v)| inject_disabled(v)) {
-        out.nothing_to_do = Some(format!(
-            "{what} {}={} disables sidecar injection",
-            key::INJECT,
-            quote(v)
-        ));
-    }
-
     for (k, long) in OPTION_ANNOTATIONS {
         if let Some(v) = ann.get(*k) {
-            set(&mut out, long, v, k);
+            set_option(&mut out, long, v, k);
         }
     }
     // istio.io/reroute-virtual-interfaces wins over the older kubevirtInterfaces.
     if let Some(v) = ann.get(key::REROUTE_VIRTUAL_INTERFACES) {
-        set(
+        set_option(
             &mut out,
             "kube-virt-interfaces",
             v,
             key::REROUTE_VIRTUAL_INTERFACES,
         );
     }
+    interception_mode(ann, &mut out)?;
+    out.warnings = unknown_traffic_annotations(ann);
+    Ok(out)
+}
 
-    // Interception mode: the annotation, else the pod's ProxyConfig, else the mesh's (-m).
+/// Overrides option `--long` with an annotation's value.
+fn set_option(out: &mut PodSettings, long: &'static str, value: &str, key: &str) {
+    out.overrides.opts.insert(
+        long,
+        Override {
+            value: value.to_owned(),
+            key: key.to_owned(),
+        },
+    );
+}
+
+/// Why there is nothing to do when the inject label (which wins) or annotation disables
+/// injection.
+fn injection_disabled(ann: &Annotations, inject_label: Option<&String>) -> Option<String> {
+    let inject = match inject_label {
+        Some(v) => Some(("label", v)),
+        None => ann.get(key::INJECT).map(|v| ("annotation", v)),
+    };
+    let (what, v) = inject.filter(|(_, v)| inject_disabled(v))?;
+    Some(format!(
+        "{what} {}={} disables sidecar injection",
+        key::INJECT,
+        quote(v)
+    ))
+}
+
+/// The interception mode: the annotation, else the pod's ProxyConfig, else the mesh's (-m);
+/// and the ProxyConfig's proxy metadata as env overrides.
+fn interception_mode(ann: &Annotations, out: &mut PodSettings) -> Result<(), ConfigError> {
     let mut mode: Option<(String, String)> = None;
     if let Some(pc) = ann.get(key::PROXY_CONFIG) {
         let pc = parse_proxy_config(pc)?;
@@ -626,16 +709,21 @@ fn translate_inner(
     if let Some((m, k)) = mode {
         // The template pins -u to 1337 in TPROXY mode (the proxy then runs as root).
         if m == "TPROXY" {
-            set(&mut out, "proxy-uid", "1337", &k);
+            set_option(out, "proxy-uid", "1337", &k);
         }
         if m == "NONE" && out.nothing_to_do.is_none() {
             out.nothing_to_do = Some(format!(
                 "{k} is NONE: the injector adds no init container and nothing is captured"
             ));
         }
-        set(&mut out, "istio-inbound-interception-mode", &m, &k);
+        set_option(out, "istio-inbound-interception-mode", &m, &k);
     }
+    Ok(())
+}
 
+/// A warning for each `traffic.sidecar.istio.io/*` annotation the injector does not read.
+fn unknown_traffic_annotations(ann: &Annotations) -> Vec<String> {
+    let mut warnings = Vec::new();
     for k in ann.keys().filter(|k| k.starts_with(key::TRAFFIC_PREFIX)) {
         if OPTION_ANNOTATIONS.iter().any(|(known, _)| known == k) {
             continue;
@@ -646,12 +734,12 @@ fn translate_inner(
             .find(|known| known.eq_ignore_ascii_case(k))
             .map(|known| format!(" (did you mean {known}?)"))
             .unwrap_or_default();
-        out.warnings.push(format!(
+        warnings.push(format!(
             "ignoring unknown annotation {}{hint}: the sidecar injector does not read it",
             printable(k)
         ));
     }
-    Ok(out)
+    warnings
 }
 
 #[cfg(test)]
@@ -752,7 +840,7 @@ mod tests {
             (r#""ab\""#, Err("'\\' at the end of the value")),
         ] {
             assert_eq!(
-                go_unquote(input),
+                go_unquote(input).map_err(|e| e.to_string()),
                 want.map(str::to_owned).map_err(str::to_owned),
                 "{input}"
             );

@@ -473,116 +473,60 @@ impl Config {
             inputs,
             provenance: Vec::new(),
         };
-
+        // In this order: the first bad value is the one reported, and the provenance lists
+        // the settings in the order they are resolved.
         refuse_unimplemented(&r)?;
-
-        let proxy_port = r.port("envoy-port", "PROXY_PORT")?;
-        let inbound_capture_port = r.port("inbound-capture-port", "PROXY_INBOUND_CAPTURE_PORT")?;
-        let inbound_tunnel_port = r.port("inbound-tunnel-port", "PROXY_TUNNEL_PORT")?;
-
-        let (proxy_uids, proxy_gids) = resolve_proxy_owners(&mut r)?;
-
-        let interception = resolve_interception(&mut r)?;
-        let raw = r.raw("istio-inbound-tproxy-mark");
-        let tproxy_mark: Mark = raw.one("mark")?;
-        r.record("INBOUND_TPROXY_MARK", tproxy_mark, &raw.source);
-        let raw = r.raw("istio-inbound-tproxy-route-table");
-        let tproxy_route_table: RouteTable = raw.one("route table")?;
-        r.record(
-            "INBOUND_TPROXY_ROUTE_TABLE",
-            tproxy_route_table,
-            &raw.source,
-        );
-
-        let inbound_ports =
-            match r.star_or_list("istio-inbound-ports", "INBOUND_PORTS_INCLUDE", "port")? {
-                None => InboundPorts::All,
-                Some(v) => InboundPorts::Only(v),
-            };
-        let inbound_exclude_ports = resolve_inbound_excludes(&mut r)?;
-
+        let proxy = resolve_proxy(&mut r)?;
+        let inbound = resolve_inbound(&mut r)?;
         let owner_groups = resolve_owner_groups(&mut r)?;
-
-        let (outbound_include, include_source, outbound_exclude) = resolve_outbound_cidrs(&mut r)?;
-
-        let outbound_ports_include = r.ports("istio-outbound-ports", "OUTBOUND_PORTS_INCLUDE")?;
-        let outbound_ports_exclude = r.ports(
-            "istio-local-outbound-ports-exclude",
-            "OUTBOUND_PORTS_EXCLUDE",
-        )?;
-        let virt_interfaces = r.ifaces("kube-virt-interfaces", "KUBE_VIRT_INTERFACES")?;
-        let exclude_interfaces = r.ifaces("istio-exclude-interfaces", "EXCLUDE_INTERFACES")?;
-
-        let ipv6 = resolve_ipv6(&mut r, &outbound_include, include_source)?;
-        let dual_stack = r.flag("dual-stack", "DUAL_STACK")?;
-        let redirect_dns = r.flag("redirect-dns", "DNS_CAPTURE")?;
-        let drop_invalid = r.flag("drop-invalid", "DROP_INVALID")?;
-        let capture_all_dns = r.flag("capture-all-dns", "CAPTURE_ALL_DNS")?;
-
-        let (resolv_conf, network_namespace, netns) = resolve_places(&mut r)?;
-        let xtables_wait = resolve_xtables_wait(&mut r)?;
-        let restore_timeout = r.duration("restore-timeout", "RESTORE_TIMEOUT")?;
-
-        let handover = r.flag("handover", "HANDOVER")?;
-        let reconcile = r.flag("reconcile", "RECONCILE")?;
-        let cleanup_only = r.flag("cleanup-only", "CLEANUP_ONLY")?;
-        let native_nftables = r.flag("native-nftables", "NATIVE_NFTABLES")?;
-        let force_apply = r.flag("force-apply", "FORCE_APPLY")?;
-
-        let force_backend = resolve_force_backend(&mut r)?;
-
-        let raw = r.env_only("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR");
-        let loopback_cidr = resolve_loopback(&raw)?;
-        r.record("HOST_IPV4_LOOPBACK_CIDR", loopback_cidr, &raw.source);
-
-        let dry_run = r.flag("dry-run", "DRY_RUN")?;
-        let skip_rule_apply = r.flag("skip-rule-apply", "SKIP_RULE_APPLY")?;
-        let run_validation = r.flag("run-validation", "RUN_VALIDATION")?;
-        let probe_port = r.port("iptables-probe-port", "IPTABLES_PROBE_PORT")?;
-        let probe_timeout = r.duration("probe-timeout", "PROBE_TIMEOUT")?;
-
+        let outbound = resolve_outbound(&mut r)?;
+        let families = resolve_families(&mut r, &outbound)?;
+        let places = resolve_places(&mut r)?;
+        let modes = resolve_modes(&mut r)?;
+        let loopback_cidr = resolve_loopback_cidr(&mut r)?;
+        let run = resolve_run(&mut r)?;
         let log = resolve_log(&r)?;
 
         Ok(Config {
-            proxy_port,
-            inbound_capture_port,
-            inbound_tunnel_port,
-            proxy_uids,
-            proxy_gids,
-            interception,
-            inbound_ports,
-            inbound_exclude_ports,
-            exclude_interfaces,
-            outbound_include,
-            outbound_exclude,
-            outbound_ports_include,
-            outbound_ports_exclude,
-            virt_interfaces,
-            tproxy_mark,
-            tproxy_route_table,
-            dry_run,
-            probe_port,
-            probe_timeout,
-            skip_rule_apply,
-            run_validation,
-            redirect_dns,
-            drop_invalid,
-            dual_stack,
-            capture_all_dns,
-            network_namespace,
-            netns,
-            xtables_wait,
-            restore_timeout,
-            handover,
-            reconcile,
-            cleanup_only,
-            native_nftables,
-            force_apply,
-            force_backend,
+            proxy_port: proxy.port,
+            inbound_capture_port: proxy.inbound_capture_port,
+            inbound_tunnel_port: proxy.inbound_tunnel_port,
+            proxy_uids: proxy.uids,
+            proxy_gids: proxy.gids,
+            interception: inbound.interception,
+            inbound_ports: inbound.ports,
+            inbound_exclude_ports: inbound.exclude_ports,
+            exclude_interfaces: outbound.exclude_interfaces,
+            outbound_include: outbound.include,
+            outbound_exclude: outbound.exclude,
+            outbound_ports_include: outbound.ports_include,
+            outbound_ports_exclude: outbound.ports_exclude,
+            virt_interfaces: outbound.virt_interfaces,
+            tproxy_mark: inbound.tproxy_mark,
+            tproxy_route_table: inbound.tproxy_route_table,
+            dry_run: run.dry_run,
+            probe_port: run.probe_port,
+            probe_timeout: run.probe_timeout,
+            skip_rule_apply: run.skip_rule_apply,
+            run_validation: run.run_validation,
+            redirect_dns: families.redirect_dns,
+            drop_invalid: families.drop_invalid,
+            dual_stack: families.dual_stack,
+            capture_all_dns: families.capture_all_dns,
+            network_namespace: places.network_namespace,
+            netns: places.netns,
+            xtables_wait: places.xtables_wait,
+            restore_timeout: places.restore_timeout,
+            handover: modes.handover,
+            reconcile: modes.reconcile,
+            cleanup_only: modes.cleanup_only,
+            native_nftables: modes.native_nftables,
+            force_apply: modes.force_apply,
+            force_backend: modes.force_backend,
             owner_groups,
             loopback_cidr,
-            ipv6,
-            resolv_conf,
+            ipv6: families.ipv6,
+            resolv_conf: places.resolv_conf,
             log,
             provenance: r.provenance,
         })
@@ -702,6 +646,175 @@ fn mesh_excluded_ports(rendered: &str, status: Option<Port>) -> String {
         }
     }
     items.join(",")
+}
+
+/// The proxy's ports and users.
+struct ProxyParts {
+    port: Port,
+    inbound_capture_port: Port,
+    inbound_tunnel_port: Port,
+    uids: Vec<Id>,
+    gids: Vec<Id>,
+}
+
+fn resolve_proxy(r: &mut Resolver<'_>) -> Result<ProxyParts, ConfigError> {
+    let port = r.port("envoy-port", "PROXY_PORT")?;
+    let inbound_capture_port = r.port("inbound-capture-port", "PROXY_INBOUND_CAPTURE_PORT")?;
+    let inbound_tunnel_port = r.port("inbound-tunnel-port", "PROXY_TUNNEL_PORT")?;
+    let (uids, gids) = resolve_proxy_owners(r)?;
+    Ok(ProxyParts {
+        port,
+        inbound_capture_port,
+        inbound_tunnel_port,
+        uids,
+        gids,
+    })
+}
+
+/// Inbound capture: the mode, TPROXY's mark and route table, the ports captured and not.
+struct InboundParts {
+    interception: Interception,
+    tproxy_mark: Mark,
+    tproxy_route_table: RouteTable,
+    ports: InboundPorts,
+    exclude_ports: Vec<PortItem>,
+}
+
+fn resolve_inbound(r: &mut Resolver<'_>) -> Result<InboundParts, ConfigError> {
+    let interception = resolve_interception(r)?;
+    let raw = r.raw("istio-inbound-tproxy-mark");
+    let tproxy_mark: Mark = raw.one("mark")?;
+    r.record("INBOUND_TPROXY_MARK", tproxy_mark, &raw.source);
+    let raw = r.raw("istio-inbound-tproxy-route-table");
+    let tproxy_route_table: RouteTable = raw.one("route table")?;
+    r.record(
+        "INBOUND_TPROXY_ROUTE_TABLE",
+        tproxy_route_table,
+        &raw.source,
+    );
+    let ports = match r.star_or_list("istio-inbound-ports", "INBOUND_PORTS_INCLUDE", "port")? {
+        None => InboundPorts::All,
+        Some(v) => InboundPorts::Only(v),
+    };
+    let exclude_ports = resolve_inbound_excludes(r)?;
+    Ok(InboundParts {
+        interception,
+        tproxy_mark,
+        tproxy_route_table,
+        ports,
+        exclude_ports,
+    })
+}
+
+/// Outbound capture: the CIDRs (and where the included ones come from), ports and
+/// interfaces captured and not.
+struct OutboundParts {
+    include: OutboundCidrs,
+    include_source: Source,
+    exclude: Vec<Cidr>,
+    ports_include: Vec<PortItem>,
+    ports_exclude: Vec<PortItem>,
+    virt_interfaces: Vec<Iface>,
+    exclude_interfaces: Vec<Iface>,
+}
+
+fn resolve_outbound(r: &mut Resolver<'_>) -> Result<OutboundParts, ConfigError> {
+    let (include, include_source, exclude) = resolve_outbound_cidrs(r)?;
+    let ports_include = r.ports("istio-outbound-ports", "OUTBOUND_PORTS_INCLUDE")?;
+    let ports_exclude = r.ports(
+        "istio-local-outbound-ports-exclude",
+        "OUTBOUND_PORTS_EXCLUDE",
+    )?;
+    let virt_interfaces = r.ifaces("kube-virt-interfaces", "KUBE_VIRT_INTERFACES")?;
+    let exclude_interfaces = r.ifaces("istio-exclude-interfaces", "EXCLUDE_INTERFACES")?;
+    Ok(OutboundParts {
+        include,
+        include_source,
+        exclude,
+        ports_include,
+        ports_exclude,
+        virt_interfaces,
+        exclude_interfaces,
+    })
+}
+
+/// The families programmed, and the DNS and conntrack extras.
+struct FamilyParts {
+    ipv6: Ipv6Mode,
+    dual_stack: bool,
+    redirect_dns: bool,
+    drop_invalid: bool,
+    capture_all_dns: bool,
+}
+
+fn resolve_families(
+    r: &mut Resolver<'_>,
+    outbound: &OutboundParts,
+) -> Result<FamilyParts, ConfigError> {
+    Ok(FamilyParts {
+        ipv6: resolve_ipv6(r, &outbound.include, outbound.include_source.clone())?,
+        dual_stack: r.flag("dual-stack", "DUAL_STACK")?,
+        redirect_dns: r.flag("redirect-dns", "DNS_CAPTURE")?,
+        drop_invalid: r.flag("drop-invalid", "DROP_INVALID")?,
+        capture_all_dns: r.flag("capture-all-dns", "CAPTURE_ALL_DNS")?,
+    })
+}
+
+/// Where to read and act, and how long to wait for the xtables lock and a restore.
+struct PlaceParts {
+    resolv_conf: String,
+    network_namespace: Option<String>,
+    netns: Option<String>,
+    xtables_wait: u32,
+    restore_timeout: Duration,
+}
+
+/// How the rules are applied: the modes and the backend.
+struct ModeParts {
+    handover: bool,
+    reconcile: bool,
+    cleanup_only: bool,
+    native_nftables: bool,
+    force_apply: bool,
+    force_backend: Option<IptablesVariant>,
+}
+
+fn resolve_modes(r: &mut Resolver<'_>) -> Result<ModeParts, ConfigError> {
+    Ok(ModeParts {
+        handover: r.flag("handover", "HANDOVER")?,
+        reconcile: r.flag("reconcile", "RECONCILE")?,
+        cleanup_only: r.flag("cleanup-only", "CLEANUP_ONLY")?,
+        native_nftables: r.flag("native-nftables", "NATIVE_NFTABLES")?,
+        force_apply: r.flag("force-apply", "FORCE_APPLY")?,
+        force_backend: resolve_force_backend(r)?,
+    })
+}
+
+/// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` (env only), recorded as `HOST_IPV4_LOOPBACK_CIDR`.
+fn resolve_loopback_cidr(r: &mut Resolver<'_>) -> Result<Cidr, ConfigError> {
+    let raw = r.env_only("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR");
+    let loopback_cidr = resolve_loopback(&raw)?;
+    r.record("HOST_IPV4_LOOPBACK_CIDR", loopback_cidr, &raw.source);
+    Ok(loopback_cidr)
+}
+
+/// What the run does besides applying: a dry run, skipping the rules, the validation probe.
+struct RunParts {
+    dry_run: bool,
+    skip_rule_apply: bool,
+    run_validation: bool,
+    probe_port: Port,
+    probe_timeout: Duration,
+}
+
+fn resolve_run(r: &mut Resolver<'_>) -> Result<RunParts, ConfigError> {
+    Ok(RunParts {
+        dry_run: r.flag("dry-run", "DRY_RUN")?,
+        skip_rule_apply: r.flag("skip-rule-apply", "SKIP_RULE_APPLY")?,
+        run_validation: r.flag("run-validation", "RUN_VALIDATION")?,
+        probe_port: r.port("iptables-probe-port", "IPTABLES_PROBE_PORT")?,
+        probe_timeout: r.duration("probe-timeout", "PROBE_TIMEOUT")?,
+    })
 }
 
 /// Options istio-init accepts but does not implement: given (and not `false`), an error.
@@ -851,11 +964,8 @@ fn resolve_ipv6(
 }
 
 /// Where to read and act: the resolv.conf path, and the namespace (`--network-namespace`,
-/// `--netns`).
-#[allow(clippy::type_complexity)]
-fn resolve_places(
-    r: &mut Resolver<'_>,
-) -> Result<(String, Option<String>, Option<String>), ConfigError> {
+/// `--netns`); then the waits (`-w`, `--restore-timeout`).
+fn resolve_places(r: &mut Resolver<'_>) -> Result<PlaceParts, ConfigError> {
     let raw = r.raw("resolv-conf");
     let resolv_conf = raw.value.clone();
     if resolv_conf.trim().is_empty() {
@@ -880,7 +990,13 @@ fn resolve_places(
         }
     };
     r.record("NETNS", netns.as_deref().unwrap_or(""), &raw.source);
-    Ok((resolv_conf, network_namespace, netns))
+    Ok(PlaceParts {
+        resolv_conf,
+        network_namespace,
+        netns,
+        xtables_wait: resolve_xtables_wait(r)?,
+        restore_timeout: r.duration("restore-timeout", "RESTORE_TIMEOUT")?,
+    })
 }
 
 /// How long the iptables programs wait for the xtables lock (`-w`).
