@@ -97,7 +97,9 @@ pub fn pod_settings(inv: &cli::Invocation, env: &Env<'_>) -> anyhow::Result<PodS
             .map_err(|e| e.to_string())
             .and_then(|b| {
                 use std::os::unix::ffi::OsStrExt;
-                net::utf8(std::ffi::OsStr::from_bytes(&b)).map(str::to_owned)
+                net::utf8(std::ffi::OsStr::from_bytes(&b))
+                    .map(str::to_owned)
+                    .map_err(String::from)
             })
             .map_err(|e| UsageError(format!("cannot read the {what} {path}: {e}")))
     };
@@ -489,7 +491,7 @@ fn explain_cmd(cfg: &Config, pod: &PodSettings) -> anyhow::Result<()> {
 
 /// `trace`: one connection through the rules this configuration builds, on stdout.
 fn trace_cmd(cfg: &Config, pod: &PodSettings, args: &cli::TraceArgs) -> anyhow::Result<()> {
-    let conn = trace::Connection::from_args(args).map_err(UsageError)?;
+    let conn = trace::Connection::parse(args).map_err(|e| UsageError(e.to_string()))?;
     if let Some(why) = &pod.nothing_to_do {
         return print(&format!(
             "Connection: {conn}\nNo rules: {why}.\nVerdict: bypass: not captured, delivered to {} as addressed\n",

@@ -11,7 +11,41 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 /// Why a single value was rejected. The caller adds *what* it was and *where* it came from.
-pub type Reason = String;
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reason(pub String);
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Reason {}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Reason {
+    fn from(s: String) -> Reason {
+        Reason(s)
+    }
+}
+
+impl From<Reason> for String {
+    fn from(r: Reason) -> String {
+        r.0
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(s: &str) -> Reason {
+        Reason(s.to_owned())
+    }
+}
 
 /// Splits an Istio list value: items are separated by commas, trimmed, and empty items dropped
 /// (`"6000,7000,"` and `" 80"` are accepted, as the injector's own helpers accept them).
@@ -30,6 +64,7 @@ pub fn utf8(raw: &std::ffi::OsStr) -> Result<&str, Reason> {
             "not valid UTF-8 (byte 0x{:02x} at offset {at})",
             bytes.get(at).copied().unwrap_or_default()
         )
+        .into()
     })
 }
 
@@ -148,7 +183,7 @@ impl FromStr for PortItem {
                 let lo: Port = a.parse().map_err(|e| format!("range start: {e}"))?;
                 let hi: Port = b.parse().map_err(|e| format!("range end: {e}"))?;
                 if lo > hi {
-                    return Err(format!("range {lo}:{hi} is reversed"));
+                    return Err(format!("range {lo}:{hi} is reversed").into());
                 }
                 Ok(PortItem::Range(lo, hi))
             }
@@ -208,7 +243,7 @@ impl FromStr for Cidr {
             .parse()
             .map_err(|_| format!("{addr:?} is not an IP address"))?;
         if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) || len.len() > 3 {
-            return Err(format!("prefix length {len:?} is not a number"));
+            return Err(format!("prefix length {len:?} is not a number").into());
         }
         let len: u8 = len
             .parse()
@@ -218,9 +253,12 @@ impl FromStr for Cidr {
             return Err(format!(
                 "prefix length /{len} is longer than /{max} for an {} address",
                 Family::of(&addr)
-            ));
+            )
+            .into());
         }
-        IpNet::new(addr, len).map(Cidr).map_err(|e| e.to_string())
+        IpNet::new(addr, len)
+            .map(Cidr)
+            .map_err(|e| e.to_string().into())
     }
 }
 
@@ -257,10 +295,7 @@ impl FromStr for Iface {
             return Err("empty interface name".into());
         }
         if s.len() > 15 {
-            return Err(format!(
-                "{} bytes long; the kernel allows at most 15",
-                s.len()
-            ));
+            return Err(format!("{} bytes long; the kernel allows at most 15", s.len()).into());
         }
         if s == "." || s == ".." {
             return Err("not a valid interface name".into());
@@ -275,7 +310,8 @@ impl FromStr for Iface {
         {
             return Err(format!(
                 "contains {c:?}; allowed are letters, digits, '_', '.', '-' and a trailing '+'"
-            ));
+            )
+            .into());
         }
         Ok(Iface(s.to_owned()))
     }
@@ -482,7 +518,7 @@ pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, Reason> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            unit => return Err(format!("{BAD}: unknown unit {unit:?}")),
+            unit => return Err(format!("{BAD}: unknown unit {unit:?}").into()),
         };
         total += value * scale;
         rest = &rest[unit_len..];
@@ -510,7 +546,7 @@ mod tests {
             ("99999999999999999999", Err("out of range (1-65535)")),
         ] {
             let got = input.parse::<Port>().map(Port::get);
-            assert_eq!(got, want.map_err(str::to_owned), "{input:?}");
+            assert_eq!(got, want.map_err(Reason::from), "{input:?}");
         }
     }
 
@@ -622,11 +658,11 @@ mod tests {
         assert_eq!(utf8(std::ffi::OsStr::new("80")), Ok("80"));
         assert_eq!(
             utf8(std::ffi::OsStr::from_bytes(b"8\xff0")),
-            Err("not valid UTF-8 (byte 0xff at offset 1)".to_owned())
+            Err("not valid UTF-8 (byte 0xff at offset 1)".into())
         );
         assert_eq!(
             utf8(std::ffi::OsStr::from_bytes(b"\xc3")),
-            Err("not valid UTF-8 (byte 0xc3 at offset 0)".to_owned())
+            Err("not valid UTF-8 (byte 0xc3 at offset 0)".into())
         );
     }
 

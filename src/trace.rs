@@ -124,12 +124,6 @@ impl fmt::Display for TraceArgError {
 impl std::error::Error for TraceArgError {}
 
 impl Connection {
-    /// [`Connection::parse`] with the error as its message, as `lib.rs` takes it (into a
-    /// `UsageError`).
-    pub fn from_args(a: &TraceArgs) -> Result<Connection, String> {
-        Connection::parse(a).map_err(|e| e.to_string())
-    }
-
     /// Validates the command-line description of a connection and fills in the defaults.
     pub fn parse(a: &TraceArgs) -> Result<Connection, TraceArgError> {
         let direction = parse_direction(&a.direction)?;
@@ -831,7 +825,7 @@ mod tests {
                 _ => panic!("{k}"),
             }
         }
-        Connection::from_args(&a).unwrap()
+        Connection::parse(&a).unwrap()
     }
 
     fn verdict(args: &[&str], facts: &Facts, c: &Connection) -> (Verdict, Trace) {
@@ -1028,27 +1022,29 @@ mod tests {
             src: None,
         };
         assert_eq!(
-            Connection::from_args(&a).unwrap_err(),
+            Connection::parse(&a).unwrap_err().to_string(),
             "invalid direction \"sideways\" for trace: expected in or out"
         );
         a.direction = "out".into();
         a.destination = "10.0.0.1".into();
         assert!(
-            Connection::from_args(&a)
+            Connection::parse(&a)
                 .unwrap_err()
+                .to_string()
                 .starts_with("invalid destination \"10.0.0.1\" for trace: expected ADDRESS:PORT")
         );
         a.destination = "10.0.0.1:80".into();
         a.uid = Some("-1".into());
         assert_eq!(
-            Connection::from_args(&a).unwrap_err(),
+            Connection::parse(&a).unwrap_err().to_string(),
             "invalid uid \"-1\" for trace --uid: negative ids are not valid"
         );
         a.uid = None;
         a.src = Some("::1".into());
         assert!(
-            Connection::from_args(&a)
+            Connection::parse(&a)
                 .unwrap_err()
+                .to_string()
                 .contains("different IP families")
         );
     }

@@ -33,7 +33,7 @@ pub fn check_env_encoding(
                     what: "value".into(),
                     value: raw.to_string_lossy().into_owned(),
                     source: Source::Env(name.to_owned()),
-                    reason,
+                    reason: reason.into(),
                 });
             }
         }
@@ -269,7 +269,10 @@ impl Raw {
     }
 
     /// Parses every list item; an error names the bad item.
-    fn list<T: std::str::FromStr<Err = String>>(&self, what: &str) -> Result<Vec<T>, ConfigError> {
+    fn list<T: std::str::FromStr<Err = crate::net::Reason>>(
+        &self,
+        what: &str,
+    ) -> Result<Vec<T>, ConfigError> {
         let items: Vec<&str> = split_list(&self.value).collect();
         if items.len() > MAX_LIST_ITEMS {
             return Err(self.err(
@@ -286,7 +289,10 @@ impl Raw {
             .collect()
     }
 
-    fn one<T: std::str::FromStr<Err = String>>(&self, what: &str) -> Result<T, ConfigError> {
+    fn one<T: std::str::FromStr<Err = crate::net::Reason>>(
+        &self,
+        what: &str,
+    ) -> Result<T, ConfigError> {
         self.value.trim().parse().map_err(|e| self.err(what, e))
     }
 
@@ -425,7 +431,7 @@ impl Resolver<'_> {
 
     /// An option that is either exactly `*` (`None`: everything) or a list, as Istio spells
     /// `-b` and `-i`. `"*,80"` is a list, and its `*` item is invalid.
-    fn star_or_list<T: std::str::FromStr<Err = String> + fmt::Display>(
+    fn star_or_list<T: std::str::FromStr<Err = crate::net::Reason> + fmt::Display>(
         &mut self,
         long: &'static str,
         key: &'static str,

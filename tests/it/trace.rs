@@ -425,7 +425,7 @@ fn sidecar_connections(mode: Mode) -> Vec<String> {
     let mut seen_verdicts = BTreeMap::new();
     let mut observed = Vec::new();
     for a in &matrix {
-        let c = Connection::from_args(a).expect("connection");
+        let c = Connection::parse(a).expect("connection");
         let t = trace::trace(&cfg, &rulesets, &c, &|_| None, &render::Layout);
         *seen_verdicts.entry(format!("{:?}", t.verdict)).or_insert(0) += 1;
         let _stream = connect(&c, pod.path(), peer.path());
@@ -596,7 +596,7 @@ fn tproxy_connections(mode: Mode) -> Vec<String> {
     let mut seen = BTreeMap::new();
     let mut observed = Vec::new();
     for a in &matrix {
-        let c = Connection::from_args(a).expect("connection");
+        let c = Connection::parse(a).expect("connection");
         let t = trace::trace(&cfg, &rulesets, &c, &|_| None, &render::Layout);
         *seen.entry(format!("{:?}", t.verdict)).or_insert(0) += 1;
         let _stream = connect(&c, pod.path(), peer.path());
