@@ -374,17 +374,26 @@ fn cleanup_only_removes_our_rules_from_both_backends_and_families_and_keeps_fore
     assert_ok(&ns.istio_init(&with(&args, &["--cleanup-only"]), &[]));
 }
 
+/// A PATH directory whose `ip6tables-nft-restore` reads its input and fails at `line`.
+fn failing_ip6tables_nft_restore(tag: &str, line: usize) -> ShimDir {
+    let shim = ShimDir::new(tag);
+    shim.script(
+        "ip6tables-nft-restore",
+        &format!(
+            "cat >/dev/null\n\
+             echo 'ip6tables-nft-restore: line {line} failed: simulated failure' >&2\nexit 1"
+        ),
+    );
+    shim
+}
+
 #[test]
 fn a_failing_ip6tables_restore_leaves_no_ipv4_rule_behind() {
     if !privileged("a_failing_ip6tables_restore_leaves_no_ipv4_rule_behind") {
         return;
     }
     let ns = Netns::new("v6fail");
-    let shim = ShimDir::new("v6fail");
-    shim.script(
-        "ip6tables-nft-restore",
-        "cat >/dev/null\necho 'ip6tables-nft-restore: line 9 failed: simulated failure' >&2\nexit 1",
-    );
+    let shim = failing_ip6tables_nft_restore("v6fail", 9);
     let before = ns.rules("iptables-nft-save");
     // TPROXY with IPv6 adds policy rules, local routes and ::6 on lo before the rules are
     // written: they must be gone again too.
@@ -423,6 +432,129 @@ fn a_failing_ip6tables_restore_leaves_no_ipv4_rule_behind() {
     assert!(e.ends_with(": simulated failure"), "{e}");
     assert_eq!(ns.rules("iptables-nft-save"), before);
     assert_eq!(ns.istio_anywhere(), Vec::<String>::new());
+}
+
+/// A run that changed IPv4's rules in place (its log says `change`), failed in IPv6's
+/// restore ([`failing_ip6tables_nft_restore`]) and put IPv4's back.
+fn ipv4_reconciled_then_put_back(o: &std::process::Output, change: &str) {
+    assert_code(o, 1);
+    let err = stderr(o);
+    assert!(
+        err.contains(change),
+        "IPv4 was not changed, so putting it back proves nothing: {err}"
+    );
+    assert!(
+        err.contains("IPv4: putting back the Istio rules this run replaced"),
+        "{err}"
+    );
+    let e = error_line(o);
+    assert!(
+        e.starts_with(
+            "error: IPv4 rules reconciled by this run were rolled back; the namespace is as it \
+             was: IPv6 (nft backend): "
+        ),
+        "{e}"
+    );
+    assert!(e.ends_with(": simulated failure"), "{e}");
+}
+
+#[test]
+fn a_failure_after_reconcile_replaced_ipv4_s_rules_puts_them_back_exactly() {
+    if !privileged("a_failure_after_reconcile_replaced_ipv4_s_rules_puts_them_back") {
+        return;
+    }
+    let ns = Netns::new("rcback");
+    // Foreign rules around ours: before the first run (so ours come after them) and after
+    // it (after ours), in the chains both configurations use.
+    let foreign = |when: &str| {
+        for (tool, addr) in [
+            ("iptables-nft", "198.18.9.9"),
+            ("ip6tables-nft", "2001:db8::9"),
+        ] {
+            for chain in ["OUTPUT", "PREROUTING"] {
+                ns.ok(&[
+                    tool,
+                    "-t",
+                    "nat",
+                    "-A",
+                    chain,
+                    "-d",
+                    addr,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    when,
+                    "-j",
+                    "RETURN",
+                ]);
+            }
+        }
+    };
+    foreign("before");
+    let first = with(BIG, &["--ipv6=true"]);
+    assert_ok(&ns.istio_init(&first, &[]));
+    foreign("after");
+    let saves = ["iptables-nft-save", "ip6tables-nft-save"];
+    let applied: Vec<String> = saves.iter().map(|p| ns.save(p)).collect();
+    assert!(applied[0].contains("ISTIO_TPROXY"), "{}", applied[0]);
+
+    // Another configuration (nat only, other ports, another virtual interface inserted at
+    // the top of PREROUTING) with --reconcile: IPv4 converges, then IPv6's restore fails.
+    let shim = failing_ip6tables_nft_restore("rcback", 2);
+    let path = shim.path_env();
+    let second = ["-p", "15011", "-k", "veth8", "--ipv6=true", "--reconcile"];
+    let o = ns.istio_init(&second, &[("PATH", &path)]);
+    ipv4_reconciled_then_put_back(&o, "IPv4: --reconcile: replacing the Istio rules in place");
+    for (p, want) in saves.iter().zip(&applied) {
+        assert_eq!(&ns.save(p), want, "{p} after the failed --reconcile");
+    }
+
+    // The same run without the failure does replace them (so the above was a real change).
+    assert_ok(&ns.istio_init(&second, &[]));
+    assert_ne!(ns.save(saves[0]), applied[0]);
+}
+
+#[test]
+fn a_failure_after_reconcile_moved_ipv4_s_rules_to_nft_puts_the_legacy_ones_back() {
+    if !privileged("a_failure_after_reconcile_moved_ipv4_s_rules_to_nft") {
+        return;
+    }
+    let ns = Netns::new("rcmove");
+    let first = ["-m", "TPROXY", "--ipv6=true"];
+    assert_ok(&ns.istio_init(&first, &[("FORCE_IPTABLES_BINARY", "legacy")]));
+    ns.ok(&[
+        "iptables-legacy",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "198.18.9.9",
+        "-j",
+        "RETURN",
+    ]);
+    let legacy = ["iptables-legacy-save", "ip6tables-legacy-save"];
+    let nft = ["iptables-nft-save", "ip6tables-nft-save"];
+    let before: Vec<String> = legacy.iter().map(|p| ns.save(p)).collect();
+    assert!(before[0].contains("ISTIO_OUTPUT"), "{}", before[0]);
+    let nft_before: Vec<Vec<String>> = nft.iter().map(|p| ns.rules(p)).collect();
+
+    let shim = failing_ip6tables_nft_restore("rcmove", 2);
+    let path = shim.path_env();
+    let o = ns.istio_init(
+        &["--ipv6=true", "--reconcile"],
+        &[("PATH", &path), ("FORCE_IPTABLES_BINARY", "nft")],
+    );
+    ipv4_reconciled_then_put_back(
+        &o,
+        "IPv4: removing the Istio rules from the legacy backend (--reconcile)",
+    );
+    for (p, want) in legacy.iter().zip(&before) {
+        assert_eq!(&ns.save(p), want, "{p} after the failed --reconcile");
+    }
+    for (p, want) in nft.iter().zip(&nft_before) {
+        assert_eq!(&ns.rules(p), want, "{p} after the failed --reconcile");
+    }
 }
 
 #[test]

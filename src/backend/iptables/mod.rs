@@ -236,13 +236,66 @@ struct Committed {
 
 impl Committed {
     /// Every table of `rs`, applied in `backend`.
-    fn all(rs: &Ruleset, backend: IptablesVariant) -> Committed {
-        Committed {
+    fn all(rs: &Ruleset, backend: IptablesVariant) -> Change {
+        Change::Created(Committed {
             rs: rs.clone(),
             backend,
             tables: rs.tables.iter().map(|t| t.table).collect(),
+        })
+    }
+}
+
+/// What this run changed in one family and backend, for rollback.
+enum Change {
+    /// Tables created from scratch: undone by deleting what was added.
+    Created(Committed),
+    /// Istio rules replaced in place (`--reconcile`, `--force-apply`) or removed from the
+    /// other backend (`--reconcile`): undone by the restore input that puts back exactly what
+    /// was there ([`state::revert_text`], [`state::cleanup_revert_text`]), written from the
+    /// state read just before the change.
+    Replaced {
+        family: Family,
+        backend: IptablesVariant,
+        revert: String,
+    },
+}
+
+impl Change {
+    fn family(&self) -> Family {
+        match self {
+            Change::Created(c) => c.rs.family,
+            Change::Replaced { family, .. } => *family,
         }
     }
+}
+
+/// What a rollback of `done` undoes, for its message: `IPv4 rules applied`, `IPv4 and IPv6
+/// rules applied`, `IPv4 rules reconciled and IPv6 rules applied`, ….
+fn undone_rules(done: &[Change]) -> String {
+    let mut families: Vec<(Family, &str)> = Vec::new();
+    for c in done {
+        let verb = match c {
+            Change::Created(_) => "applied",
+            Change::Replaced { .. } => "reconciled",
+        };
+        match families.iter_mut().find(|(f, _)| *f == c.family()) {
+            Some(seen) if verb == "reconciled" => seen.1 = verb,
+            Some(_) => {}
+            None => families.push((c.family(), verb)),
+        }
+    }
+    let mut groups: Vec<(Vec<String>, &str)> = Vec::new();
+    for (family, verb) in families {
+        match groups.last_mut() {
+            Some((names, v)) if *v == verb => names.push(family.to_string()),
+            _ => groups.push((vec![family.to_string()], verb)),
+        }
+    }
+    groups
+        .iter()
+        .map(|(names, verb)| format!("{} rules {verb}", names.join(" and ")))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// The backend decision for one family.
@@ -406,7 +459,7 @@ impl Plan<'_> {
         let mut firsts = held.release().into_iter();
         // Successes are recorded before any failure is looked at, so that a failure in one
         // family rolls back the families that succeeded alongside it.
-        let mut done: Vec<Committed> = Vec::new();
+        let mut done: Vec<Change> = Vec::new();
         let mut outcomes = Vec::new();
         for (rs, choice) in rulesets.iter().zip(&choices) {
             if rs.tables.is_empty() {
@@ -433,31 +486,35 @@ impl Plan<'_> {
     }
 }
 
-/// The error of a failed run, after undoing what it applied.
-fn roll_back_after(nf: &dyn Programs, done: &[Committed], e: anyhow::Error) -> anyhow::Error {
+/// The error of a failed run, after undoing what it applied or replaced.
+fn roll_back_after(nf: &dyn Programs, done: &[Change], e: anyhow::Error) -> anyhow::Error {
     if done.is_empty() {
         return e;
     }
-    let families: Vec<String> = done.iter().map(|c| c.rs.family.to_string()).collect();
-    let mut families_once = families.clone();
-    families_once.dedup();
+    let what = undone_rules(done);
     match rollback(nf, done) {
         Ok(()) => e.context(format!(
-            "{} rules applied by this run were rolled back; the namespace is as it was",
-            families_once.join(" and ")
+            "{what} by this run were rolled back; the namespace is as it was"
         )),
         Err(re) => e.context(format!(
-            "rolling back the {} rules applied by this run also failed ({re:#}); \
-             run istio-init --cleanup-only to remove partial rules",
-            families_once.join(" and ")
+            "rolling back the {what} by this run also failed ({re:#}); \
+             run istio-init --cleanup-only to remove partial rules"
         )),
     }
 }
 
-fn rollback(nf: &dyn Programs, done: &[Committed]) -> anyhow::Result<()> {
+fn rollback(nf: &dyn Programs, done: &[Change]) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for c in done.iter().rev() {
-        if let Err(e) = undo(nf, &c.rs, c.backend, &c.tables) {
+        let undone = match c {
+            Change::Created(c) => undo(nf, &c.rs, c.backend, &c.tables),
+            Change::Replaced {
+                family,
+                backend,
+                revert,
+            } => put_back(nf, *family, *backend, revert),
+        };
+        if let Err(e) = undone {
             errors.push(format!("{e:#}"));
         }
     }
@@ -466,6 +523,50 @@ fn rollback(nf: &dyn Programs, done: &[Committed]) -> anyhow::Result<()> {
     } else {
         Err(anyhow!(errors.join("; ")))
     }
+}
+
+/// Runs a restore input that puts back the Istio rules a change replaced or removed.
+fn put_back(
+    nf: &dyn Programs,
+    family: Family,
+    backend: IptablesVariant,
+    revert: &str,
+) -> anyhow::Result<()> {
+    if revert.is_empty() {
+        return Ok(());
+    }
+    log::info!("{family}: putting back the Istio rules this run replaced ({backend})");
+    log::debug!("{family} put-back input:\n{revert}");
+    nf.restore(family, backend, revert)
+        .map_err(|f| anyhow!(describe(family, backend, revert, &f)))
+}
+
+/// Runs `text`, a change in place whose undoing is `revert` (one table each, in the same
+/// order). When it fails after committing some tables, those are put back and the failure
+/// returned.
+fn replace_in_place(
+    nf: &dyn Programs,
+    family: Family,
+    backend: IptablesVariant,
+    text: &str,
+    revert: &str,
+) -> anyhow::Result<()> {
+    let Err(fail) = nf.restore(family, backend, text) else {
+        return Ok(());
+    };
+    let layout = Layout::of(text);
+    let committed = fail
+        .line
+        .map(|n| layout.committed_before(n))
+        .unwrap_or_default();
+    put_back(nf, family, backend, &state::tables_only(revert, &committed)).with_context(|| {
+        format!(
+            "{}; putting back the tables changed before the failure also failed; run \
+             istio-init --cleanup-only to remove partial rules",
+            describe(family, backend, text, &fail)
+        )
+    })?;
+    bail!(describe(family, backend, text, &fail))
 }
 
 fn undo(
@@ -500,7 +601,7 @@ fn finish_family(
     choice: &Choice,
     text: &str,
     first: Option<Result<(), RestoreFailure>>,
-    done: &mut Vec<Committed>,
+    done: &mut Vec<Change>,
 ) -> anyhow::Result<FamilyReport> {
     let family = rs.family;
     let mut backend = choice.backend;
@@ -550,7 +651,17 @@ fn finish_family(
     if choice.clean_other {
         let o = other(backend);
         log::info!("{family}: removing the Istio rules from the {o} backend (--reconcile)");
-        cleanup_backend(nf, family, o, Some(rs))?;
+        if let Some((live, canon)) = read_ours(nf, family, o, Some(rs))? {
+            let text = state::cleanup_text(&live, &canon);
+            let revert = state::cleanup_revert_text(&live, &canon, &scratch_names());
+            log::debug!("{family} cleanup input ({o}):\n{text}");
+            replace_in_place(nf, family, o, &text, &revert)?;
+            done.push(Change::Replaced {
+                family,
+                backend: o,
+                revert,
+            });
+        }
     }
     Ok(FamilyReport {
         family,
@@ -663,21 +774,26 @@ fn existing(
     opts: &Options,
     rs: &Ruleset,
     backend: IptablesVariant,
-    done: &mut Vec<Committed>,
+    done: &mut Vec<Change>,
 ) -> anyhow::Result<Outcome> {
     let family = rs.family;
     let (live, canon) = inspect(nf, rs, backend)?;
     let verdict = state::compare(rs, &canon, &live);
-    let converge = |what: &str| -> anyhow::Result<Outcome> {
+    let converge = |what: &str, done: &mut Vec<Change>| -> anyhow::Result<Outcome> {
         let text = state::converge_text(rs, &canon, &live, &scratch_names());
+        let revert = state::revert_text(rs, &canon, &live);
         log::info!("{family}: {what}: replacing the Istio rules in place ({backend})");
         log::debug!("{family} converge input:\n{text}");
-        nf.restore(family, backend, &text)
-            .map_err(|f| anyhow!(describe(family, backend, &text, &f)))?;
+        replace_in_place(nf, family, backend, &text, &revert)?;
+        done.push(Change::Replaced {
+            family,
+            backend,
+            revert,
+        });
         Ok(Outcome::Reconciled)
     };
     match verdict {
-        Verdict::Identical if opts.force_apply => converge("--force-apply"),
+        Verdict::Identical if opts.force_apply => converge("--force-apply", done),
         Verdict::Identical => {
             delete_scratch(nf, family, backend, &live)?;
             log::info!("{family}: the same Istio rules are already in place; nothing to do");
@@ -687,7 +803,7 @@ fn existing(
             for w in &why {
                 log::info!("{family}: drift: {w}");
             }
-            converge("--reconcile")
+            converge("--reconcile", done)
         }
         Verdict::Different(why) => {
             delete_scratch(nf, family, backend, &live)?;
@@ -719,11 +835,11 @@ fn existing(
                 undo_committed(nf, &part, backend, &text, &fail)?;
                 bail!(describe(family, backend, &text, &fail));
             }
-            done.push(Committed {
+            done.push(Change::Created(Committed {
                 rs: part,
                 backend,
                 tables: tables.clone(),
-            });
+            }));
             Ok(Outcome::Completed(tables))
         }
     }
@@ -1101,6 +1217,165 @@ mod tests {
             format!(
                 "restore IPv6 nft\n{}",
                 state::undo_text(&rs[1], &[Table::Mangle, Table::Nat])
+            )
+        );
+    }
+
+    /// What `*-save` prints after another configuration's run, with a foreign rule before
+    /// the jump and one after it.
+    const OTHER_CONFIG: &str = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+        :ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n\
+        -A OUTPUT -d 198.18.9.9/32 -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\n\
+        -A OUTPUT -p udp -j ACCEPT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
+        -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15009\nCOMMIT\n";
+
+    /// A first restore (the only input with `-N`) fails: IPv4's because its chains exist,
+    /// IPv6's for another reason.
+    fn chains_exist_in_ipv4_and_ipv6_fails(family: Family, input: &str) -> Option<RestoreFailure> {
+        let n = input.lines().position(|l| l.starts_with("-N "))? + 1;
+        Some(match family {
+            Family::V4 => RestoreFailure {
+                program: "iptables-nft-restore".into(),
+                stderr: format!("iptables-nft-restore: line {n} failed: Chain already exists.\n"),
+                line: Some(n),
+            },
+            Family::V6 => RestoreFailure {
+                program: "ip6tables-nft-restore".into(),
+                stderr: format!("ip6tables-nft-restore: line {n} failed: boom\n"),
+                line: Some(n),
+            },
+        })
+    }
+
+    /// Prepares and commits `rulesets` with --reconcile (and `force_backend`), which must fail:
+    /// its error, and [`OTHER_CONFIG`] parsed with the canonical form of the IPv4 rules.
+    fn failed_reconcile(
+        fake: &Fake,
+        rulesets: &[Ruleset],
+        force_backend: Option<IptablesVariant>,
+    ) -> (String, Saved, state::Canon) {
+        let opts = Options {
+            reconcile: true,
+            force_backend,
+            ..Options::default()
+        };
+        let err = prepare(fake, &opts, rulesets.to_vec())
+            .unwrap()
+            .commit()
+            .unwrap_err();
+        let live = state::parse_save(OTHER_CONFIG);
+        let canon = state::canon_from_scratch(&live, &rulesets[0], &scratch_names());
+        (format!("{err:#}"), live, canon)
+    }
+
+    #[test]
+    fn ipv6_failure_puts_back_the_ipv4_rules_reconcile_replaced() {
+        let fake = Fake {
+            fail: Box::new(chains_exist_in_ipv4_and_ipv6_fails),
+            saves: [OTHER_CONFIG.into(), String::new()],
+            ..Fake::new()
+        };
+        let rs = rulesets(&[]);
+        let (msg, live, canon) = failed_reconcile(&fake, &rs, None);
+        assert!(
+            msg.starts_with(
+                "IPv4 rules reconciled by this run were rolled back; the namespace is as it \
+                 was: IPv6 (nft backend): ip6tables-nft-restore failed at line"
+            ),
+            "{msg}"
+        );
+        let calls = fake.calls.borrow();
+        let converge = state::converge_text(&rs[0], &canon, &live, &scratch_names());
+        let revert = state::revert_text(&rs[0], &canon, &live);
+        let n = calls.len();
+        assert_eq!(
+            calls[n - 2],
+            format!("restore IPv4 nft\n{converge}"),
+            "{calls:#?}"
+        );
+        assert_eq!(
+            calls[n - 1],
+            format!("restore IPv4 nft\n{revert}"),
+            "{calls:#?}"
+        );
+        // The old rules come back: the old REDIRECT port, the jump where it was.
+        assert!(revert.contains("-I OUTPUT 2 -j ISTIO_OUTPUT\n"), "{revert}");
+        assert!(
+            revert.contains("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15009\n"),
+            "{revert}"
+        );
+    }
+
+    #[test]
+    fn a_converge_failing_in_its_second_table_puts_the_first_back() {
+        let fake = Fake {
+            fail: Box::new(|family, input| {
+                if let Some(f) = chains_exist_in_ipv4_and_ipv6_fails(family, input) {
+                    return Some(f);
+                }
+                // The converge: mangle commits, nat fails.
+                let n = input.lines().position(|l| l.contains("--to-ports 15001"))? + 1;
+                (input.starts_with("*mangle") && input.contains(":ISTIO_")).then(|| {
+                    RestoreFailure {
+                        program: "iptables-nft-restore".into(),
+                        stderr: format!("iptables-nft-restore: line {n} failed: nope\n"),
+                        line: Some(n),
+                    }
+                })
+            }),
+            saves: [OTHER_CONFIG.into(), String::new()],
+            ..Fake::new()
+        };
+        let rs = rulesets(&["-m", "TPROXY", "--ipv6=false"]);
+        let (msg, live, canon) = failed_reconcile(&fake, &rs, None);
+        assert!(msg.contains(": nope"), "{msg}");
+        let revert = state::revert_text(&rs[0], &canon, &live);
+        let calls = fake.calls.borrow();
+        assert_eq!(
+            calls.last().unwrap(),
+            &format!(
+                "restore IPv4 nft\n{}",
+                state::tables_only(&revert, &["mangle"])
+            )
+        );
+    }
+
+    #[test]
+    fn the_other_backend_s_rules_removed_by_reconcile_come_back_on_a_failure() {
+        // IPv4's rules move from legacy to nft (forced); IPv6 fails: the nft tables go, the
+        // legacy rules come back.
+        let fake = Fake {
+            fail: Box::new(|family, input| {
+                (family == Family::V6 && input.contains("-N ")).then(|| RestoreFailure {
+                    program: "ip6tables-nft-restore".into(),
+                    stderr: "ip6tables-nft-restore: line 2 failed: boom\n".into(),
+                    line: Some(2),
+                })
+            }),
+            saves: [String::new(), OTHER_CONFIG.into()],
+            legacy: vec!["nat".into()],
+            ..Fake::new()
+        };
+        let rs = rulesets(&[]);
+        let (msg, live, canon) = failed_reconcile(&fake, &rs, Some(IptablesVariant::Nft));
+        assert!(
+            msg.starts_with("IPv4 rules reconciled by this run were rolled back"),
+            "{msg}"
+        );
+        let calls = fake.calls.borrow();
+        let n = calls.len();
+        assert_eq!(
+            calls[n - 2],
+            format!(
+                "restore IPv4 legacy\n{}",
+                state::cleanup_revert_text(&live, &canon, &scratch_names())
+            )
+        );
+        assert_eq!(
+            calls[n - 1],
+            format!(
+                "restore IPv4 nft\n{}",
+                state::undo_text(&rs[0], &[Table::Nat])
             )
         );
     }

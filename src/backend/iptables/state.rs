@@ -1,6 +1,6 @@
 //! Live netfilter state as `iptables-save` prints it, how it compares with a [`Ruleset`], and the
 //! `iptables-restore` texts that change it: rollback, scratch canonicalisation, reconcile and
-//! cleanup.
+//! cleanup, and the texts that put back what a reconcile or a cleanup replaced.
 //!
 //! Pure: parsing and text generation only; `apply.rs` runs the programs.
 //!
@@ -616,14 +616,8 @@ fn ours_in_builtin_positions<'a>(
 /// same transaction, chains of another configuration are flushed and deleted, scratch chains
 /// removed.
 pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratch) -> String {
-    let mut names: Vec<&str> = rs.tables.iter().map(|t| t.table.name()).collect();
-    for lt in &live.tables {
-        if lt.has_istio_rules() && !names.contains(&lt.name.as_str()) {
-            names.push(&lt.name);
-        }
-    }
     let mut out = String::new();
-    for name in names {
+    for name in converged_tables(rs, live) {
         let want = rs.tables.iter().find(|t| t.table.name() == name);
         let lt = live.table(name);
         let _ = writeln!(out, "*{name}");
@@ -658,6 +652,221 @@ pub fn converge_text(rs: &Ruleset, canon: &Canon, live: &Saved, scratch: &Scratc
             }
         }
         out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// The tables [`converge_text`] changes: those of `rs`, then the others holding Istio rules.
+fn converged_tables<'a>(rs: &Ruleset, live: &'a Saved) -> Vec<&'a str> {
+    let mut names: Vec<&str> = rs.tables.iter().map(|t| t.table.name()).collect();
+    for lt in &live.tables {
+        if lt.has_istio_rules() && !names.contains(&lt.name.as_str()) {
+            names.push(&lt.name);
+        }
+    }
+    names
+}
+
+/// What putting one table back as it was involves: the change being undone removed some
+/// rules of `before` (by position) and some chains, and may have added rules to built-in
+/// chains and created chains.
+struct PutBack<'a> {
+    table: &'a str,
+    before: Option<&'a SavedTable>,
+    /// `(chain, index in before)` of the rules the change deleted from chains it kept (built-in
+    /// and foreign chains).
+    removed: Vec<(&'a str, usize)>,
+    /// The chains of `before` the change flushed or deleted: created again (or flushed) and
+    /// refilled with their rules as saved.
+    chains: Vec<&'a str>,
+    /// `(chain, index now)` of the rules the change added to built-in chains.
+    added: Vec<(&'a str, usize)>,
+    /// The chains the change created.
+    created: Vec<&'a str>,
+}
+
+impl PutBack<'_> {
+    /// One transaction: declare (create or flush) the chains to refill, delete the added
+    /// rules by number (highest first, so the numbers stay valid), flush and delete the
+    /// created chains (nothing references them once the added rules and the refilled chains
+    /// are empty), insert the removed rules at their old numbers (lowest first: the chain then
+    /// holds exactly the rules it kept, in order, so each insert lands where the rule was),
+    /// and refill the chains. Empty when there is nothing to do.
+    fn write(&self, out: &mut String) {
+        if self.removed.is_empty()
+            && self.chains.is_empty()
+            && self.added.is_empty()
+            && self.created.is_empty()
+        {
+            return;
+        }
+        let rule = |chain: &str, i: usize| {
+            self.before
+                .and_then(|t| t.chain(chain))
+                .and_then(|c| c.rules.get(i))
+        };
+        let _ = writeln!(out, "*{}", self.table);
+        for c in &self.chains {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        let mut added = self.added.clone();
+        added.sort_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+        for (chain, i) in added {
+            let _ = writeln!(out, "-D {chain} {}", i + 1);
+        }
+        flush_and_delete(out, &self.created);
+        let mut removed = self.removed.clone();
+        removed.sort_unstable();
+        removed.dedup();
+        for (chain, i) in removed {
+            if let Some(r) = rule(chain, i) {
+                let _ = writeln!(out, "-I {chain} {} {r}", i + 1);
+            }
+        }
+        for c in &self.chains {
+            let saved = self.before.and_then(|t| t.chain(c));
+            for r in saved.map_or(&[][..], |c| &c.rules) {
+                let _ = writeln!(out, "-A {c} {r}");
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+}
+
+/// Puts back what [`converge_text`] with the same arguments changes, so that the namespace
+/// holds exactly the rules of `live` again, without this process's scratch chains (they were
+/// only loaded to canonicalise the expected rules, and the converge deleted them): no scratch
+/// chain is declared or refilled here, and another run's leftovers, which the converge does
+/// not touch, stay as they are.
+///
+/// Surgical rather than flush-and-re-add: foreign rules in built-in chains are never touched
+/// (they keep their counters, and a rule `*-restore` could not read back is no obstacle).
+/// The converge's edits are known exactly: in each built-in chain it deleted our old rules
+/// (every jump to an Istio chain and [`ours_in_builtin_positions`], by text, which deletes
+/// the first equal rule, i.e. exactly those positions) and then appended or inserted `rs`'s
+/// rules; replaying those appends and inserts on the kept rules gives the position of each
+/// rule it added, which are deleted by number, and the old ones are inserted again at their
+/// old numbers. Foreign user chains lose only jumps to Istio chains that went away: inserted
+/// again where they were. Every Istio chain `live` held is declared (created or flushed) and
+/// refilled with its saved rules; the chains the converge created are flushed and deleted.
+pub fn revert_text(rs: &Ruleset, canon: &Canon, live: &Saved) -> String {
+    let mut out = String::new();
+    for name in converged_tables(rs, live) {
+        let want = rs.tables.iter().find(|t| t.table.name() == name);
+        let before = live.table(name);
+        let keep = |c: &str| want.is_some_and(|t| t.new_chains.contains(&c));
+        let mut removed: Vec<(&str, usize)> = Vec::new();
+        let mut chains = Vec::new();
+        if let Some(lt) = before {
+            for c in &lt.chains {
+                if is_istio_chain(&c.name) {
+                    chains.push(c.name.as_str());
+                    continue;
+                }
+                if is_scratch_chain(&c.name) {
+                    continue;
+                }
+                for (i, r) in c.rules.iter().enumerate() {
+                    if jump_target(r).is_some_and(|t| is_istio_chain(t) && (c.builtin || !keep(t)))
+                    {
+                        removed.push((&c.name, i));
+                    }
+                }
+            }
+            removed.extend(ours_in_builtin_positions(lt, canon.get(name)));
+        }
+        let mut added = Vec::new();
+        let mut created = Vec::new();
+        if let Some(t) = want {
+            created = (t.new_chains.iter().copied())
+                .filter(|c| before.and_then(|lt| lt.chain(c)).is_none())
+                .collect();
+            // Replays the converge on each built-in chain: `true` marks a rule it added.
+            let mut builtin: Vec<(&str, Vec<bool>)> = Vec::new();
+            for r in t.rules.iter().filter(|r| chain::is_builtin(r.chain)) {
+                let at = match builtin.iter().position(|(c, _)| *c == r.chain) {
+                    Some(at) => at,
+                    None => {
+                        let kept = before.and_then(|lt| lt.chain(r.chain)).map_or(0, |c| {
+                            let gone = removed.iter().filter(|(rc, _)| *rc == r.chain).count();
+                            c.rules.len() - gone
+                        });
+                        builtin.push((r.chain, vec![false; kept]));
+                        builtin.len() - 1
+                    }
+                };
+                let rules = &mut builtin[at].1;
+                match r.insert_at {
+                    Some(n) => {
+                        let i = (n as usize).saturating_sub(1).min(rules.len());
+                        rules.insert(i, true);
+                    }
+                    None => rules.push(true),
+                }
+            }
+            for (chain, rules) in builtin {
+                added.extend(
+                    (rules.iter().enumerate())
+                        .filter(|(_, ours)| **ours)
+                        .map(|(i, _)| (chain, i)),
+                );
+            }
+        }
+        PutBack {
+            table: name,
+            before,
+            removed,
+            chains,
+            added,
+            created,
+        }
+        .write(&mut out);
+    }
+    out
+}
+
+/// Puts back what [`cleanup_text`] with the same arguments removes: the rules it deleted, at
+/// their old positions, and the chains it deleted with their rules, except this process's
+/// scratch chains (loaded by the run itself to canonicalise its rules). Another run's
+/// leftover scratch chains come back too: the namespace is exactly as it was.
+pub fn cleanup_revert_text(live: &Saved, canon: &Canon, scratch: &Scratch) -> String {
+    let mut out = String::new();
+    for plan in cleanup_plan(live, canon) {
+        let Some(lt) = live.table(&plan.table) else {
+            continue;
+        };
+        PutBack {
+            table: &lt.name,
+            before: Some(lt),
+            removed: (plan.rules.iter())
+                .filter_map(|(c, i)| lt.chain(c).map(|c| (c.name.as_str(), *i)))
+                .collect(),
+            chains: (lt.chains.iter())
+                .filter(|c| plan.chains.contains(&c.name) && !scratch.owns(&c.name))
+                .map(|c| c.name.as_str())
+                .collect(),
+            added: Vec::new(),
+            created: Vec::new(),
+        }
+        .write(&mut out);
+    }
+    out
+}
+
+/// The tables of a restore input named in `names`, in their order: a failed restore
+/// committed the tables before the failing line ([`Layout::committed_before`]), and only
+/// those are put back.
+pub fn tables_only(text: &str, names: &[&str]) -> String {
+    let mut out = String::new();
+    let mut keep = false;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            keep = names.contains(&name.trim());
+        }
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
     }
     out
 }
@@ -976,6 +1185,236 @@ COMMIT
              -A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
              -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
         );
+    }
+
+    /// `iptables-restore --noflush` of `text` on `state`, as the kernel does it for the
+    /// commands the converge, cleanup and revert texts use; panics where iptables would fail.
+    fn restore(state: &Saved, text: &str) -> Saved {
+        let mut s = state.clone();
+        let mut table = 0;
+        let refs = |t: &SavedTable, name: &str| {
+            t.chains
+                .iter()
+                .flat_map(|c| &c.rules)
+                .any(|r| jump_target(r) == Some(name))
+        };
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('*') {
+                table = s
+                    .tables
+                    .iter()
+                    .position(|t| t.name == name)
+                    .unwrap_or_else(|| {
+                        s.tables.push(SavedTable {
+                            name: name.to_owned(),
+                            chains: Vec::new(),
+                        });
+                        s.tables.len() - 1
+                    });
+                continue;
+            }
+            if line == "COMMIT" {
+                continue;
+            }
+            let t = &mut s.tables[table];
+            let chain_mut = |t: &mut SavedTable, name: &str| -> usize {
+                t.chains
+                    .iter()
+                    .position(|c| c.name == name)
+                    .unwrap_or_else(|| {
+                        assert!(chain::is_builtin(name), "{line}: no chain {name}");
+                        t.chains.push(SavedChain {
+                            name: name.to_owned(),
+                            builtin: true,
+                            rules: Vec::new(),
+                        });
+                        t.chains.len() - 1
+                    })
+            };
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split(' ').next().unwrap();
+                match t.chains.iter_mut().find(|c| c.name == name) {
+                    Some(c) => c.rules.clear(),
+                    None => t.chains.push(SavedChain {
+                        name: name.to_owned(),
+                        builtin: false,
+                        rules: Vec::new(),
+                    }),
+                }
+                continue;
+            }
+            let (cmd, rest) = line.split_at(3);
+            let (name, arg) = rest.split_once(' ').unwrap_or((rest, ""));
+            let c = chain_mut(t, name);
+            let number = |a: &str| a.split(' ').next().unwrap().parse::<usize>().ok();
+            match cmd {
+                "-A " => t.chains[c].rules.push(arg.to_owned()),
+                "-I " => {
+                    let n = number(arg).unwrap();
+                    let rule = arg.split_once(' ').unwrap().1;
+                    assert!(n >= 1 && n <= t.chains[c].rules.len() + 1, "{line}");
+                    t.chains[c].rules.insert(n - 1, rule.to_owned());
+                }
+                "-D " => {
+                    let i = match number(arg).filter(|_| !arg.contains(' ')) {
+                        Some(n) => n - 1,
+                        None => t.chains[c].rules.iter().position(|r| r == arg).unwrap(),
+                    };
+                    assert!(i < t.chains[c].rules.len(), "{line}");
+                    t.chains[c].rules.remove(i);
+                }
+                "-F " => t.chains[c].rules.clear(),
+                "-X " => {
+                    assert!(t.chains[c].rules.is_empty() && !refs(t, name), "{line}");
+                    t.chains.remove(c);
+                }
+                _ => panic!("{line}"),
+            }
+        }
+        s
+    }
+
+    /// `state` less chain order (user chains come back in another order), the given
+    /// process's scratch chains and tables without rules or user chains (nf_tables keeps a
+    /// table once it has been created).
+    fn normal(state: &Saved, without: &Scratch) -> Saved {
+        let mut s = state.clone();
+        for t in &mut s.tables {
+            t.chains.retain(|c| !without.owns(&c.name));
+            t.chains.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        s.tables
+            .retain(|t| t.chains.iter().any(|c| !c.builtin || !c.rules.is_empty()));
+        s
+    }
+
+    /// Istio rules of another configuration among foreign ones: foreign rules before, between
+    /// and after ours in built-in chains (where the new configuration inserts and appends), an
+    /// Istio-shaped leftover, an Istio chain the new configuration does not use, a foreign
+    /// chain jumping to it and to a kept one, this process's scratch chains and another run's.
+    const BEFORE: &str = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:FOREIGN - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:ISTIO_OLD - [0:0]
+:ii-t.OUTPUT - [0:0]
+:ii-t.ISTIO_OUTPUT - [0:0]
+:ii-zz.ISTIO_OUTPUT - [0:0]
+-A PREROUTING -s 198.18.1.1/32 -j RETURN
+-A PREROUTING -i veth3 -j RETURN
+-A PREROUTING -p udp -j ACCEPT
+-A OUTPUT -d 198.18.9.9/32 -j RETURN
+-A OUTPUT -j ISTIO_OUTPUT
+-A OUTPUT -p udp -j ACCEPT
+-A OUTPUT -o eth9 -j RETURN
+-A OUTPUT -d 198.18.9.8/32 -j RETURN
+-A FOREIGN -j ISTIO_OLD
+-A FOREIGN -p udp -j ACCEPT
+-A FOREIGN -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -j ISTIO_OLD
+-A ISTIO_OLD -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15009
+-A ii-t.OUTPUT -j ii-t.ISTIO_OUTPUT
+-A ii-t.ISTIO_OUTPUT -j RETURN
+-A ii-zz.ISTIO_OUTPUT -j RETURN
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+COMMIT
+";
+
+    #[test]
+    fn revert_puts_back_exactly_what_the_converge_replaced() {
+        // The new configuration inserts at PREROUTING 1 (`-k`), appends to OUTPUT and
+        // PREROUTING, and adds mangle, which did not exist.
+        let cfg = resolve(
+            Defaults::Native,
+            &["-m", "TPROXY", "-k", "veth7", "-c", "eth8"],
+            &[],
+        )
+        .unwrap();
+        let rs = build(&cfg, &Facts::default()).family(Family::V4);
+        let live = parse_save(BEFORE);
+        // The canonical form of `-p udp -j ACCEPT`, as if the configuration had it in OUTPUT:
+        // the converge deletes the first live copy as ours, and the revert puts it back.
+        let mut canon = canon_from_scratch(&live, &rs, &sc());
+        canon
+            .entry("nat".into())
+            .or_default()
+            .builtin
+            .insert("OUTPUT".into(), vec!["-p udp -j ACCEPT".into()]);
+        let converged = restore(&live, &converge_text(&rs, &canon, &live, &sc()));
+        assert_ne!(normal(&converged, &sc()), normal(&live, &sc()));
+        let reverted = restore(&converged, &revert_text(&rs, &canon, &live));
+        assert_eq!(normal(&reverted, &sc()), normal(&live, &sc()));
+        // Foreign rules were never deleted and added again.
+        let text = revert_text(&rs, &canon, &live);
+        for foreign in ["198.18.9.9", "198.18.9.8", "198.18.1.1", "dport 22"] {
+            assert!(!text.contains(foreign), "{foreign} in\n{text}");
+        }
+        // Nor are scratch chains restored.
+        assert!(!text.contains("ii-"), "{text}");
+        // mangle did not exist: the revert empties it (nf_tables keeps the empty table).
+        let mangle = reverted.table("mangle").unwrap();
+        assert!(
+            mangle
+                .chains
+                .iter()
+                .all(|c| c.builtin && c.rules.is_empty())
+        );
+    }
+
+    #[test]
+    fn the_revert_of_a_converge_on_identical_rules_is_a_rewrite_in_place() {
+        // --force-apply on identical rules: the converge and its revert both leave the rules
+        // as they were.
+        let rs = tiny();
+        let live = parse_save(LIVE);
+        let canon = canon_from_scratch(&live, &rs, &sc());
+        let converged = restore(&live, &converge_text(&rs, &canon, &live, &sc()));
+        let text = revert_text(&rs, &canon, &live);
+        assert_eq!(
+            text,
+            "*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n-D OUTPUT 2\n\
+             -I OUTPUT 2 -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
+             -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+        );
+        assert_eq!(
+            normal(&restore(&converged, &text), &sc()),
+            normal(&live, &sc())
+        );
+    }
+
+    #[test]
+    fn the_revert_of_a_cleanup_puts_every_rule_and_chain_back_in_place() {
+        let live = parse_save(BEFORE);
+        let mut canon = Canon::new();
+        canon
+            .entry("nat".into())
+            .or_default()
+            .builtin
+            .insert("OUTPUT".into(), vec!["-p udp -j ACCEPT".into()]);
+        let cleaned = restore(&live, &cleanup_text(&live, &canon));
+        assert!(cleaned.tables.iter().all(|t| !t.has_ours()));
+        let text = cleanup_revert_text(&live, &canon, &sc());
+        assert!(!text.contains("ii-t."), "{text}");
+        let reverted = restore(&cleaned, &text);
+        assert_eq!(normal(&reverted, &sc()), normal(&live, &sc()));
+        assert_eq!(cleanup_revert_text(&Saved::default(), &canon, &sc()), "");
+    }
+
+    #[test]
+    fn only_the_named_tables_of_a_restore_input() {
+        let text = "*mangle\n-A X\nCOMMIT\n*nat\n-A Y\nCOMMIT\n*raw\n-A Z\nCOMMIT\n";
+        assert_eq!(
+            tables_only(text, &["raw", "mangle"]),
+            "*mangle\n-A X\nCOMMIT\n*raw\n-A Z\nCOMMIT\n"
+        );
+        assert_eq!(tables_only(text, &[]), "");
     }
 
     #[test]
