@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Err(e) = go_unquote(text) {
-        assert_one_line(&e);
+        assert_one_line(&e.to_string());
     }
     match parse_downward(text) {
         Err(e) => {

@@ -33,7 +33,7 @@ pub fn assert_one_line(msg: &str) {
 /// line.
 pub fn check_value<T>(s: &str)
 where
-    T: FromStr<Err = String> + Display + PartialEq + Debug,
+    T: FromStr<Err = istio_init::net::Reason> + Display + PartialEq + Debug,
 {
     ok(checks::check_value::<T>(s));
 }

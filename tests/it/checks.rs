@@ -276,7 +276,7 @@ pub fn check_one_line(msg: &str) -> Result<(), String> {
 /// Refused: the reason is one line.
 pub fn check_value<T>(s: &str) -> Result<(), String>
 where
-    T: FromStr<Err = String> + Display + PartialEq + Debug,
+    T: FromStr<Err = istio_init::net::Reason> + Display + PartialEq + Debug,
 {
     match s.parse::<T>() {
         Ok(v) => {
