@@ -21,7 +21,7 @@
 //! Pure: takes the rulesets, returns data that displays as the report.
 
 use std::fmt::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use crate::capture::{DNS_PORT, Match, Owner, Proto, Rule, Ruleset, Table, Target, chain};
 use crate::net::{Family, Id, Iface};
@@ -133,10 +133,9 @@ impl Connection {
         let gid = parse_id(&a.gid, "gid")?.unwrap_or(uid);
         let src = match &a.src {
             Some(s) => Some(parse_src(s, dst)?),
-            None if direction == Direction::Out && dst.ip().is_loopback() => Some(match dst {
-                SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            }),
+            None if direction == Direction::Out && dst.ip().is_loopback() => {
+                Some(Family::of(&dst.ip()).loopback())
+            }
             None => None,
         };
         let iface = match &a.iface {
@@ -356,13 +355,6 @@ struct Walker<'a> {
     tproxied: bool,
     group_gid: &'a dyn Fn(&str) -> Option<u32>,
     layout: &'a dyn Layout,
-}
-
-fn loopback(family: Family) -> IpAddr {
-    match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
-    }
 }
 
 /// A rule's condition that does not hold for the packet, and what the packet has instead.
@@ -663,7 +655,7 @@ impl Walker<'_> {
         let stops = self.hook("OUTPUT", &ALL_TABLES, chain::OUTPUT);
         settle(stops, &mut verdict);
         if let Verdict::Redirect { port } = verdict {
-            self.pkt.dst = loopback(family);
+            self.pkt.dst = family.loopback();
             self.pkt.dport = port;
             self.pkt.out_iface = Some("lo".into());
             notes.push(format!(

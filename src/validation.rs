@@ -31,13 +31,6 @@ use crate::settings::config::{Config, join};
 /// on loopback and lets a late rule be seen sooner).
 const RETRY: Duration = Duration::from_millis(200);
 
-fn loopback(family: Family) -> IpAddr {
-    match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
-    }
-}
-
 /// The proxy's inbound passthrough address, which the probe dials.
 fn passthrough(family: Family) -> IpAddr {
     match family {
@@ -141,7 +134,7 @@ fn attempt(
         Ok(fd) => fd,
         Err(e) => return local("creating a socket", e),
     };
-    let from = SocketAddr::new(loopback(family), 0);
+    let from = SocketAddr::new(family.loopback(), 0);
     if let Err(e) = bind(fd.as_raw_fd(), &SockaddrStorage::from(from)) {
         return match e {
             Errno::EADDRNOTAVAIL => Seen::Unreachable(e),
@@ -263,7 +256,7 @@ fn open_listeners(family: Family, ports: &[u16]) -> (Vec<(SocketAddr, TcpListene
     let mut listeners = Vec::new();
     let mut bind_errors = Vec::new();
     for p in ports {
-        let addr = SocketAddr::new(loopback(family), *p);
+        let addr = SocketAddr::new(family.loopback(), *p);
         match open_listener(addr) {
             Ok(l) => listeners.push((addr, l)),
             Err(e) => bind_errors.push(format!("{addr} ({})", e.desc())),
@@ -282,12 +275,12 @@ fn what_is_checked(
 ) -> String {
     let targets = ports
         .iter()
-        .map(|p| SocketAddr::new(loopback(family), *p).to_string())
+        .map(|p| SocketAddr::new(family.loopback(), *p).to_string())
         .collect::<Vec<_>>()
         .join(" or ");
     format!(
         "a TCP connection from {} to {probe} as uid {} gid {}, which the rules must redirect to a listener on {targets} (for {:?})",
-        loopback(family),
+        family.loopback(),
         me.uid,
         me.gid,
         cfg.probe_timeout
