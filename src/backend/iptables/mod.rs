@@ -52,14 +52,8 @@ pub trait Programs {
     ) -> Result<(), RestoreFailure>;
     /// Starts one restore per job, each with its whole input and none acting on it before
     /// [`Held::release`]; dropped unreleased, none changes anything. The real programs are
-    /// started at once and held back together (`spawn.rs`); by default the restores run one
-    /// after the other at the release.
-    fn start_restores(&self, jobs: Vec<RestoreJob>) -> anyhow::Result<Box<dyn Held + '_>> {
-        Ok(Box::new(OneByOne {
-            programs: self,
-            jobs,
-        }))
-    }
+    /// started at once and held back together (`spawn.rs`).
+    fn start_restores(&self, jobs: Vec<RestoreJob>) -> anyhow::Result<Box<dyn Held + '_>>;
     /// Runs `*-save` and returns its output.
     fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String>;
     /// The legacy tables instantiated in the namespace (`/proc/.../ip{,6}_tables_names`).
@@ -73,21 +67,6 @@ pub type RestoreJob = (Family, IptablesVariant, String);
 pub trait Held {
     /// Lets them act, and returns their results in job order.
     fn release(self: Box<Self>) -> Vec<Result<(), RestoreFailure>>;
-}
-
-/// Restores run one after the other at the release ([`Programs::start_restores`]' default).
-struct OneByOne<'a, P: ?Sized> {
-    programs: &'a P,
-    jobs: Vec<RestoreJob>,
-}
-
-impl<P: Programs + ?Sized> Held for OneByOne<'_, P> {
-    fn release(self: Box<Self>) -> Vec<Result<(), RestoreFailure>> {
-        self.jobs
-            .iter()
-            .map(|(family, backend, input)| self.programs.restore(*family, *backend, input))
-            .collect()
-    }
 }
 
 /// What to do when the namespace is not fresh.
@@ -234,17 +213,6 @@ struct Committed {
     tables: Vec<Table>,
 }
 
-impl Committed {
-    /// Every table of `rs`, applied in `backend`.
-    fn all(rs: &Ruleset, backend: IptablesVariant) -> Change {
-        Change::Created(Committed {
-            rs: rs.clone(),
-            backend,
-            tables: rs.tables.iter().map(|t| t.table).collect(),
-        })
-    }
-}
-
 /// What this run changed in one family and backend, for rollback.
 enum Change {
     /// Tables created from scratch: undone by deleting what was added.
@@ -261,6 +229,15 @@ enum Change {
 }
 
 impl Change {
+    /// Every table of `rs`, created in `backend`.
+    fn created(rs: &Ruleset, backend: IptablesVariant) -> Change {
+        Change::Created(Committed {
+            rs: rs.clone(),
+            backend,
+            tables: rs.tables.iter().map(|t| t.table).collect(),
+        })
+    }
+
     fn family(&self) -> Family {
         match self {
             Change::Created(c) => c.rs.family,
@@ -470,7 +447,7 @@ impl Plan<'_> {
                 .next()
                 .unwrap_or_else(|| unreachable!("one result per job"));
             if first.is_ok() {
-                done.push(Committed::all(rs, choice.backend));
+                done.push(Change::created(rs, choice.backend));
             }
             outcomes.push(Some(first));
         }
@@ -627,7 +604,7 @@ fn finish_family(
     let outcome = match first {
         Ok(()) => {
             if fell_back {
-                done.push(Committed::all(rs, backend));
+                done.push(Change::created(rs, backend));
             }
             log::info!(
                 "{family}: applied {} rules in {} chains ({backend})",
@@ -1087,6 +1064,20 @@ mod tests {
         }
     }
 
+    /// The fake's restores, run at the release.
+    struct OneByOne<'a> {
+        fake: &'a Fake,
+        jobs: Vec<RestoreJob>,
+    }
+
+    impl Held for OneByOne<'_> {
+        fn release(self: Box<Self>) -> Vec<Result<(), RestoreFailure>> {
+            (self.jobs.iter())
+                .map(|(family, backend, input)| self.fake.restore(*family, *backend, input))
+                .collect()
+        }
+    }
+
     impl Programs for Fake {
         fn restore(
             &self,
@@ -1101,6 +1092,10 @@ mod tests {
                 Some(f) => Err(f),
                 None => Ok(()),
             }
+        }
+        /// The restores run one after the other at the release.
+        fn start_restores(&self, jobs: Vec<RestoreJob>) -> anyhow::Result<Box<dyn Held + '_>> {
+            Ok(Box::new(OneByOne { fake: self, jobs }))
         }
         fn save(&self, family: Family, backend: IptablesVariant) -> anyhow::Result<String> {
             self.calls
